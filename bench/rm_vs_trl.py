@@ -2,10 +2,12 @@
 
 Both train SmolLM2-135M-Instruct (fp32, CPU, no gradient checkpointing, AdamW) as a reward
 model for the same number of optimizer steps on the same pairs with the same batch size, each
-in its own process, alternating, `--repeats` times. Throughput is real (non-pad) tokens per
-second of training, counted by each trainer itself (our metrics.jsonl `tokens`, TRL's
-`num_tokens`), so a trainer is not credited for tokens it did not process; memory is the peak
-resident set size of its process. The best run of each is reported, then the ratios.
+in its own process, alternating, `--repeats` times. Throughput is tokens per second of
+training, counted by each trainer itself the same way: the real (non-pad) tokens of the
+sequences prompt + chosen and prompt + rejected (our metrics.jsonl `tokens`, TRL's `num_tokens`).
+Ours lays each pair out as [prompt | chosen | rejected] and computes the prompt once, yet counts
+it twice as TRL does, so the ratio of tokens/s is the ratio of pairs trained per second. Memory is
+the peak resident set size of the trainer's process. The best run of each is reported, then the ratios.
 
 The pairs have prompts and responses of log-normally distributed lengths, as real preference
 data has (the lengths of chosen and rejected differ too), so padding is part of what is measured.
@@ -22,43 +24,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import random
-import resource
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-WORDS = (
-    "the of and to in is that for it as was with be by on not he this are or his from at which but have an they "
-    "you were her she there been one all we their has would when if so no will more about up out who them what "
-    "model answer question reason because example first second value result simple clear short long careful"
-).split()
-
-
-def make_pairs(n: int, seed: int, max_length: int) -> list[dict]:
-    """Pairs with log-normal prompt/response lengths (in words), kept well inside max_length tokens."""
-    rng = random.Random(seed)
-
-    def text(mean_words: float) -> str:
-        k = max(1, min(int(rng.lognormvariate(0, 0.7) * mean_words), max_length // 3))
-        return " ".join(rng.choices(WORDS, k=k)).capitalize() + "."
-
-    rows = []
-    for i in range(n):
-        prompt = text(18)
-        chosen, rejected = text(40), text(40)
-        while rejected == chosen:
-            rejected = text(40)
-        rows.append({"id": str(i), "prompt": [{"role": "user", "content": prompt}],
-                     "chosen": [{"role": "assistant", "content": chosen}],
-                     "rejected": [{"role": "assistant", "content": rejected}]})
-    return rows
-
-
-def peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+sys.path.insert(0, str(Path(__file__).parent))
+from common import make_pairs, peak_rss_mb, run_workers  # noqa: E402
 
 
 def run_ours(args: argparse.Namespace) -> dict:
@@ -67,20 +39,24 @@ def run_ours(args: argparse.Namespace) -> dict:
     from rlhf_workflow.data.schemas import PairRow
     from rlhf_workflow.models import load_tokenizer
     from rlhf_workflow.models.reward import load_reward_model, prepare_reward_tokenizer
+    from rlhf_workflow.train.batching import LayoutOptions
     from rlhf_workflow.train.loop import make_accelerator, train
-    from rlhf_workflow.train.reward import RewardObjective, tokenize_pairs
+    from rlhf_workflow.train.pairs import tokenize_pairs
+    from rlhf_workflow.train.reward import RewardObjective
 
     train_config = TrainConfig(max_steps=args.steps, per_device_batch_size=args.batch, lr=1e-5, scheduler="constant",
                                log_every=max(args.steps // 4, 1), seed=args.seed, group_by_length=not args.no_grouping,
-                               max_tokens_per_forward=args.max_tokens)
-    out = Path(args.workdir) / "ours"
+                               max_tokens_per_forward=args.max_tokens, share_prefix=not args.no_share,
+                               pack_length=args.pack_length)
+    out = Path(args.workdir) / f"ours-{args.repeat}"
     accelerator = make_accelerator(train_config, out)
     tokenizer = prepare_reward_tokenizer(load_tokenizer("smollm2-135m-instruct"))
     rows = read_rows(args.data, PairRow)
     examples = tokenize_pairs(rows, tokenizer, max_length=args.max_length, chat_template=True, source=args.data)
     model = load_reward_model(ModelConfig(name_or_path="smollm2-135m-instruct"), tokenizer)
     start = time.perf_counter()
-    train(RewardObjective(tokenizer.pad_token_id), model, examples, train_config, out, accelerator)
+    objective = RewardObjective(tokenizer.pad_token_id, options=LayoutOptions.from_config(train_config))
+    train(objective, model, examples, train_config, out, accelerator)
     seconds = time.perf_counter() - start
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     tokens = sum(r["tokens"] for r in rows if r["split"] == "train")
@@ -104,7 +80,7 @@ def run_trl(args: argparse.Namespace) -> dict:
     rows = [json.loads(line) for line in Path(args.data).read_text().splitlines()]
     dataset = Dataset.from_list([{k: r[k] for k in ("prompt", "chosen", "rejected")} for r in rows])
     config = RewardConfig(
-        output_dir=str(Path(args.workdir) / "trl"), max_steps=args.steps, per_device_train_batch_size=args.batch,
+        output_dir=str(Path(args.workdir) / f"trl-{args.repeat}"), max_steps=args.steps, per_device_train_batch_size=args.batch,
         gradient_accumulation_steps=1, learning_rate=1e-5, lr_scheduler_type="constant", logging_steps=max(args.steps // 4, 1),
         save_strategy="no", report_to="none", gradient_checkpointing=False, max_length=args.max_length,
         seed=args.seed, use_cpu=True, dataloader_num_workers=0, bf16=False, fp16=False,
@@ -127,9 +103,12 @@ def main() -> None:
     parser.add_argument("--no-grouping", action="store_true", help="ours without length-grouped batches")
     parser.add_argument("--max-tokens", type=int, default=1024,
                         help="ours: train.max_tokens_per_forward (0 = one forward per micro-batch, as TRL)")
+    parser.add_argument("--no-share", action="store_true", help="ours without prompt sharing (chosen and rejected rows)")
+    parser.add_argument("--pack-length", type=int, default=0, help="ours: train.pack_length (0 = no packing)")
     parser.add_argument("--only", choices=["ours", "trl"], help="run one trainer")
     parser.add_argument("--repeats", type=int, default=2, help="runs of each trainer, alternating; the best is reported")
     parser.add_argument("--worker", choices=["ours", "trl"], help=argparse.SUPPRESS)
+    parser.add_argument("--repeat", type=int, default=0, help=argparse.SUPPRESS)
     parser.add_argument("--data", help=argparse.SUPPRESS)
     parser.add_argument("--workdir", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -143,27 +122,16 @@ def main() -> None:
     data = Path(workdir) / "pairs.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in make_pairs(args.pairs, args.seed, args.max_length)))
     names = [n for n in ("ours", "trl") if not args.only or n == args.only]
-    runs: dict[str, list[dict]] = {name: [] for name in names}
-    for repeat in range(args.repeats):  # alternate the trainers so that drifts of the machine hit both
-        for name in names:
-            command = [sys.executable, __file__, "--worker", name, "--data", str(data), "--workdir", f"{workdir}/{repeat}",
-                       "--steps", str(args.steps), "--batch", str(args.batch), "--max-length", str(args.max_length),
-                       "--seed", str(args.seed), "--max-tokens", str(args.max_tokens)] + (["--no-grouping"] if args.no_grouping else [])
-            print(f"run {repeat + 1}/{args.repeats}: {name} ...", flush=True)
-            proc = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
-            line = next((l for l in proc.stdout.splitlines() if l.startswith("RESULT ")), None)
-            if proc.returncode != 0 or line is None:
-                print(proc.stdout[-3000:], proc.stderr[-3000:], sep="\n")
-                raise SystemExit(f"{name} failed")
-            result = json.loads(line[len("RESULT "):])
-            result["tokens_per_s"] = result["tokens"] / result["seconds"]
-            runs[name].append(result)
-            print(f"  {result['seconds']:.1f} s, {result['tokens']:.0f} real tokens, {result['tokens_per_s']:.1f} tokens/s, "
-                  f"peak RSS {result['peak_rss_mb']:.0f} MB", flush=True)
+    worker_args = ["--data", str(data), "--workdir", workdir, "--steps", str(args.steps), "--batch", str(args.batch),
+                   "--max-length", str(args.max_length), "--seed", str(args.seed), "--max-tokens", str(args.max_tokens),
+                   "--pack-length", str(args.pack_length)]
+    worker_args += (["--no-grouping"] if args.no_grouping else []) + (["--no-share"] if args.no_share else [])
+    runs = run_workers(__file__, names, args.repeats, worker_args)
 
     print(f"\nBT reward model, SmolLM2-135M-Instruct fp32 on CPU ({os.cpu_count()} cores): {args.steps} steps × "
           f"{args.batch} pairs, max_length {args.max_length}; best of {args.repeats} runs each")
-    print(f"ours: group_by_length={not args.no_grouping}, max_tokens_per_forward={args.max_tokens}")
+    print(f"ours: group_by_length={not args.no_grouping}, max_tokens_per_forward={args.max_tokens}, "
+          f"share_prefix={not args.no_share}, pack_length={args.pack_length}")
     print(f"{'trainer':<10}{'real tokens/s':>15}{'pairs/s':>10}{'peak RSS MB':>14}")
     best = {}
     for name, results in runs.items():
@@ -172,7 +140,8 @@ def main() -> None:
                       "peak_rss_mb": min(r["peak_rss_mb"] for r in results)}
         print(f"{name:<10}{best[name]['tokens_per_s']:>15.1f}{best[name]['pairs_per_s']:>10.2f}{best[name]['peak_rss_mb']:>14.0f}")
     if len(best) == 2:
-        print(f"throughput ours/trl (real tokens/s): {best['ours']['tokens_per_s'] / best['trl']['tokens_per_s']:.2f}x   (target >= 1.5x)")
+        print(f"throughput ours/trl: {best['ours']['tokens_per_s'] / best['trl']['tokens_per_s']:.2f}x in tokens/s, "
+              f"{best['ours']['pairs_per_s'] / best['trl']['pairs_per_s']:.2f}x in pairs/s   (target >= 1.5x)")
         print(f"peak memory ours/trl: {best['ours']['peak_rss_mb'] / best['trl']['peak_rss_mb']:.2f}x   (target <= 0.8x)")
 
 

@@ -65,3 +65,48 @@ def test_split_by_tokens_respects_the_budget_and_keeps_every_example():
     for piece in pieces:
         assert len(piece) == 1 or len(piece) * 2 * max(lengths[i] for i in piece) <= 400
     assert [4] in pieces  # 2 × 250 > 400: alone
+
+
+def test_a_nonfinite_loss_stops_before_the_update_naming_step_and_examples(tmp_path):
+    """Fault injection: one example's loss turns NaN at the third step. Training stops there with
+    the step and that example's id, the weights are those after step 2, the step-2 checkpoint stays."""
+    import pytest
+    import torch
+
+    from conftest import build_model, build_tokenizer
+    from rlhf_workflow.errors import UserError
+    from rlhf_workflow.train.loop import make_accelerator, train
+    from rlhf_workflow.train.sft import SFTObjective
+
+    class PoisonedSFT(SFTObjective):
+        def collate(self, examples):
+            batch = super().collate(examples)
+            batch["poison"] = torch.tensor([e["id"] == "poison" for e in examples])
+            return batch
+
+        def loss(self, model, batch):
+            loss, metrics = super().loss(model, batch)
+            return (loss * float("nan") if batch["poison"].any() else loss), metrics
+
+    tok = build_tokenizer("chatml")
+    model = build_model(tok)
+    examples = [{"id": f"e{i}", "input_ids": list(range(5, 12 + i % 4)), "loss_mask": [0, 0] + [1] * (5 + i % 4)}
+                for i in range(12)]
+    config = TrainConfig(per_device_batch_size=4, max_steps=3, save_every=2, group_by_length=False, lr=1e-2, seed=0)
+    order = Schedule.build(config, 12, 1).epoch_order(config.seed, 0)
+    examples[order[9]]["id"] = "poison"  # in the third global batch
+    accelerator = make_accelerator(config, tmp_path)
+    with pytest.raises(UserError, match=r"step 3: the loss is not finite on examples .*poison.*step-00000002"):
+        train(PoisonedSFT(tok.pad_token_id), model, examples, config, tmp_path, accelerator)
+    saved = tmp_path / "checkpoints" / "step-00000002"
+    assert saved.is_dir()
+    from safetensors.torch import load_file
+
+    state = load_file(next(saved.glob("*.safetensors")))
+    current = model.state_dict()
+    assert len(state.keys() & current.keys()) >= 10
+    for name in state.keys() & current.keys():
+        assert torch.equal(state[name], current[name]), name  # no update happened after step 2
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=True)

@@ -15,7 +15,8 @@ from rlhf_workflow.cli import main
 from rlhf_workflow.eval.reward_eval import pair_outcome, section_scores, summarize
 from rlhf_workflow.data.schemas import PairRow
 from rlhf_workflow.models.ranking import compare_both_orders, knockout, round_robin
-from rlhf_workflow.models.reward import RewardModel, distinct_pad_token, last_token_index, pad_batch
+from rlhf_workflow.models.forward import last_token_index, pad_batch
+from rlhf_workflow.models.reward import RewardModel, distinct_pad_token
 from rlhf_workflow.train.losses import bradley_terry_loss, label_token_loss
 
 WORDS = "the quick brown fox jumps over lazy dog moon poem answer question hello world today".split()
@@ -192,7 +193,7 @@ def test_preference_model_learns_the_rule_and_ranks(pm_model_dir, rule_data, tmp
 
 def test_prompts_are_cut_from_the_left_and_long_responses_dropped(tiny_model_dir, caplog):
     from rlhf_workflow.models import load_tokenizer
-    from rlhf_workflow.train.reward import tokenize_pairs
+    from rlhf_workflow.train.pairs import tokenize_pairs
 
     tok = load_tokenizer(str(tiny_model_dir))
     rows = [PairRow(prompt="moon " * 40, chosen="blue sky", rejected="red"),
@@ -201,7 +202,10 @@ def test_prompts_are_cut_from_the_left_and_long_responses_dropped(tiny_model_dir
     examples = tokenize_pairs(rows, tok, max_length=48, chat_template=True, source="pairs.jsonl")
     assert len(examples) == 2
     first = examples[0]
-    assert len(first["chosen_ids"]) == 48 and tok.decode(first["chosen_ids"]).endswith("blue sky<|im_end|>")
+    # the longer response fills max_length with the prompt cut from the left; both keep that same prompt
+    assert len(first["prompt_ids"]) + len(first["chosen_ids"]) == 48
+    assert tok.decode(first["chosen_ids"]) == "blue sky<|im_end|>" and tok.decode(first["rejected_ids"]) == "red<|im_end|>"
+    assert tok.decode(first["prompt_ids"]).endswith("moon <|im_end|>\n<|im_start|>assistant\n")
     assert "1 pairs had their prompt cut" in caplog.text and "1 dropped" in caplog.text
 
 

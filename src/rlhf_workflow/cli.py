@@ -82,6 +82,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
 
     _stage_parser(
+        sub, "dpo", "align a policy with DPO (or IPO, hinge, robust/conservative DPO, RPO) on preference pairs",
+        "Direct preference optimisation: pairs {prompt, chosen, rejected} (strings or messages) in, a policy "
+        "out (OUTPUT_DIR/model, safetensors, loadable with AutoModelForCausalLM). Reference log-probs are "
+        "computed once before training and written with the pairs to OUTPUT_DIR/train_pairs.ref.jsonl (pairs "
+        "that carry ref_chosen_logp / ref_rejected_logp skip that pass). Each pair is one row "
+        "[prompt | chosen | rejected], so its prompt is computed once. Runs under `accelerate launch` too.",
+        ("rlhf_workflow.train.dpo", "run_dpo"),
+    )
+
+    _stage_parser(
         sub, "eval-rm", "accuracy of a reward or preference model on held-out pairs (RewardBench format too)",
         "Accuracy on held-out pairs (ties count half) for a model saved by train-rm or train-pm (detected from "
         "the directory). Rows with a `subset` field get per-subset accuracy; RewardBench subsets also give the "

@@ -92,6 +92,14 @@ class TrainConfig(Strict):
         description="cap on padded tokens in one forward pass: larger micro-batches are split and their "
         "gradients accumulated (same result, less activation memory); 0 = no cap",
     )
+    share_prefix: bool = Field(
+        True, description="pairs: lay out [prompt | chosen | rejected] in one row so the prompt is computed once "
+        "(same result as separate sequences; needs attn_implementation sdpa or eager)",
+    )
+    pack_length: int = Field(
+        0, ge=0, description="pairs: pack several pairs into rows of this many tokens with a block-diagonal mask "
+        "(no padding between them); 0 = one pair per row, rows padded to the longest",
+    )
     log_every: int = Field(1, ge=1)
     eval_every: int = Field(0, ge=0, description="steps between evaluations; 0 = only at the end")
     save_every: int = Field(0, ge=0, description="steps between checkpoints; 0 = no periodic checkpoints")
@@ -161,6 +169,44 @@ class PreferenceModelConfig(TrainingStageConfig):
     format: PreferenceFormatConfig = PreferenceFormatConfig()
 
 
+class DPOLossConfig(Strict):
+    """The DPO-family loss (see `train.losses.dpo_loss`)."""
+
+    type: Literal["sigmoid", "robust", "ipo", "hinge"] = Field(
+        "sigmoid", description="sigmoid = DPO (cDPO with label_smoothing > 0), robust = rDPO, ipo = IPO, hinge = SLiC/RSO"
+    )
+    beta: float = Field(0.1, gt=0, description="KL strength β (IPO's τ)")
+    label_smoothing: float = Field(0.0, ge=0, lt=0.5, description="ε: assumed probability that a label is flipped")
+    rpo_alpha: float = Field(0.0, ge=0, description="weight α of the chosen response's per-token NLL (RPO); 0 = off")
+    length_normalize: bool = Field(False, description="use per-token average log-probs instead of sums")
+
+
+class ReferenceConfig(Strict):
+    """The reference policy π_ref of DPO."""
+
+    name_or_path: str | None = Field(
+        None, description="the reference model; default: the policy's starting model (π0). With LoRA and no "
+        "name, the policy with its adapters disabled"
+    )
+    precompute: bool = Field(
+        True, description="compute reference log-probs in one inference pass before training and store them with "
+        "the pairs (ref_chosen_logp, ref_rejected_logp); false: a frozen reference model runs at every step",
+    )
+    batch_size: int = Field(16, ge=1, description="pairs per forward pass of the reference pass")
+
+
+class DPOConfig(TrainingStageConfig):
+    """`rlhf-workflow dpo`: direct preference optimisation of a policy on preference pairs."""
+
+    data_kind: ClassVar[str] = "preference pairs"
+    output_dir: str = "runs/dpo"
+    loss: DPOLossConfig = DPOLossConfig()
+    reference: ReferenceConfig = ReferenceConfig()
+    logprob_chunk: int = Field(
+        1024, ge=0, description="response tokens per chunk of the vocabulary projection (0 = all at once)"
+    )
+
+
 class EvalRMConfig(Strict):
     """`rlhf-workflow eval-rm`: accuracy of a reward or preference model on held-out pairs."""
 
@@ -185,6 +231,7 @@ STAGE_CONFIGS: dict[str, type[Strict]] = {
     "train-rm": RewardModelConfig,
     "train-pm": PreferenceModelConfig,
     "eval-rm": EvalRMConfig,
+    "dpo": DPOConfig,
 }
 
 

@@ -276,6 +276,13 @@ class PairRow(Row):
             raise ValueError("chosen and rejected are identical")
         return rejected
 
+    @field_validator("ref_chosen_logp", "ref_rejected_logp")
+    @classmethod
+    def _check_logp(cls, value: float | None) -> float | None:
+        if value is not None and not (math.isfinite(value) and value <= 0):
+            raise ValueError(f"a log-probability must be a finite number <= 0, got {value}")
+        return value
+
     @model_validator(mode="after")
     def _fill_id(self) -> PairRow:
         if not self.id:

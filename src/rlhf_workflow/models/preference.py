@@ -24,7 +24,7 @@ from torch import nn
 
 from rlhf_workflow.errors import UserError
 from rlhf_workflow.models.ranking import Ranking, compare_both_orders, knockout, round_robin
-from rlhf_workflow.models.reward import last_token_states, pad_batch
+from rlhf_workflow.models.forward import pad_batch, read_states
 
 FORMAT_FILE = "preference_model.json"
 DEFAULT_TEMPLATE = "[CONTEXT] {context} [RESPONSE A] {response_a} [RESPONSE B] {response_b}"
@@ -90,7 +90,7 @@ class PreferenceModel(nn.Module):
         self.model = model  # HF causal LM (maybe LoRA-wrapped)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        return last_token_states(self.model, "lm_head", input_ids, attention_mask).float()  # [batch, vocab]
+        return read_states(self.model, "lm_head", input_ids, attention_mask).float()  # [batch, vocab]
 
 
 @torch.inference_mode()

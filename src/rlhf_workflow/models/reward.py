@@ -22,36 +22,9 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from rlhf_workflow.models.forward import pad_batch, read_states
+
 log = logging.getLogger(__name__)
-
-
-def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:
-    """Index of the rightmost position with mask 1 in each row (left or right padding)."""
-    positions = torch.arange(attention_mask.size(-1), device=attention_mask.device)
-    return (positions * attention_mask.long()).argmax(-1)
-
-
-def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
-    """0, 1, 2, … from each row's first real token (pads get 0): padding side does not matter."""
-    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
-
-
-def last_token_states(model: Any, head_name: str, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-    """``head(h)`` for the hidden state h at each row's last real token of a (maybe LoRA-wrapped)
-    HF model: the transformer body runs on every position, the head (a scalar score or the
-    vocabulary projection) only on that one."""
-    from rlhf_workflow.models.loading import is_peft_model
-
-    base = model.get_base_model() if is_peft_model(model) else model
-    backbone, head = getattr(base, base.base_model_prefix), getattr(base, head_name)
-    hidden = backbone(
-        input_ids=input_ids,
-        attention_mask=attention_mask,
-        position_ids=position_ids_from_mask(attention_mask),
-        use_cache=False,
-    ).last_hidden_state
-    rows = torch.arange(hidden.size(0), device=hidden.device)
-    return head(hidden[rows, last_token_index(attention_mask)])
 
 
 class RewardModel(nn.Module):
@@ -61,8 +34,11 @@ class RewardModel(nn.Module):
         super().__init__()
         self.model = model  # HF *ForSequenceClassification with num_labels=1 (maybe LoRA-wrapped)
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        return last_token_states(self.model, "score", input_ids, attention_mask).squeeze(-1).float()
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor | None = None,
+                read_rows: torch.Tensor | None = None, read_cols: torch.Tensor | None = None) -> torch.Tensor:
+        """Rewards read at each row's last real token, or at ``(read_rows, read_cols)`` of a packed /
+        prefix-shared layout (`models.forward.read_states`)."""
+        return read_states(self.model, "score", input_ids, attention_mask, position_ids, read_rows, read_cols).squeeze(-1).float()
 
 
 def distinct_pad_token(tokenizer: Any) -> str | None:
@@ -145,18 +121,6 @@ def score(
             rewards[i] = value
     reward_model.train(was_training)
     return rewards
-
-
-def pad_batch(sequences: Sequence[Sequence[int]], pad_token_id: int, *, left: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-    """Stack token lists into ``(input_ids, attention_mask)``, padding on the right (or left)."""
-    width = max(len(s) for s in sequences)
-    ids = torch.full((len(sequences), width), pad_token_id, dtype=torch.long)
-    mask = torch.zeros((len(sequences), width), dtype=torch.long)
-    for row, seq in enumerate(sequences):
-        span = slice(width - len(seq), width) if left else slice(0, len(seq))
-        ids[row, span] = torch.tensor(list(seq), dtype=torch.long)
-        mask[row, span] = 1
-    return ids, mask
 
 
 class RewardScorer:

@@ -278,6 +278,7 @@ def train(
         if units == 0:
             raise UserError(f"step {step + 1}: the global batch has no tokens to learn from (all masked)")
         sums: dict[str, float] = {"loss": 0.0, "units": 0.0}
+        nonfinite: list[Any] = []  # ids of the examples of micro-batches whose loss is NaN or inf
         for j, batch in enumerate(batches):
             batch = _to_device(batch, accelerator.device)
             last = j == len(batches) - 1
@@ -286,14 +287,18 @@ def train(
                 loss_sum, metrics = objective.loss(model, batch)
                 # DDP averages gradients over processes; multiply back so the result is Σ loss / units.
                 accelerator.backward(loss_sum * accelerator.num_processes / units)
-            sums["loss"] += loss_sum.item()
+            loss_value = loss_sum.item()
+            if not math.isfinite(loss_value):
+                nonfinite += [train_examples[i].get("id", i) for i in pieces[j]]
+            sums["loss"] += loss_value
             sums["units"] += objective.units(batch)
-            sums["tokens"] = sums.get("tokens", 0.0) + float(batch["attention_mask"].sum())
+            sums["tokens"] = sums.get("tokens", 0.0) + float(batch["num_tokens"])
             for key, value in metrics.items():
                 sums[key] = sums.get(key, 0.0) + float(value)
 
         max_norm = config.max_grad_norm if config.max_grad_norm > 0 else float("inf")
         grad_norm = accelerator.clip_grad_norm_(model.parameters(), max_norm)
+        stop_for_nonfinite(accelerator, output_dir, step, nonfinite, float(grad_norm))
         lr = scheduler.get_last_lr()[0]
         optimizer.step()
         scheduler.step()
@@ -309,7 +314,7 @@ def train(
             steps, norm = window.pop("steps"), window.pop("grad_norm")
             total = _reduce_sums(accelerator, window)
             window_units = max(total.pop("units"), 1.0)
-            tokens = total.pop("tokens")  # real (unpadded) tokens of the window, all processes
+            tokens = total.pop("tokens")  # real tokens of the window's sequences, all processes
             row = {key: value / window_units for key, value in total.items()}
             row.update(grad_norm=norm / steps, lr=lr, epoch=round(done / schedule.steps_per_epoch, 4))
             now = time.monotonic()
@@ -336,6 +341,24 @@ def train(
         accelerator.end_training()
     accelerator.wait_for_everyone()
     return accelerator.unwrap_model(model)
+
+
+def stop_for_nonfinite(accelerator: Any, output_dir: Path, step: int, nonfinite: list[Any], grad_norm: float) -> None:
+    """Before the update of step ``step + 1``: stop every process if any loss or the gradient is NaN/inf.
+
+    Raising here leaves the weights as they were after step ``step`` and the checkpoints untouched.
+    """
+    flagged = _reduce_sums(accelerator, {"nonfinite": float(len(nonfinite))})["nonfinite"]
+    if not flagged and math.isfinite(grad_norm):
+        return
+    what = "the loss" if flagged else "the gradient norm"
+    where = f" on examples {', '.join(map(str, nonfinite[:8]))}{' …' if len(nonfinite) > 8 else ''}" if nonfinite else ""
+    checkpoint = latest_checkpoint(output_dir)
+    resume = f"; the last checkpoint, {checkpoint.path}, is intact (--resume)" if checkpoint else ""
+    raise UserError(
+        f"step {step + 1}: {what} is not finite{where}; stopped before the update, so no weight was changed"
+        f"{resume}. Check those rows, or lower train.lr"
+    )
 
 
 def _flatten(tree: dict, prefix: str = "") -> dict[str, Any]:

@@ -71,3 +71,86 @@ def label_token_loss(label_logits: torch.Tensor, labels: torch.Tensor) -> torch.
     task whose answer is the single label token.)
     """
     return F.cross_entropy(label_logits.float(), labels, reduction="sum")
+
+
+# --------------------------------------------------------------------------- DPO family
+#
+# Each takes h = (log π(y_c|x) − log π_ref(y_c|x)) − (log π(y_r|x) − log π_ref(y_r|x)), the
+# policy's log-ratio margin of a pair (summed or per-token-averaged log-probs), and returns the
+# loss of every pair (not yet summed), so the DPO objective only picks the function by name.
+
+
+def sigmoid_loss(h: torch.Tensor, beta: float, label_smoothing: float = 0.0) -> torch.Tensor:
+    """DPO (Rafailov et al., 2023), and conservative DPO for ε > 0 (Mitchell, 2023):
+
+        ℓ = −(1 − ε) · log σ(β h) − ε · log σ(−β h)
+
+    ε is the probability that a label is flipped; ε = 0 is plain DPO, the RLHF Workflow paper's loss.
+    """
+    return -(1 - label_smoothing) * F.logsigmoid(beta * h) - label_smoothing * F.logsigmoid(-beta * h)
+
+
+def robust_loss(h: torch.Tensor, beta: float, label_smoothing: float = 0.0) -> torch.Tensor:
+    """Robust DPO (Chowdhury et al., 2024): unbiased under labels flipped with probability ε < ½:
+
+        ℓ = [ −(1 − ε) · log σ(β h) + ε · log σ(−β h) ] / (1 − 2ε)
+    """
+    if not 0 <= label_smoothing < 0.5:
+        raise ValueError(f"robust DPO needs 0 <= label_smoothing < 0.5, got {label_smoothing}")
+    return (-(1 - label_smoothing) * F.logsigmoid(beta * h) + label_smoothing * F.logsigmoid(-beta * h)) / (
+        1 - 2 * label_smoothing
+    )
+
+
+def ipo_loss(h: torch.Tensor, beta: float, label_smoothing: float = 0.0) -> torch.Tensor:
+    """IPO (Azar et al., 2023): regress the log-ratio margin onto 1 / (2β) instead of pushing it to ∞:
+
+        ℓ = (h − 1 / (2β))²
+
+    (β here is the paper's τ; ε is unused.)
+    """
+    return (h - 1 / (2 * beta)) ** 2
+
+
+def hinge_loss(h: torch.Tensor, beta: float, label_smoothing: float = 0.0) -> torch.Tensor:
+    """Hinge loss of SLiC-HF (Zhao et al., 2023) on the log-ratio margin, as in RSO (Liu et al., 2024):
+
+        ℓ = max(0, 1 − β h)
+
+    (ε is unused.)
+    """
+    return torch.relu(1 - beta * h)
+
+
+PREFERENCE_LOSSES = {"sigmoid": sigmoid_loss, "robust": robust_loss, "ipo": ipo_loss, "hinge": hinge_loss}
+
+
+def dpo_loss(
+    policy_chosen: torch.Tensor,
+    policy_rejected: torch.Tensor,
+    ref_chosen: torch.Tensor,
+    ref_rejected: torch.Tensor,
+    *,
+    loss_type: str = "sigmoid",
+    beta: float = 0.1,
+    label_smoothing: float = 0.0,
+    nll: torch.Tensor | None = None,
+    rpo_alpha: float = 0.0,
+) -> torch.Tensor:
+    """The DPO-family loss of a batch of pairs, summed over pairs:
+
+        h_i = (log π(y_c,i|x_i) − log π_ref(y_c,i|x_i)) − (log π(y_r,i|x_i) − log π_ref(y_r,i|x_i))
+        L   = Σ_i ℓ_type(h_i; β, ε)  +  α · Σ_i nll_i
+
+    with ℓ_type one of `PREFERENCE_LOSSES`. nll_i is the chosen response's per-token negative
+    log-likelihood, −log π(y_c,i|x_i) / |y_c,i|; α > 0 adds it as in RPO (Pang et al., 2024).
+    The log-probs are sums over response tokens, or per-token averages when the trainer
+    length-normalises them.
+    """
+    h = (policy_chosen - ref_chosen) - (policy_rejected - ref_rejected)
+    loss = PREFERENCE_LOSSES[loss_type](h.float(), beta, label_smoothing).sum()
+    if rpo_alpha:
+        if nll is None:
+            raise ValueError("rpo_alpha > 0 needs the chosen responses' nll")
+        loss = loss + rpo_alpha * nll.float().sum()
+    return loss

@@ -17,7 +17,9 @@ class Objective(Protocol):
     rows_per_example: int  # sequences an example puts in the batch (2 for a chosen/rejected pair)
 
     def collate(self, examples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
-        """Stack tokenised examples into padded tensors, including ``attention_mask`` (1 = real token)."""
+        """Stack tokenised examples into tensors, including ``num_tokens``: the real tokens of the
+        sequences the batch stands for (a prompt shared by two responses counts twice), which the
+        loop logs as throughput whatever the layout."""
 
     def example_length(self, example: dict[str, Any]) -> int:
         """Tokens an example puts in a row of the batch (for grouping examples of similar length)."""

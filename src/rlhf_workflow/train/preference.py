@@ -16,7 +16,7 @@ import torch
 from rlhf_workflow.config import PreferenceModelConfig
 from rlhf_workflow.data.schemas import PairRow, response_text
 from rlhf_workflow.models.preference import FORMAT_FILE, PreferenceFormat, encode_comparison, label_token_ids
-from rlhf_workflow.models.reward import pad_batch
+from rlhf_workflow.models.forward import pad_batch
 from rlhf_workflow.train.losses import label_token_loss
 
 log = logging.getLogger(__name__)
@@ -35,7 +35,7 @@ class PreferenceObjective:
     def collate(self, examples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
         ids, mask = pad_batch([e["input_ids"] for e in examples], self.pad_token_id)
         labels = torch.tensor([e["label"] for e in examples], dtype=torch.long)
-        return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+        return {"input_ids": ids, "attention_mask": mask, "labels": labels, "num_tokens": mask.sum()}
 
     def example_length(self, example: dict[str, Any]) -> int:
         return len(example["input_ids"])

@@ -1,7 +1,10 @@
 """Bradley–Terry reward-model training: the `reward` objective and the `train-rm` stage.
 
-A batch of B pairs is one forward pass over 2B sequences (chosen rows, then rejected rows); the
-reward of each is read at its last real token (`models.reward.RewardModel`).
+A batch of B pairs is one forward pass. By default each pair is one row
+``[prompt | chosen | rejected]`` whose mask keeps the two responses apart, so the prompt is
+computed once (`train.batching`); with ``train.share_prefix=false`` it is 2B padded rows
+(chosen rows, then rejected rows). Either way the reward of each response is read at its last
+token (`models.reward.RewardModel`).
 """
 
 from __future__ import annotations
@@ -15,39 +18,41 @@ import torch
 
 from rlhf_workflow.config import RewardModelConfig
 from rlhf_workflow.data.schemas import PairRow
-from rlhf_workflow.data.templating import encode_prompt_response, truncate_prompt_left
 from rlhf_workflow.errors import UserError
-from rlhf_workflow.models.reward import pad_batch
+from rlhf_workflow.train.batching import LayoutOptions, layout
 from rlhf_workflow.train.losses import bradley_terry_loss
+from rlhf_workflow.train.pairs import tokenize_pairs
 
 log = logging.getLogger(__name__)
 
 
 class RewardObjective:
-    """Collate: chosen and rejected stacked into one padded batch. Loss: Bradley–Terry."""
+    """Collate: pairs laid out by `train.batching.layout`. Loss: Bradley–Terry."""
 
     name = "reward"
-    rows_per_example = 2
 
-    def __init__(self, pad_token_id: int, *, center_coef: float = 0.0):
+    def __init__(self, pad_token_id: int, *, center_coef: float = 0.0, options: LayoutOptions = LayoutOptions()):
         self.pad_token_id = pad_token_id
         self.center_coef = center_coef
+        self.options = options
+        self.rows_per_example = 1 if options.share_prefix else 2
 
     def collate(self, examples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
-        sequences = [e["chosen_ids"] for e in examples] + [e["rejected_ids"] for e in examples]
-        ids, mask = pad_batch(sequences, self.pad_token_id)
-        margin = torch.tensor([e.get("margin", 0.0) for e in examples], dtype=torch.float32)
-        return {"input_ids": ids, "attention_mask": mask, "margin": margin}
+        groups = [(e["prompt_ids"], (e["chosen_ids"], e["rejected_ids"])) for e in examples]
+        batch = layout(groups, self.pad_token_id, self.options)
+        batch["margin"] = torch.tensor([e.get("margin", 0.0) for e in examples], dtype=torch.float32)
+        return batch
 
     def example_length(self, example: dict[str, Any]) -> int:
-        return max(len(example["chosen_ids"]), len(example["rejected_ids"]))
+        responses = (len(example["chosen_ids"]), len(example["rejected_ids"]))
+        return len(example["prompt_ids"]) + (sum(responses) if self.options.share_prefix else max(responses))
 
     def units(self, batch: dict[str, torch.Tensor]) -> int:
         return batch["margin"].numel()
 
     def loss(self, model: Any, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        rewards = model(batch["input_ids"], batch["attention_mask"])
-        chosen, rejected = rewards.chunk(2)
+        rewards = model(batch["input_ids"], batch["attention_mask"], batch["position_ids"], batch["last_row"], batch["last_col"])
+        chosen, rejected = rewards[0::2], rewards[1::2]  # sequences are numbered pair-major: (chosen, rejected) per pair
         loss = bradley_terry_loss(chosen, rejected, batch["margin"], self.center_coef)
         with torch.no_grad():
             metrics = {
@@ -59,24 +64,6 @@ class RewardObjective:
         return loss, metrics
 
 
-def encode_pair(tokenizer: Any, row: PairRow, *, max_length: int, chat_template: bool) -> tuple[list[int], list[int], int] | None:
-    """Token ids of (prompt + chosen, prompt + rejected), prompts cut from the left to fit.
-
-    Returns ``(chosen_ids, rejected_ids, prompt_tokens_cut)``, or None when a response alone is
-    longer than ``max_length``.
-    """
-    out, cut = [], 0
-    for response in (row.chosen, row.rejected):
-        ids, mask = encode_prompt_response(tokenizer, row.prompt, response, chat_template=chat_template)
-        prompt_length = mask.index(1)  # the prompt is the unmasked prefix
-        fitted = truncate_prompt_left(ids[:prompt_length], ids[prompt_length:], max_length)
-        if fitted is None:
-            return None
-        cut = max(cut, len(ids) - len(fitted))
-        out.append(fitted)
-    return out[0], out[1], cut
-
-
 def pair_margin(row: PairRow, field: str | None, source: str) -> float:
     """The per-pair margin named by ``loss.margin_field`` (0 when the config names none)."""
     if field is None:
@@ -85,26 +72,6 @@ def pair_margin(row: PairRow, field: str | None, source: str) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
         raise UserError(f"{source}: pair {row.id}: field '{field}' (loss.margin_field) must be a finite number, got {value!r}")
     return float(value)
-
-
-def tokenize_pairs(rows: list[PairRow], tokenizer: Any, *, max_length: int, chat_template: bool, source: str,
-                   margin: float = 0.0, margin_field: str | None = None) -> list[dict]:
-    examples, truncated, dropped = [], 0, 0
-    for row in rows:
-        encoded = encode_pair(tokenizer, row, max_length=max_length, chat_template=chat_template)
-        if encoded is None:
-            dropped += 1
-            continue
-        chosen, rejected, cut = encoded
-        truncated += cut > 0
-        examples.append({
-            "id": row.id, "chosen_ids": chosen, "rejected_ids": rejected,
-            "margin": margin + pair_margin(row, margin_field, source),
-        })
-    if truncated or dropped:
-        log.warning("%s: %d pairs had their prompt cut from the left to fit max_length %d; %d dropped "
-                    "(a response alone is longer)", source, truncated, max_length, dropped)
-    return examples
 
 
 def run_train_rm(config: RewardModelConfig, *, resume: bool = False) -> Path:
@@ -120,14 +87,17 @@ def run_train_rm(config: RewardModelConfig, *, resume: bool = False) -> Path:
     )
 
     def tokenize(rows: list[PairRow], source: str) -> list[dict]:
-        return tokenize_pairs(rows, tokenizer, max_length=config.data.max_length, chat_template=config.data.apply_chat_template,
-                              source=source, margin=config.loss.margin, margin_field=config.loss.margin_field)
+        return tokenize_pairs(
+            rows, tokenizer, max_length=config.data.max_length, chat_template=config.data.apply_chat_template, source=source,
+            extra=lambda row: {"margin": config.loss.margin + pair_margin(row, config.loss.margin_field, source)},
+        )
 
     train_examples = tokenize_split(config.data.train, PairRow, tokenize)
     eval_examples = tokenize_split(config.data.eval, PairRow, tokenize) if config.data.eval else None
     model = load_reward_model(config.model, tokenizer)
     model = train(
-        RewardObjective(tokenizer.pad_token_id, center_coef=config.loss.center_coef), model, train_examples,
+        RewardObjective(tokenizer.pad_token_id, center_coef=config.loss.center_coef, options=LayoutOptions.from_config(config.train)),
+        model, train_examples,
         config.train, output_dir, accelerator, eval_examples=eval_examples, resume=resume,
         run_config=config.model_dump(mode="json"),
     )

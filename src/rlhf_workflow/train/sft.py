@@ -40,7 +40,7 @@ class SFTObjective:
             ids[i, :n] = torch.tensor(e["input_ids"])
             attention[i, :n] = 1
             loss_mask[i, :n] = torch.tensor(e["loss_mask"])
-        return {"input_ids": ids, "attention_mask": attention, "loss_mask": loss_mask}
+        return {"input_ids": ids, "attention_mask": attention, "loss_mask": loss_mask, "num_tokens": attention.sum()}
 
     def example_length(self, example: dict[str, Any]) -> int:
         return len(example["input_ids"])

@@ -1,0 +1,279 @@
+"""Direct preference optimisation: the `dpo` objective, the reference pass, and the `dpo` stage.
+
+Training holds one model, the policy. The reference log-probs log π_ref(y|x) of every pair are
+computed before training in one inference pass (`precompute_reference`) and stored with the pairs
+(``ref_chosen_logp``, ``ref_rejected_logp``); pairs that already carry them skip it. The
+reference is the policy's starting model π0 (then the pass runs on the policy itself before its
+first step, so no second copy is ever loaded), another model (``reference.name_or_path``), or,
+with LoRA, the policy with its adapters disabled. ``reference.precompute=false`` runs a frozen
+reference at every step instead, for comparison.
+
+A batch of B pairs is one forward pass, laid out by `train.batching` (by default one row
+``[prompt | chosen | rejected]`` per pair); log-probs are read only at response tokens, through
+the vocabulary projection in chunks.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from rlhf_workflow.config import DPOConfig, DPOLossConfig
+from rlhf_workflow.data.schemas import PairRow
+from rlhf_workflow.errors import UserError
+from rlhf_workflow.models.forward import body_hidden_states, unwrap
+from rlhf_workflow.train.batching import LayoutOptions, layout, sequence_logprobs
+from rlhf_workflow.train.losses import dpo_loss
+from rlhf_workflow.train.pairs import tokenize_pairs
+
+log = logging.getLogger(__name__)
+
+REF_FIELDS = ("ref_chosen_logp", "ref_rejected_logp")
+
+
+class SequenceLogprobs(nn.Module):
+    """log π(response | prompt), summed over response tokens, of every sequence of a `layout` batch.
+
+    Wraps a (maybe LoRA-wrapped) causal LM; returns ``(logp [S], response_tokens [S])``.
+    """
+
+    def __init__(self, model: Any, chunk: int = 1024):
+        super().__init__()
+        self.model = model
+        self.chunk = chunk
+        config = unwrap(model).config
+        if getattr(config, "final_logit_softcapping", None) or getattr(config, "logit_scale", 1.0) not in (None, 1.0):
+            raise UserError(
+                f"{config.model_type} scales or soft-caps its logits after the vocabulary projection, which the "
+                "log-prob computation here does not reproduce; this model type is not supported for DPO yet"
+            )
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        hidden = body_hidden_states(self.model, batch["input_ids"], batch["attention_mask"], batch["position_ids"])
+        return sequence_logprobs(hidden, unwrap(self.model).get_output_embeddings(), batch, self.chunk)
+
+
+def frozen_reference(policy: SequenceLogprobs, reference_model: Any | None) -> Callable[[dict], torch.Tensor]:
+    """log π_ref for a batch: a separate frozen model, or (None) the LoRA policy with adapters disabled."""
+    if reference_model is None:
+        peft_model = policy.model
+
+        @torch.no_grad()
+        def with_adapters_off(batch: dict[str, torch.Tensor]) -> torch.Tensor:
+            with peft_model.disable_adapter():
+                return policy(batch)[0]
+
+        return with_adapters_off
+    reference = SequenceLogprobs(reference_model, policy.chunk).eval().requires_grad_(False)
+
+    @torch.no_grad()
+    def separate(batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        return reference(batch)[0]
+
+    return separate
+
+
+class DPOObjective:
+    """Collate: pairs laid out by `train.batching.layout` (+ their reference log-probs). Loss: `dpo_loss`."""
+
+    name = "dpo"
+
+    def __init__(self, pad_token_id: int, loss: DPOLossConfig, options: LayoutOptions = LayoutOptions(),
+                 reference: Callable[[dict], torch.Tensor] | None = None):
+        self.pad_token_id = pad_token_id
+        self.config = loss
+        self.options = options
+        self.reference = reference  # used for batches whose pairs carry no precomputed log-probs
+        self.rows_per_example = 1 if options.share_prefix else 2
+
+    def collate(self, examples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        groups = [(e["prompt_ids"], (e["chosen_ids"], e["rejected_ids"])) for e in examples]
+        batch = layout(groups, self.pad_token_id, self.options)
+        if all(e.get(REF_FIELDS[0]) is not None for e in examples):
+            # sequence order is pair-major: chosen, rejected, chosen, rejected, …
+            batch["ref_logp"] = torch.tensor([e[f] for e in examples for f in REF_FIELDS], dtype=torch.float32)
+        return batch
+
+    def example_length(self, example: dict[str, Any]) -> int:
+        responses = (len(example["chosen_ids"]), len(example["rejected_ids"]))
+        return len(example["prompt_ids"]) + (sum(responses) if self.options.share_prefix else max(responses))
+
+    def units(self, batch: dict[str, torch.Tensor]) -> int:
+        return batch["last_row"].numel() // 2
+
+    def loss(self, model: Any, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        logp, tokens = model(batch)
+        if "ref_logp" in batch:
+            ref = batch["ref_logp"]
+        elif self.reference is not None:
+            ref = self.reference(batch)
+        else:
+            raise RuntimeError("a batch without reference log-probs and no reference model to compute them")
+        scale = tokens.float() if self.config.length_normalize else torch.ones_like(logp)
+        policy, ref = logp / scale, ref / scale
+        c = self.config
+        loss = dpo_loss(policy[0::2], policy[1::2], ref[0::2], ref[1::2], loss_type=c.type, beta=c.beta,
+                        label_smoothing=c.label_smoothing, nll=-logp[0::2] / tokens[0::2], rpo_alpha=c.rpo_alpha)
+        with torch.no_grad():
+            chosen = c.beta * (policy[0::2] - ref[0::2])  # the implicit rewards β log π/π_ref
+            rejected = c.beta * (policy[1::2] - ref[1::2])
+            metrics = {
+                "rewards/chosen": chosen.sum(),
+                "rewards/rejected": rejected.sum(),
+                "rewards/margin": (chosen - rejected).sum(),
+                "accuracy": ((chosen > rejected).float() + 0.5 * (chosen == rejected).float()).sum(),
+                "logps/chosen": logp[0::2].sum(),
+                "logps/rejected": logp[1::2].sum(),
+            }
+        return loss, metrics
+
+
+# --------------------------------------------------------------------------- the reference pass
+
+
+@torch.inference_mode()
+def reference_logps(reference: SequenceLogprobs, examples: list[dict], pad_token_id: int, options: LayoutOptions,
+                    batch_size: int) -> list[tuple[float, float]]:
+    """Summed log π_ref of (chosen, rejected) for each example, in order (batches sorted by length)."""
+    was_training = reference.training
+    reference.eval()
+    out: list[tuple[float, float]] = [(math.nan, math.nan)] * len(examples)
+    order = sorted(range(len(examples)), key=lambda i: -sum(len(examples[i][k]) for k in ("prompt_ids", "chosen_ids", "rejected_ids")))
+    device = next(reference.parameters()).device
+    for start in range(0, len(order), batch_size):
+        chunk = order[start : start + batch_size]
+        batch = layout([(examples[i]["prompt_ids"], (examples[i]["chosen_ids"], examples[i]["rejected_ids"])) for i in chunk],
+                       pad_token_id, options)
+        logp = reference({k: v.to(device) for k, v in batch.items()})[0].double().view(-1, 2).tolist()
+        for i, (chosen, rejected) in zip(chunk, logp):
+            out[i] = (chosen, rejected)
+    reference.train(was_training)
+    return out
+
+
+def precompute_reference(reference: SequenceLogprobs, examples: list[dict], rows: list[PairRow], path: Path,
+                         accelerator: Any, *, pad_token_id: int, options: LayoutOptions, batch_size: int) -> None:
+    """Fill ``ref_chosen_logp`` / ``ref_rejected_logp`` of every example that lacks them, and write
+    the pairs with them to ``path`` (JSON Lines) as batches finish.
+
+    Resumable: pairs already in ``path`` are read back, not recomputed. Processes split each round
+    of batches and gather the results, so every process ends with every value.
+    """
+    from accelerate.utils import gather_object
+
+    from rlhf_workflow.data.io import JsonlAppender, iter_jsonl
+
+    by_id = {row.id: row for row in rows}
+    # the main process opens the file first: that repairs a last line torn by a crash
+    sink = JsonlAppender(path) if accelerator.is_main_process else None
+    accelerator.wait_for_everyone()
+    try:
+        if path.exists():
+            for _, data in iter_jsonl(path, allow_empty=True):
+                if data.get("id") in by_id and all(isinstance(data.get(f), (int, float)) for f in REF_FIELDS):
+                    by_id[data["id"]] = by_id[data["id"]].model_copy(update={f: float(data[f]) for f in REF_FIELDS})
+        for example in examples:
+            row = by_id[example["id"]]
+            if row.ref_chosen_logp is not None and row.ref_rejected_logp is not None:
+                example.update({f: getattr(row, f) for f in REF_FIELDS})
+        todo = [e for e in examples if e.get(REF_FIELDS[0]) is None]
+        accelerator.wait_for_everyone()  # every process has read the file before the main one appends to it
+        if sink is not None:  # the pairs that came with their log-probs (or from an earlier run) go first
+            sink.append([by_id[e["id"]] for e in examples if e.get(REF_FIELDS[0]) is not None])
+        if not todo:
+            return
+        accelerator.print(f"reference pass: log-probs of {len(todo)} pairs under the reference model -> {path}")
+        step = batch_size * accelerator.num_processes
+        for start in tqdm(range(0, len(todo), step), desc="reference", disable=not accelerator.is_main_process):
+            round_ = todo[start : start + step]
+            mine = round_[accelerator.process_index :: accelerator.num_processes]
+            values = reference_logps(reference, mine, pad_token_id, options, batch_size) if mine else []
+            results = gather_object([(e["id"], v) for e, v in zip(mine, values)]) if accelerator.num_processes > 1 \
+                else [(e["id"], v) for e, v in zip(mine, values)]
+            found = dict(results)
+            bad = [i for i, (c, r) in found.items() if not (math.isfinite(c) and math.isfinite(r))]
+            if bad:
+                raise UserError(f"the reference model gave non-finite log-probs for pairs {bad[:5]}: check the model "
+                                "(weights, dtype) before training against it")
+            for example in round_:
+                example[REF_FIELDS[0]], example[REF_FIELDS[1]] = found[example["id"]]
+            if sink is not None:
+                sink.append([by_id[e["id"]].model_copy(update={f: e[f] for f in REF_FIELDS}) for e in round_])
+    finally:
+        if sink is not None:
+            sink.close()
+    accelerator.wait_for_everyone()
+
+
+# --------------------------------------------------------------------------- the stage
+
+
+def run_dpo(config: DPOConfig, *, resume: bool = False) -> Path:
+    """The `dpo` stage: preference pairs in, a policy out (HF causal LM, safetensors)."""
+    from rlhf_workflow.config import ModelConfig
+    from rlhf_workflow.data.io import read_rows
+    from rlhf_workflow.models import load_tokenizer
+    from rlhf_workflow.models.loading import is_peft_model, load_model
+    from rlhf_workflow.models.saving import save_model
+    from rlhf_workflow.train.loop import train
+    from rlhf_workflow.train.stage import finish_stage, start_stage
+
+    accelerator, output_dir = start_stage(config)
+    tokenizer = load_tokenizer(config.model.tokenizer or config.model.name_or_path,
+                               trust_remote_code=config.model.trust_remote_code)
+    options = LayoutOptions.from_config(config.train)
+
+    def tokenize(path: str) -> tuple[list[PairRow], list[dict]]:
+        rows = read_rows(path, PairRow)
+        examples = tokenize_pairs(rows, tokenizer, max_length=config.data.max_length,
+                                  chat_template=config.data.apply_chat_template, source=path,
+                                  extra=lambda row: {f: getattr(row, f) for f in REF_FIELDS})
+        if not examples:
+            raise UserError(f"{path}: no pair fits within data.max_length {config.data.max_length} (see the warnings above)")
+        return rows, examples
+
+    train_rows, train_examples = tokenize(config.data.train)
+    eval_rows, eval_examples = tokenize(config.data.eval) if config.data.eval else ([], None)
+
+    policy = SequenceLogprobs(load_model(config.model), config.logprob_chunk)
+    lora = is_peft_model(policy.model)
+    separate_reference = config.reference.name_or_path is not None or (not lora and not config.reference.precompute)
+    reference_model = None
+    if separate_reference:
+        source = config.reference.name_or_path or config.model.name_or_path
+        reference_config = ModelConfig(name_or_path=source, dtype=config.model.dtype, trust_remote_code=config.model.trust_remote_code,
+                                       attn_implementation=config.model.attn_implementation)
+        reference_model = load_model(reference_config).to(accelerator.device)
+
+    reference = None
+    if config.reference.precompute:
+        # π_ref = π0 is the policy before its first step: run the pass on it (adapters off with LoRA)
+        if reference_model is not None:
+            source = SequenceLogprobs(reference_model, config.logprob_chunk)
+        else:
+            source = policy
+        source.to(accelerator.device)
+        context = policy.model.disable_adapter() if lora and reference_model is None else contextlib.nullcontext()
+        with context:
+            for name, rows, examples in (("train", train_rows, train_examples), ("eval", eval_rows, eval_examples)):
+                if examples:
+                    precompute_reference(source, examples, rows, output_dir / f"{name}_pairs.ref.jsonl", accelerator,
+                                         pad_token_id=tokenizer.pad_token_id, options=options,
+                                         batch_size=config.reference.batch_size)
+        del source
+        reference_model = None  # training holds only the policy
+    else:
+        reference = frozen_reference(policy, reference_model)
+
+    objective = DPOObjective(tokenizer.pad_token_id, config.loss, options, reference)
+    trained = train(objective, policy, train_examples, config.train, output_dir, accelerator,
+                    eval_examples=eval_examples, resume=resume, run_config=config.model_dump(mode="json"))
+    return finish_stage(accelerator, output_dir, lambda target: save_model(trained.model, tokenizer, target), "policy")
+

@@ -1,0 +1,49 @@
+"""Preference pairs as token ids: a prompt and two responses, shared by the reward and DPO objectives."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Callable
+
+from rlhf_workflow.data.schemas import PairRow
+from rlhf_workflow.data.templating import encode_prompt_response
+
+log = logging.getLogger(__name__)
+
+
+def encode_pair(tokenizer: Any, row: PairRow, *, max_length: int, chat_template: bool) -> tuple[list[int], list[int], list[int], int] | None:
+    """Token ids of (prompt, chosen response, rejected response) with the prompt cut from the left
+    so that prompt + the longer response fits ``max_length``; both responses keep the same prompt.
+
+    Returns ``(prompt_ids, chosen_ids, rejected_ids, prompt_tokens_cut)``, or None when a response
+    alone (plus one prompt token) is longer than ``max_length``.
+    """
+    chosen, chosen_mask = encode_prompt_response(tokenizer, row.prompt, row.chosen, chat_template=chat_template)
+    rejected, rejected_mask = encode_prompt_response(tokenizer, row.prompt, row.rejected, chat_template=chat_template)
+    prompt_length = chosen_mask.index(1)  # the prompt is the unmasked prefix, the same in both
+    prompt, chosen, rejected = chosen[:prompt_length], chosen[prompt_length:], rejected[rejected_mask.index(1):]
+    overflow = prompt_length + max(len(chosen), len(rejected)) - max_length
+    if overflow >= prompt_length:
+        return None
+    cut = max(overflow, 0)
+    return prompt[cut:], chosen, rejected, cut
+
+
+def tokenize_pairs(rows: list[PairRow], tokenizer: Any, *, max_length: int, chat_template: bool, source: str,
+                   extra: Callable[[PairRow], dict[str, Any]] | None = None) -> list[dict]:
+    """Examples ``{"id", "prompt_ids", "chosen_ids", "rejected_ids", **extra(row)}`` (responses
+    without the prompt; see `encode_pair`). Cut prompts and dropped pairs are counted in a warning."""
+    examples, truncated, dropped = [], 0, 0
+    for row in rows:
+        encoded = encode_pair(tokenizer, row, max_length=max_length, chat_template=chat_template)
+        if encoded is None:
+            dropped += 1
+            continue
+        prompt, chosen, rejected, cut = encoded
+        truncated += cut > 0
+        example = {"id": row.id, "prompt_ids": prompt, "chosen_ids": chosen, "rejected_ids": rejected}
+        examples.append(example | (extra(row) if extra else {}))
+    if truncated or dropped:
+        log.warning("%s: %d pairs had their prompt cut from the left to fit max_length %d; %d dropped "
+                    "(a response alone is longer)", source, truncated, max_length, dropped)
+    return examples
