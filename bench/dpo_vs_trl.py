@@ -58,7 +58,8 @@ def run_ours(args: argparse.Namespace) -> dict:
     from rlhf_workflow.train.pairs import tokenize_pairs
 
     config = TrainConfig(max_steps=args.steps, per_device_batch_size=args.batch, lr=1e-6, scheduler="constant",
-                         log_every=1, seed=args.seed, share_prefix=not args.no_share, pack_length=args.pack_length)
+                         log_every=1, seed=args.seed, share_prefix=not args.no_share, pack_length=args.pack_length,
+                         max_tokens_per_forward=args.max_tokens)
     options = LayoutOptions.from_config(config)
     out = Path(args.workdir) / f"ours-{args.repeat}"
     accelerator = make_accelerator(config, out)
@@ -66,7 +67,7 @@ def run_ours(args: argparse.Namespace) -> dict:
     rows = read_rows(args.data, PairRow)
     examples = tokenize_pairs(rows, tokenizer, max_length=args.max_length, chat_template=True, source=args.data,
                               extra=lambda row: {f: None for f in REF_FIELDS})
-    policy = SequenceLogprobs(load_model(ModelConfig(name_or_path=MODEL)), chunk=1024)
+    policy = SequenceLogprobs(load_model(ModelConfig(name_or_path=MODEL)), chunk=args.chunk)
     objective = DPOObjective(tokenizer.pad_token_id, DPOLossConfig(beta=0.1), options)
 
     # the reference pass covers the pairs the run trains on (steps × batch of them), in its own batches
@@ -141,6 +142,9 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-share", action="store_true", help="ours without prompt sharing (chosen and rejected rows)")
     parser.add_argument("--pack-length", type=int, default=0, help="ours: train.pack_length (0 = no packing)")
+    parser.add_argument("--max-tokens", type=int, default=1024,
+                        help="ours: train.max_tokens_per_forward (0 = one forward per micro-batch, as TRL)")
+    parser.add_argument("--chunk", type=int, default=1024, help="ours: dpo.logprob_chunk (0 = full logits, as TRL)")
     parser.add_argument("--trl-precompute", action="store_true", help="TRL with precompute_ref_log_probs=True")
     parser.add_argument("--only", choices=["ours", "trl"], help="run one trainer")
     parser.add_argument("--repeats", type=int, default=2, help="runs of each trainer, alternating; the best is reported")
@@ -164,13 +168,15 @@ def main() -> None:
     names = [n for n in ("ours", "trl") if not args.only or n == args.only]
     worker_args = ["--data", str(data), "--workdir", workdir, "--steps", str(args.steps), "--batch", str(args.batch),
                    "--max-length", str(args.max_length), "--seed", str(args.seed), "--pack-length", str(args.pack_length),
+                   "--max-tokens", str(args.max_tokens), "--chunk", str(args.chunk),
                    "--response-share", str(response_share)]
     worker_args += (["--no-share"] if args.no_share else []) + (["--trl-precompute"] if args.trl_precompute else [])
     runs = run_workers(__file__, names, args.repeats, worker_args)
 
     print(f"\nDPO, SmolLM2-135M-Instruct fp32 on CPU ({os.cpu_count()} cores): {args.steps} steps × {args.batch} pairs, "
           f"max_length {args.max_length}, β 0.1; best of {args.repeats} runs each")
-    print(f"ours: share_prefix={not args.no_share}, pack_length={args.pack_length}, reference precomputed (timed); "
+    print(f"ours: share_prefix={not args.no_share}, pack_length={args.pack_length}, "
+          f"max_tokens_per_forward={args.max_tokens}, logprob_chunk={args.chunk}, reference precomputed (timed); "
           f"TRL: precompute_ref_log_probs={args.trl_precompute}")
     print(f"fp32 matmul peak of this machine: {peak / 1e9:.1f} GFLOP/s")
     print(f"{'trainer':<8}{'tokens/s':>10}{'pairs/s':>9}{'peak RSS MB':>13}{'GFLOP/s':>9}{'of peak':>9}"
