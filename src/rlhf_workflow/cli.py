@@ -92,6 +92,38 @@ def build_parser() -> argparse.ArgumentParser:
     )
 
     _stage_parser(
+        sub, "generate", "sample n responses per prompt (hf on CPU/GPU, vLLM, or an OpenAI-compatible server)",
+        "Generation: a prompts file {id, prompt, ...} in, a generations file out: each prompt row plus "
+        "`responses` (n samples), `response_tokens` and `finish_reasons`. Backends: hf (transformers; CPU or GPU), "
+        "vllm (optional extra, GPU), openai (any OpenAI-compatible server). Rows are appended as batches finish "
+        "and a rerun skips prompts already in the output. Under `accelerate launch` the prompts are split over "
+        "the processes and merged. Prompts that cannot be answered are listed in OUTPUT.errors.jsonl.\n\n"
+        "  rlhf-workflow generate prompts=prompts.jsonl output=gen.jsonl sampling.n=4 sampling.max_new_tokens=64",
+        ("rlhf_workflow.generate.stage", "run_generate"), resumable=False,
+    )
+
+    _stage_parser(
+        sub, "annotate", "score every response of a generations file (reward model, preference model or a function)",
+        "Annotation: adds `rewards` (one per response) to each generations row, from judge.type=reward_model "
+        "(judge.path: a train-rm model), preference_model (judge.path: a train-pm model; the responses of a prompt "
+        "are ranked by knockout or round robin and the rewards are the ranking scores) or function "
+        "(judge.function: 'module:name' or 'file.py:name', called as name(row, response) -> float). A response "
+        "the judge cannot score gets null and a reason in `reward_errors`. length_penalty.coef=λ writes "
+        "r - λ·len (raw scores kept in `raw_rewards`). Resumable; splits rows over processes under accelerate launch."
+        "\n\n  rlhf-workflow annotate input=gen.jsonl output=scored.jsonl judge.type=reward_model judge.path=runs/rm/model",
+        ("rlhf_workflow.online.annotate", "run_annotate"), resumable=False,
+    )
+
+    _stage_parser(
+        sub, "pairs", "build preference pairs from annotated generations (best vs worst of n, and others)",
+        "Pair selection: for each annotated generations row, a pair {prompt, chosen, rejected, chosen_reward, "
+        "rejected_reward} by strategy max_min (best vs worst, the default), max_random, random or max_max (best vs "
+        "second best). Ties are dropped, and pairs whose reward gap is not above min_margin. Prints statistics "
+        "and writes them to OUTPUT.stats.json.\n\n  rlhf-workflow pairs input=scored.jsonl output=pairs.jsonl",
+        ("rlhf_workflow.online.pairs", "run_pairs"), resumable=False,
+    )
+
+    _stage_parser(
         sub, "eval-rm", "accuracy of a reward or preference model on held-out pairs (RewardBench format too)",
         "Accuracy on held-out pairs (ties count half) for a model saved by train-rm or train-pm (detected from "
         "the directory). Rows with a `subset` field get per-subset accuracy; RewardBench subsets also give the "
@@ -151,7 +183,18 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    finally:
+        _leave_process_group()
     return 0
+
+
+def _leave_process_group() -> None:
+    """Tear down the process group of a multi-process run before the interpreter exits: left to
+    exit-time destructors, gloo's threads can abort a process ("terminate called without an
+    active exception") after all its work is done."""
+    torch_distributed = sys.modules.get("torch.distributed")
+    if torch_distributed is not None and torch_distributed.is_available() and torch_distributed.is_initialized():
+        torch_distributed.destroy_process_group()
 
 
 if __name__ == "__main__":

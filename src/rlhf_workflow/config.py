@@ -226,12 +226,147 @@ class EvalRMConfig(Strict):
         return self
 
 
+class SamplingConfig(Strict):
+    """How responses are sampled (every backend)."""
+
+    n: int = Field(4, ge=1, description="responses per prompt")
+    temperature: float = Field(1.0, ge=0, description="0 = greedy")
+    top_p: float = Field(1.0, gt=0, le=1, description="nucleus sampling; 1 = off")
+    top_k: int = Field(0, ge=0, description="keep the k most likely tokens; 0 = off")
+    max_new_tokens: int = Field(256, ge=1)
+    stop: list[str] = Field(default_factory=list, description="extra stop strings (cut from the response); "
+                            "the model's end-of-turn and eos tokens always stop")
+    seed: int = Field(0, description="with the same seed a prompt gets the same samples, whatever the batching")
+
+
+class HFBackendConfig(Strict):
+    """The transformers backend (CPU or one GPU per process)."""
+
+    batch_size: int = Field(8, ge=1, description="prompts per batch; each batch decodes batch_size × n rows")
+
+
+class VLLMBackendConfig(Strict):
+    """The vLLM backend (GPU; `pip install 'rlhf-workflow[vllm]'`)."""
+
+    tensor_parallel_size: int = Field(1, ge=1)
+    gpu_memory_utilization: float = Field(0.9, gt=0, le=1)
+    enable_prefix_caching: bool = True
+    max_model_len: int | None = Field(None, ge=1, description="default: the model's context length")
+    chunk_size: int = Field(1024, ge=1, description="prompts per call to the engine (each chunk is written "
+                            "before the next starts, so a restart loses at most one chunk)")
+
+
+class OpenAIBackendConfig(Strict):
+    """Any OpenAI-compatible server: vLLM serve, SGLang, llama.cpp server, TGI, ..."""
+
+    base_url: str = Field("http://127.0.0.1:8000/v1", description="the server's API root (ends in /v1)")
+    model: str | None = Field(None, description="the model name the server knows; default: model.name_or_path")
+    api_key_env: str = Field("OPENAI_API_KEY", description="environment variable holding the API key (never logged)")
+    endpoint: Literal["chat", "completions"] = Field(
+        "chat", description="chat: the server applies the chat template; completions: we render it with the "
+        "model's tokenizer and send text")
+    concurrency: int = Field(8, ge=1, description="requests in flight at once")
+    timeout: float = Field(300.0, gt=0, description="seconds per request")
+    max_retries: int = Field(4, ge=0, description="retries of a failed request (connection errors, timeouts, 429, 5xx)")
+    backoff: float = Field(1.0, ge=0, description="seconds before the first retry; doubles with each retry")
+
+
+class GenerateConfig(Strict):
+    """`rlhf-workflow generate`: n sampled responses for every prompt of a prompts file."""
+
+    prompts: str = Field("", description="prompts file: {id, prompt, ...metadata}")
+    output: str = Field("", description="generations file (JSON Lines); resumable: prompts already in it are skipped")
+    backend: Literal["hf", "vllm", "openai"] = "hf"
+    model: ModelConfig = ModelConfig()
+    sampling: SamplingConfig = SamplingConfig()
+    apply_chat_template: bool = True
+    hf: HFBackendConfig = HFBackendConfig()
+    vllm: VLLMBackendConfig = VLLMBackendConfig()
+    openai: OpenAIBackendConfig = OpenAIBackendConfig()
+
+    @model_validator(mode="after")
+    def _needs_files(self) -> "GenerateConfig":
+        if not self.prompts or not self.output:
+            raise ValueError("prompts and output are required: the prompts file to read and the generations file to write")
+        return self
+
+
+class JudgeConfig(Strict):
+    """Who scores the responses: a reward model, a preference model, or a Python function."""
+
+    type: Literal["reward_model", "preference_model", "function"] = "reward_model"
+    path: str = Field("", description="reward_model / preference_model: the directory saved by train-rm / train-pm")
+    function: str = Field("", description="function: 'package.module:name' or 'path/to/file.py:name', called as "
+                          "name(row, response) -> float, row being the generations row (prompt and metadata)")
+    ranking: Literal["knockout", "copeland", "borda"] = Field(
+        "knockout", description="preference_model: knockout (best and worst in about 1.5 n comparisons) or a "
+        "round robin of all n(n-1)/2 pairs scored by Copeland or Borda")
+    batch_size: int = Field(16, ge=1, description="sequences per forward pass of a model judge")
+    max_length: int = Field(1024, gt=0, description="model judges: tokens per sequence (prompts cut from the left)")
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+
+    def check(self, prefix: str = "judge") -> None:
+        """Raise ValueError when the judge's source is missing (called by the configs that hold one)."""
+        if self.type == "function" and ":" not in self.function:
+            raise ValueError(f"{prefix}.function is required for a function judge, as 'module:name' or 'file.py:name'")
+        if self.type != "function" and not self.path:
+            raise ValueError(f"{prefix}.path is required for a {self.type} judge: the saved model's directory")
+
+
+class LengthPenaltyConfig(Strict):
+    """r - λ·len(response): the paper's control of the reward model's length bias."""
+
+    coef: float = Field(0.0, ge=0, description="λ; 0 = off")
+    unit: Literal["tokens", "characters"] = Field(
+        "tokens", description="tokens: the response_tokens the generate stage wrote; characters: len(text)")
+
+
+class AnnotateConfig(Strict):
+    """`rlhf-workflow annotate`: a reward for every response of a generations file."""
+
+    input: str = Field("", description="generations file: {id, prompt, responses, ...}")
+    output: str = Field("", description="annotated generations (adds rewards); resumable")
+    judge: JudgeConfig = JudgeConfig()
+    length_penalty: LengthPenaltyConfig = LengthPenaltyConfig()
+    rows_per_write: int = Field(32, ge=1, description="rows scored between two writes of the output")
+    apply_chat_template: bool = True
+
+    @model_validator(mode="after")
+    def _needs_files(self) -> "AnnotateConfig":
+        if not self.input or not self.output:
+            raise ValueError("input and output are required: the generations file to read and the file to write")
+        self.judge.check()
+        return self
+
+
+class PairsConfig(Strict):
+    """`rlhf-workflow pairs`: preference pairs from annotated generations."""
+
+    input: str = Field("", description="annotated generations: {id, prompt, responses, rewards}")
+    output: str = Field("", description="pairs file: {id, prompt, chosen, rejected, chosen_reward, rejected_reward}")
+    strategy: Literal["max_min", "max_random", "random", "max_max"] = Field(
+        "max_min", description="max_min: best vs worst of n (the paper's rejection sampling); max_random: best vs "
+        "a random other; random: two at random; max_max: best vs second best")
+    min_margin: float = Field(0.0, ge=0, description="drop pairs whose reward difference is not above this "
+                              "(pairs with equal rewards are always dropped)")
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _needs_files(self) -> "PairsConfig":
+        if not self.input or not self.output:
+            raise ValueError("input and output are required: the annotated generations and the pairs file to write")
+        return self
+
+
 STAGE_CONFIGS: dict[str, type[Strict]] = {
     "sft": SFTConfig,
     "train-rm": RewardModelConfig,
     "train-pm": PreferenceModelConfig,
     "eval-rm": EvalRMConfig,
     "dpo": DPOConfig,
+    "generate": GenerateConfig,
+    "annotate": AnnotateConfig,
+    "pairs": PairsConfig,
 }
 
 

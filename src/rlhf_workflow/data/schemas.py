@@ -159,6 +159,13 @@ class PromptRow(Row):
     def _null_id(cls, data: Any) -> Any:
         return _drop_null_id(data)
 
+    @field_validator("prompt")
+    @classmethod
+    def _check_prompt(cls, value: str | list[Message]) -> str | list[Message]:
+        if all(not m["content"].strip() for m in to_messages(value, "user")):
+            raise ValueError("the prompt is empty")
+        return value
+
     @model_validator(mode="after")
     def _fill_id(self) -> PromptRow:
         if not self.id:
@@ -224,7 +231,7 @@ class GenerationRow(Row):
     id: str
     prompt: Conversation
     responses: Annotated[list[str], MinLen(1)]
-    rewards: list[float] | None = None
+    rewards: list[float | None] | None = None  # None: the judge could not score that response
 
     @field_validator("rewards")
     @classmethod

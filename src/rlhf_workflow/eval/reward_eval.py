@@ -24,6 +24,7 @@ from rlhf_workflow.config import EvalRMConfig
 from rlhf_workflow.data.io import atomic_write_text, read_rows
 from rlhf_workflow.data.schemas import PairRow, response_text
 from rlhf_workflow.errors import UserError
+from rlhf_workflow.models.preference import detect_kind
 
 # RewardBench (allenai/reward-bench, rewardbench/constants.py): subset -> section, and the example
 # counts used as weights inside each section.
@@ -153,24 +154,6 @@ def evaluate_preference_model(config: EvalRMConfig, rows: list[PairRow]) -> dict
         "forward_passes": judge.calls,
     }
     return result
-
-
-def detect_kind(path: str) -> str:
-    """'pm' for a directory saved by train-pm, 'rm' for a sequence classifier; else a `UserError`."""
-    from rlhf_workflow.models.preference import FORMAT_FILE
-
-    directory = Path(path)
-    if not (directory / "config.json").is_file():
-        raise UserError(f"{path} is not a saved model directory (no config.json)")
-    if (directory / FORMAT_FILE).is_file():
-        return "pm"
-    architectures = json.loads((directory / "config.json").read_text()).get("architectures") or []
-    if any(a.endswith("ForSequenceClassification") for a in architectures):
-        return "rm"
-    raise UserError(
-        f"{path} is neither a reward model (a *ForSequenceClassification) nor a preference model "
-        f"({FORMAT_FILE} from train-pm); set kind=rm or kind=pm to force one"
-    )
 
 
 def format_table(result: dict[str, Any]) -> str:

@@ -166,6 +166,22 @@ class PreferenceJudge:
         return round_robin(len(responses), prefer, method=method)
 
 
+def detect_kind(path: str) -> str:
+    """'pm' for a directory saved by train-pm, 'rm' for a sequence classifier; else a `UserError`."""
+    directory = Path(path)
+    if not (directory / "config.json").is_file():
+        raise UserError(f"{path} is not a saved model directory (no config.json)")
+    if (directory / FORMAT_FILE).is_file():
+        return "pm"
+    architectures = json.loads((directory / "config.json").read_text()).get("architectures") or []
+    if any(a.endswith("ForSequenceClassification") for a in architectures):
+        return "rm"
+    raise UserError(
+        f"{path} is neither a reward model (a *ForSequenceClassification) nor a preference model "
+        f"({FORMAT_FILE} from train-pm); set kind=rm or kind=pm to force one"
+    )
+
+
 def load_preference_model(config: Any) -> PreferenceModel:
     from rlhf_workflow.models.loading import load_model
 

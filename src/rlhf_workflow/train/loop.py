@@ -50,9 +50,10 @@ def make_accelerator(config: TrainConfig, output_dir: str | Path) -> Any:
             raise UserError(f"train.report_to names {tracker}, which is not installed: pip install {module}") from None
     # With no GPU, say so: accelerate then runs several processes (torchrun / `accelerate launch
     # --multi_gpu`) as CPU data parallel over gloo instead of treating each as a lone process.
-    on_cpu = not torch.cuda.is_available() and not (hasattr(torch, "xpu") and torch.xpu.is_available())
+    from rlhf_workflow.processes import no_accelerator
+
     return Accelerator(
-        cpu=on_cpu,
+        cpu=no_accelerator(),
         mixed_precision="bf16" if config.precision == "bf16" else "no",
         log_with=list(config.report_to) or None,
         project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(Path(output_dir) / "logs")),

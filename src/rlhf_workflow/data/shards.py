@@ -1,0 +1,48 @@
+"""Rows keyed by id, written by several processes at once and merged into one file.
+
+A stage that runs under ``accelerate launch`` / ``torchrun`` gives each process its own shard file
+``<output>.rank<r>.jsonl`` to append to; when all are done the main process appends the shards'
+rows to the output (ids already there are skipped) and deletes them. Shards left by a killed
+run, with any number of processes, are merged the same way before the next run reads what is done.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from rlhf_workflow.data.io import JsonlAppender, iter_jsonl
+
+
+def shard_path(output: Path, rank: int) -> Path:
+    """Process ``rank``'s shard of ``output``: ``gen.jsonl`` -> ``gen.rank3.jsonl``."""
+    return output.with_name(f"{output.stem}.rank{rank}{output.suffix}")
+
+
+def shard_paths(output: Path) -> list[Path]:
+    """Shard files of any earlier run of this output (whatever its number of processes)."""
+    stem, suffix = output.stem, output.suffix
+    return sorted(p for p in output.parent.glob(f"{stem}.rank*{suffix}")
+                  if p.name[len(stem) + len(".rank") : len(p.name) - len(suffix)].isdigit())
+
+
+def merge_shards(output: Path) -> int:
+    """Append every shard's rows to ``output`` (ids already there are skipped), delete the shards;
+    returns the number of rows moved."""
+    shards = shard_paths(output)
+    if not shards:
+        return 0
+    moved = 0
+    with JsonlAppender(output) as sink:
+        for shard in shards:
+            JsonlAppender(shard).close()  # cut a line torn by a crash before reading
+            moved += sink.append(row for _, row in iter_jsonl(shard, allow_empty=True))
+    for shard in shards:
+        shard.unlink()
+    return moved
+
+
+def done_ids(path: Path) -> set[str]:
+    """Ids of the rows in ``path`` (empty when it does not exist)."""
+    if not path.exists():
+        return set()
+    return {row["id"] for _, row in iter_jsonl(path, allow_empty=True) if isinstance(row.get("id"), str)}

@@ -1,0 +1,169 @@
+"""The `generate` stage: a prompts file in, a generations file out, resumable and shardable.
+
+    rlhf-workflow generate prompts=prompts.jsonl output=gen.jsonl sampling.n=4 backend=hf
+
+Each output row is the prompt row (id, prompt and any metadata, untouched) plus ``responses``
+(n strings), ``response_tokens`` (their lengths in tokens) and ``finish_reasons`` ("stop": the
+model ended its turn or hit a stop string; "length": max_new_tokens or the context ran out).
+
+* Resumable: rows are appended as each batch finishes; a rerun skips prompts already in the file.
+* Several processes (``accelerate launch`` / ``torchrun``): process r takes every W-th prompt still
+  to do and appends to ``<output>.rank<r>.jsonl``; at the end the main process appends those rows
+  to the output and deletes the shards, so every prompt is in the output exactly once. Shards
+  left by a killed run are merged on the next run, with any number of processes.
+* Prompts that cannot be answered (too long for the model, or a server that kept failing) are
+  listed in ``<output>.errors.jsonl`` with the reason; server failures make the stage exit
+  non-zero after everything else is done, so a rerun retries just those prompts.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+from tqdm.auto import tqdm
+
+from rlhf_workflow.config import GenerateConfig
+from rlhf_workflow.errors import UserError
+from rlhf_workflow.generate.base import GenerationRequest, GenerationResult, Generator
+
+logger = logging.getLogger(__name__)
+
+
+def errors_path(output: Path) -> Path:
+    return output.with_name(f"{output.stem}.errors{output.suffix}")
+
+
+def make_generator(config: GenerateConfig, device: Any, num_processes: int = 1) -> Generator:
+    """The backend the config names, with its model loaded."""
+    from rlhf_workflow.models.loading import load_model, load_tokenizer
+
+    model_config = config.model.model_copy(update={"lora": config.model.lora.model_copy(update={"r": 0}),
+                                                   "gradient_checkpointing": False})
+    tokenizer_source = config.model.tokenizer or config.model.name_or_path
+    if config.backend == "hf":
+        from rlhf_workflow.generate.hf import HFGenerator
+
+        tokenizer = load_tokenizer(tokenizer_source, trust_remote_code=config.model.trust_remote_code)
+        model = load_model(model_config).to(config.model.device or device)
+        return HFGenerator(model, tokenizer, batch_size=config.hf.batch_size, chat_template=config.apply_chat_template)
+    if config.backend == "vllm":
+        from rlhf_workflow.generate.hf import end_of_turn_ids
+        from rlhf_workflow.generate.vllm import VLLMGenerator, import_vllm
+
+        import_vllm()
+        if num_processes > 1:
+            raise UserError("run the vllm backend in one process: it uses several GPUs itself "
+                            "(vllm.tensor_parallel_size); do not start it with accelerate launch or torchrun")
+        tokenizer = load_tokenizer(tokenizer_source, trust_remote_code=config.model.trust_remote_code)
+        return VLLMGenerator(model_config, config.vllm, tokenizer, chat_template=config.apply_chat_template,
+                             stop_ids=end_of_turn_ids(tokenizer, chat_template=config.apply_chat_template),
+                             seed=config.sampling.seed)
+    from rlhf_workflow.generate.openai import OpenAIGenerator
+
+    tokenizer = None
+    try:  # for exact token counts; the completions endpoint needs it to render prompts
+        tokenizer = load_tokenizer(tokenizer_source, trust_remote_code=config.model.trust_remote_code)
+    except UserError as exc:
+        if config.openai.endpoint == "completions":
+            raise UserError(f"the completions endpoint renders prompts with the model's tokenizer: {exc}") from None
+        logger.info("no tokenizer for %s (%s): response lengths come from the server", tokenizer_source, exc)
+    return OpenAIGenerator(config.openai, config.openai.model or config.model.name_or_path, tokenizer=tokenizer,
+                           chat_template=config.apply_chat_template)
+
+
+def generation_row(prompt_row: Any, result: GenerationResult) -> dict[str, Any]:
+    """The prompt row with its responses, their token counts and finish reasons."""
+    from rlhf_workflow.data.io import row_to_dict
+
+    return {**row_to_dict(prompt_row), "responses": [s.text for s in result.samples],
+            "response_tokens": [s.num_tokens for s in result.samples],
+            "finish_reasons": [s.finish_reason for s in result.samples]}
+
+
+def run_generate(config: GenerateConfig, *, progress: bool = True) -> Path:
+    """The `generate` stage (see the module docstring); returns the output path."""
+    from accelerate.utils import gather_object
+
+    from rlhf_workflow.data.io import JsonlAppender, read_rows, write_jsonl
+    from rlhf_workflow.data.schemas import PromptRow
+    from rlhf_workflow.data.shards import done_ids, merge_shards, shard_path
+    from rlhf_workflow.processes import process_state
+
+    state = process_state()
+    rank, world = state.process_index, state.num_processes
+    output = Path(config.output)
+    prompts = read_rows(config.prompts, PromptRow)
+    if state.is_main_process:
+        merge_shards(output)  # rows of an earlier run's processes, before anyone reads what is done
+    state.wait_for_everyone()
+    sink = JsonlAppender(output if world == 1 else shard_path(output, rank))
+    state.wait_for_everyone()
+    done = done_ids(output)
+    todo = [p for p in prompts if p.id not in done]
+    mine = todo[rank::world]
+    if state.is_main_process:
+        logger.info("generate: %d prompts, %d already in %s, %d to do with the %s backend (%d process%s)",
+                    len(prompts), len(done & {p.id for p in prompts}), output, len(todo), config.backend,
+                    world, "es" if world > 1 else "")
+
+    errors: list[GenerationResult] = []
+    tokens = finished = 0
+    start = time.perf_counter()
+    if mine:
+        generator = make_generator(config, state.device, world)
+        by_id = {p.id: p for p in mine}
+        requests = [GenerationRequest(p.id, p.prompt_messages()) for p in mine]
+        bar = tqdm(total=len(mine), desc="generate", unit="prompt", disable=not (progress and state.is_main_process))
+        try:
+            for results in generator.generate(requests, config.sampling):
+                rows = []
+                for result in results:
+                    if result.error is not None:
+                        errors.append(result)
+                        continue
+                    rows.append(generation_row(by_id[result.id], result))
+                    tokens += sum(s.num_tokens or 0 for s in result.samples)
+                    finished += sum(s.finish_reason == "stop" for s in result.samples)
+                sink.append(rows)
+                bar.update(len(results))
+                bar.set_postfix(tokens_per_s=f"{tokens / max(time.perf_counter() - start, 1e-9):.0f}")
+        finally:
+            bar.close()
+            sink.close()
+            generator.close()
+    sink.close()
+    seconds = time.perf_counter() - start
+
+    everything = gather_object([(tokens, finished, [(e.id, e.error, e.retryable) for e in errors])]) if world > 1 \
+        else [(tokens, finished, [(e.id, e.error, e.retryable) for e in errors])]
+    state.wait_for_everyone()
+    if not state.is_main_process:
+        return output
+    merge_shards(output)
+    tokens = sum(t for t, _, _ in everything)
+    finished = sum(f for _, f, _ in everything)
+    failed = [e for _, _, errs in everything for e in errs]
+    error_file = errors_path(output)
+    if failed:
+        write_jsonl(error_file, [{"id": i, "error": message, "retryable": retry} for i, message, retry in failed])
+    else:
+        error_file.unlink(missing_ok=True)
+    samples = (len(todo) - len(failed)) * config.sampling.n
+    if todo:
+        print(f"generate: {len(todo) - len(failed)} prompts × {config.sampling.n} responses in {seconds:.1f} s "
+              f"({tokens / max(seconds, 1e-9):.1f} tokens/s); {finished} of {samples} responses ended their turn, "
+              f"the rest hit max_new_tokens -> {output}")
+    else:
+        print(f"generate: all {len(prompts)} prompts are already in {output}")
+    if failed:
+        first_id, first_error, _ = failed[0]
+        retryable = sum(1 for *_, r in failed if r)
+        message = (f"{len(failed)} of {len(todo)} prompts got no responses (listed in {error_file}); "
+                   f"first, prompt {first_id!r}: {first_error}")
+        if retryable:
+            raise UserError(message + f". {retryable} failed on the server side: run the same command again to retry them")
+        logger.warning(message)
+    return output

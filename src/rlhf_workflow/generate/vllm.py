@@ -1,0 +1,96 @@
+"""The vLLM backend: the offline ``vllm.LLM`` engine on one or more GPUs (an optional extra).
+
+    pip install 'rlhf-workflow[vllm]'
+
+Prompts are rendered with our chat template code and handed to the engine as token ids, so the
+hf and vllm backends see the same tokens. Each prompt gets its own ``SamplingParams`` with
+``n`` samples and a seed from `prompt_seed`, so its samples do not depend on its batch. The engine
+schedules and batches by itself (continuous batching, prefix caching); this backend only feeds it
+``chunk_size`` prompts at a time so that each chunk is written before the next starts.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Iterator, Sequence
+
+from rlhf_workflow.errors import UserError
+from rlhf_workflow.generate.base import (
+    GenerationRequest,
+    GenerationResult,
+    Sample,
+    prompt_seed,
+)
+
+logger = logging.getLogger(__name__)
+
+
+def import_vllm() -> Any:
+    """The vllm module, or a clear message on how to get it."""
+    try:
+        import vllm
+    except ImportError as exc:
+        raise UserError("the vllm backend needs vLLM, which is not installed: pip install 'rlhf-workflow[vllm]' "
+                        f"(it needs a CUDA GPU; use backend=hf on a CPU). Import error: {exc}") from None
+    return vllm
+
+
+class VLLMGenerator:
+    """Samples with vLLM's offline engine."""
+
+    def __init__(self, model_config: Any, backend: Any, tokenizer: Any, *, chat_template: bool = True,
+                 stop_ids: set[int] | None = None, seed: int = 0):
+        from rlhf_workflow.models.loading import local_directory
+
+        vllm = import_vllm()
+        self.vllm = vllm
+        self.tokenizer = tokenizer
+        self.chat_template = chat_template
+        self.chunk_size = backend.chunk_size
+        self.stop_ids = sorted(stop_ids or ())
+        location = local_directory(model_config.name_or_path)  # a built-in or .gguf model as an HF directory
+        tokenizer_location = local_directory(model_config.tokenizer) if model_config.tokenizer else location
+        self.llm = vllm.LLM(
+            model=location, tokenizer=tokenizer_location,
+            dtype=model_config.dtype, seed=seed, trust_remote_code=model_config.trust_remote_code,
+            tensor_parallel_size=backend.tensor_parallel_size, gpu_memory_utilization=backend.gpu_memory_utilization,
+            enable_prefix_caching=backend.enable_prefix_caching, max_model_len=backend.max_model_len,
+        )
+        self.context = self.llm.llm_engine.model_config.max_model_len
+
+    def close(self) -> None:
+        self.llm = None
+
+    def _params(self, request: GenerationRequest, sampling: Any) -> Any:
+        kwargs: dict[str, Any] = dict(
+            n=sampling.n, temperature=sampling.temperature, top_p=sampling.top_p, max_tokens=sampling.max_new_tokens,
+            seed=prompt_seed(sampling.seed, request.id) & 0x7FFFFFFF, stop=list(sampling.stop) or None,
+            stop_token_ids=self.stop_ids or None, skip_special_tokens=True,
+        )
+        if sampling.top_k > 0:
+            kwargs["top_k"] = sampling.top_k
+        return self.vllm.SamplingParams(**kwargs)
+
+    def generate(self, requests: Sequence[GenerationRequest], sampling: Any) -> Iterator[list[GenerationResult]]:
+        from rlhf_workflow.data.templating import encode_prompt
+
+        ready = []
+        for request in requests:
+            if request.prompt_ids is None:
+                prompt = request.messages if self.chat_template else request.messages[-1]["content"]
+                request.prompt_ids = encode_prompt(self.tokenizer, prompt, chat_template=self.chat_template)
+            if len(request.prompt_ids) >= self.context:
+                yield [GenerationResult(request.id, error=f"the prompt has {len(request.prompt_ids)} tokens, the "
+                                        f"engine's context is {self.context}: no room for a response")]
+            else:
+                ready.append(request)
+        for start in range(0, len(ready), self.chunk_size):
+            chunk = ready[start : start + self.chunk_size]
+            outputs = self.llm.generate([{"prompt_token_ids": r.prompt_ids} for r in chunk],
+                                        [self._params(r, sampling) for r in chunk], use_tqdm=True)
+            results = []
+            for request, output in zip(chunk, outputs):
+                samples = [Sample(c.text, len(c.token_ids), "length" if c.finish_reason == "length" else "stop")
+                           for c in output.outputs]
+                results.append(GenerationResult(request.id, samples))
+            yield results

@@ -1,0 +1,138 @@
+"""The `annotate` stage: a reward for every response of a generations file.
+
+    rlhf-workflow annotate input=gen.jsonl output=scored.jsonl judge.type=reward_model judge.path=runs/rm/model
+
+Each output row is the input row plus ``rewards`` (one per response; null where the judge could
+not score it, with the reason in ``reward_errors``: response index -> message). With a length
+penalty the raw judge scores are kept in ``raw_rewards`` and ``rewards`` holds r − λ·len.
+Rows are appended as they are scored and a rerun skips rows already in the output; under
+several processes each scores every W-th row and the shards are merged (`data.shards`).
+A judge that fails on every one of the first responses stops the stage with its first error
+instead of writing a file of nulls.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+from tqdm.auto import tqdm
+
+from rlhf_workflow.config import AnnotateConfig
+from rlhf_workflow.errors import UserError
+
+logger = logging.getLogger(__name__)
+
+FAIL_FAST = 16  # responses: when the judge has failed on all of the first ones, stop
+
+
+def length_penalised(rewards: list[float | None], lengths: list[float], coef: float) -> list[float | None]:
+    """r_i − λ·len_i for each scored response (None stays None): the paper's length-bias control."""
+    return [None if r is None else r - coef * length for r, length in zip(rewards, lengths)]
+
+
+def response_lengths(row: dict[str, Any], unit: str, where: str) -> list[float]:
+    """Lengths of a row's responses in tokens (the generate stage's ``response_tokens``) or characters."""
+    if unit == "characters":
+        return [float(len(r)) for r in row["responses"]]
+    tokens = row.get("response_tokens")
+    if not isinstance(tokens, list) or len(tokens) != len(row["responses"]) or \
+            not all(isinstance(t, int) and not isinstance(t, bool) for t in tokens):
+        raise UserError(f"{where}: row {row['id']!r}: field 'response_tokens': a length penalty in tokens needs one "
+                        "token count per response (written by the generate stage); use length_penalty.unit=characters")
+    return [float(t) for t in tokens]
+
+
+def run_annotate(config: AnnotateConfig, *, progress: bool = True) -> Path:
+    """The `annotate` stage (see the module docstring); returns the output path."""
+    from accelerate.utils import gather_object
+
+    from rlhf_workflow.data.io import JsonlAppender, read_rows, row_to_dict
+    from rlhf_workflow.data.schemas import GenerationRow
+    from rlhf_workflow.data.shards import done_ids, merge_shards, shard_path
+    from rlhf_workflow.online.judges import make_judge
+    from rlhf_workflow.processes import process_state
+
+    state = process_state()
+    rank, world = state.process_index, state.num_processes
+    output = Path(config.output)
+    rows = read_rows(config.input, GenerationRow)
+    if state.is_main_process:
+        merge_shards(output)
+    state.wait_for_everyone()
+    sink = JsonlAppender(output if world == 1 else shard_path(output, rank))
+    state.wait_for_everyone()
+    done = done_ids(output)
+    todo = [r for r in rows if r.id not in done]
+    mine = todo[rank::world]
+    penalty = config.length_penalty
+    lengths = {r.id: response_lengths(row_to_dict(r), penalty.unit, config.input) for r in mine} if penalty.coef else {}
+
+    scored = unscored = 0
+    first_error: tuple[str, int, str] | None = None
+    total = 0.0
+    start = time.perf_counter()
+    judge = None
+    if mine:
+        judge = make_judge(config.judge, device=state.device, chat_template=config.apply_chat_template)
+        bar = tqdm(total=len(mine), desc="annotate", unit="row", disable=not (progress and state.is_main_process))
+        try:
+            for begin in range(0, len(mine), config.rows_per_write):
+                chunk = [row_to_dict(r) for r in mine[begin : begin + config.rows_per_write]]
+                scores = judge.score(chunk)
+                out = []
+                for row, rewards, errors in zip(chunk, scores.rewards, scores.errors):
+                    row = {k: v for k, v in row.items() if k not in ("rewards", "raw_rewards", "reward_errors")}
+                    for index, message in errors.items():
+                        if first_error is None:
+                            first_error = (row["id"], index, message)
+                        logger.warning("row %s, response %d: no reward: %s", row["id"], index, message)
+                    scored += sum(r is not None for r in rewards)
+                    unscored += sum(r is None for r in rewards)
+                    total += sum(r for r in rewards if r is not None)
+                    if scored == 0 and unscored >= FAIL_FAST and first_error is not None:
+                        raise UserError(f"the judge ({judge.name}) failed on all of the first {unscored} responses; "
+                                        f"first, row {first_error[0]!r} response {first_error[1]}: {first_error[2]}")
+                    if penalty.coef:
+                        row["raw_rewards"] = rewards
+                        rewards = length_penalised(rewards, lengths[row["id"]], penalty.coef)
+                    row["rewards"] = rewards
+                    if errors:
+                        row["reward_errors"] = {str(i): m for i, m in sorted(errors.items())}
+                    out.append(row)
+                sink.append(out)
+                bar.update(len(chunk))
+        finally:
+            bar.close()
+            sink.close()
+    sink.close()
+    seconds = time.perf_counter() - start
+    comparisons = judge.comparisons if judge is not None else 0
+    stats = (scored, unscored, total, comparisons, first_error)
+    everything = gather_object([stats]) if world > 1 else [stats]
+    state.wait_for_everyone()
+    if not state.is_main_process:
+        return output
+    merge_shards(output)
+    scored = sum(s[0] for s in everything)
+    unscored = sum(s[1] for s in everything)
+    total = sum(s[2] for s in everything)
+    comparisons = sum(s[3] for s in everything)
+    first_error = next((s[4] for s in everything if s[4] is not None), None)
+    if not todo:
+        print(f"annotate: all {len(rows)} rows are already in {output}")
+        return output
+    mean = total / scored if scored else math.nan
+    line = (f"annotate: {scored} responses of {len(todo)} rows scored by {config.judge.type} in {seconds:.1f} s, "
+            f"mean raw reward {mean:.4f}")
+    if comparisons:
+        line += f"; {comparisons} pairwise comparisons ({comparisons / len(todo):.1f} per prompt, each in both orders)"
+    print(line + f" -> {output}")
+    if unscored:
+        assert first_error is not None
+        print(f"annotate: {unscored} responses got no reward (null in the output, reason in reward_errors); first, "
+              f"row {first_error[0]!r} response {first_error[1]}: {first_error[2]}")
+    return output

@@ -1,0 +1,194 @@
+"""Judges: a reward for every response of a generations row (the online loop's proxy for a human).
+
+* `RewardModelJudge`: a Bradley–Terry reward model scores each (prompt, response);
+* `PreferenceModelJudge`: the pairwise preference model ranks the n responses of a prompt
+  (knockout or round robin, `models.ranking`); the rewards are the ranking scores, which is all
+  best-vs-worst pair selection needs;
+* `FunctionJudge`: a Python function ``name(row, response) -> float`` for verifiable tasks.
+
+A response the judge cannot score (too long for the model, a function that raises or returns
+NaN) gets the reward None and a reason in ``errors``; the row is kept, and the pairs stage uses
+only scored responses.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import math
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Protocol
+
+from rlhf_workflow.errors import UserError
+
+
+@dataclass
+class Scores:
+    """Per row: one reward per response (None = not scored) and why each unscored one was not."""
+
+    rewards: list[list[float | None]] = field(default_factory=list)
+    errors: list[dict[int, str]] = field(default_factory=list)
+
+
+class Judge(Protocol):
+    name: str
+    comparisons: int  # pairwise comparisons made so far (0 for judges that score one response at a time)
+
+    def score(self, rows: list[dict[str, Any]]) -> Scores:
+        """Rewards for the responses of each generations row."""
+        ...
+
+
+def _prompt_messages(row: dict[str, Any]) -> list[dict[str, str]]:
+    from rlhf_workflow.data.schemas import to_messages
+
+    return to_messages(row["prompt"], "user")
+
+
+class RewardModelJudge:
+    """Scores every response with a reward model (batched over all responses of the given rows)."""
+
+    comparisons = 0
+
+    def __init__(self, scorer: Any, name: str = "reward model"):
+        self.scorer = scorer
+        self.name = name
+
+    def score(self, rows: list[dict[str, Any]]) -> Scores:
+        prompts, responses = [], []
+        for row in rows:
+            for response in row["responses"]:
+                prompts.append(row["prompt"])
+                responses.append(response)
+        values = iter(self.scorer.score(prompts, responses))
+        out = Scores()
+        for row in rows:
+            rewards: list[float | None] = []
+            errors: dict[int, str] = {}
+            for index in range(len(row["responses"])):
+                value = next(values)
+                if math.isfinite(value):
+                    rewards.append(float(value))
+                else:
+                    rewards.append(None)
+                    errors[index] = ("the prompt and response do not fit in judge.max_length "
+                                     f"{self.scorer.max_length}" if math.isnan(value) else f"the reward model returned {value}")
+            out.rewards.append(rewards)
+            out.errors.append(errors)
+        return out
+
+
+class PreferenceModelJudge:
+    """Ranks the responses of each prompt with a pairwise preference model; rewards = ranking scores."""
+
+    def __init__(self, judge: Any, method: str = "knockout", name: str = "preference model"):
+        self.judge = judge
+        self.method = method
+        self.name = f"{name} ({method})"
+        self.comparisons = 0
+
+    def score(self, rows: list[dict[str, Any]]) -> Scores:
+        out = Scores()
+        for row in rows:
+            ranking = self.judge.rank(_prompt_messages(row), row["responses"], self.method)
+            self.comparisons += ranking.comparisons
+            out.rewards.append([float(s) for s in ranking.scores])
+            out.errors.append({})
+        return out
+
+
+class FunctionJudge:
+    """Calls ``function(row, response)`` for every response; it must return a finite number."""
+
+    comparisons = 0
+
+    def __init__(self, function: Callable[[dict[str, Any], str], Any], name: str):
+        self.function = function
+        self.name = name
+
+    def score(self, rows: list[dict[str, Any]]) -> Scores:
+        out = Scores()
+        for row in rows:
+            rewards: list[float | None] = []
+            errors: dict[int, str] = {}
+            for index, response in enumerate(row["responses"]):
+                try:
+                    value = self.function(row, response)
+                except Exception as exc:  # a user's function: any failure is reported with the row
+                    rewards.append(None)
+                    errors[index] = f"{self.name} raised {type(exc).__name__}: {exc}"
+                    continue
+                if isinstance(value, bool) or not isinstance(value, (int, float)):
+                    rewards.append(None)
+                    errors[index] = f"{self.name} returned {type(value).__name__} {value!r:.60}, expected a number"
+                elif not math.isfinite(value):
+                    rewards.append(None)
+                    errors[index] = f"{self.name} returned {value}"
+                else:
+                    rewards.append(float(value))
+            out.rewards.append(rewards)
+            out.errors.append(errors)
+        return out
+
+
+def load_function(spec: str) -> Callable[..., Any]:
+    """``package.module:name`` or ``path/to/file.py:name`` -> the callable."""
+    location, _, name = spec.rpartition(":")
+    if not location or not name:
+        raise UserError(f"judge.function {spec!r}: expected 'package.module:name' or 'path/to/file.py:name'")
+    if location.endswith(".py"):
+        path = Path(location)
+        if not path.is_file():
+            raise UserError(f"judge.function {spec!r}: {path} does not exist")
+        module_name = f"rlhf_workflow_judge_{path.stem}"
+        module_spec = importlib.util.spec_from_file_location(module_name, path)
+        if module_spec is None or module_spec.loader is None:
+            raise UserError(f"judge.function {spec!r}: cannot load {path}")
+        module = importlib.util.module_from_spec(module_spec)
+        sys.modules[module_name] = module
+        try:
+            module_spec.loader.exec_module(module)
+        except Exception as exc:
+            raise UserError(f"judge.function {spec!r}: importing {path} failed: {type(exc).__name__}: {exc}") from None
+    else:
+        try:
+            module = importlib.import_module(location)
+        except Exception as exc:
+            raise UserError(f"judge.function {spec!r}: cannot import {location}: {type(exc).__name__}: {exc}") from None
+    function = getattr(module, name, None)
+    if not callable(function):
+        raise UserError(f"judge.function {spec!r}: {location} has no function {name!r}")
+    return function
+
+
+def make_judge(config: Any, *, device: Any = None, chat_template: bool = True) -> Judge:
+    """The judge a `JudgeConfig` describes, with its model (if any) on ``device``."""
+    if config.type == "function":
+        return FunctionJudge(load_function(config.function), config.function)
+    from rlhf_workflow.models.preference import detect_kind
+
+    if not Path(config.path).is_dir():
+        raise UserError(f"judge.path {config.path} is not a directory (expected a model saved by "
+                        f"{'train-rm' if config.type == 'reward_model' else 'train-pm'})")
+    kind = detect_kind(config.path)
+    if kind != {"reward_model": "rm", "preference_model": "pm"}[config.type]:
+        found = "a preference model" if kind == "pm" else "a reward model"
+        raise UserError(f"judge.path {config.path} holds {found}; set judge.type="
+                        f"{'preference_model' if kind == 'pm' else 'reward_model'}")
+    if config.type == "reward_model":
+        from rlhf_workflow.models.reward import load_reward_scorer
+
+        scorer = load_reward_scorer(config.path, dtype=config.dtype, max_length=config.max_length,
+                                    chat_template=chat_template, batch_size=config.batch_size)
+        if device is not None:
+            scorer.model.to(device)
+        return RewardModelJudge(scorer, f"reward model {config.path}")
+    from rlhf_workflow.models.preference import load_preference_judge
+
+    judge = load_preference_judge(config.path, dtype=config.dtype, batch_size=config.batch_size,
+                                  max_length=config.max_length)
+    if device is not None:
+        judge.model.to(device)
+    return PreferenceModelJudge(judge, config.ranking, f"preference model {config.path}")

@@ -1,0 +1,142 @@
+"""The `pairs` stage: preference pairs from annotated generations (the paper's "enhancer").
+
+    rlhf-workflow pairs input=scored.jsonl output=pairs.jsonl strategy=max_min
+
+Strategies, over the responses of one prompt that have a reward (`choose_pair`):
+
+* ``max_min`` (default): best of n as chosen, worst of n as rejected — rejection sampling;
+* ``max_random``: the best against one of the others drawn at random;
+* ``random``: two drawn at random, the better one chosen;
+* ``max_max``: the best against the second best.
+
+A pair is dropped when its two rewards are equal (a tie says nothing about which is better),
+when their difference is not above ``min_margin`` (if set), when the two texts are identical, or
+when fewer than two responses have a reward. Random draws come from a generator seeded by the
+seed and the row id, so the pairs do not depend on the order of the rows. The output is written
+at once (atomically); statistics go to the console and to ``<output>.stats.json``.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+from typing import Any, Sequence
+
+from rlhf_workflow.config import PairsConfig
+from rlhf_workflow.errors import UserError
+
+DROP_REASONS = ("unscored", "tie", "margin", "identical")
+GENERATION_FIELDS = ("responses", "rewards", "raw_rewards", "reward_errors", "response_tokens", "finish_reasons")
+
+
+def choose_pair(rewards: Sequence[float | None], strategy: str, rng: random.Random,
+                min_margin: float = 0.0) -> tuple[int, int] | str:
+    """``(chosen, rejected)`` indices into the responses, or the reason no pair is taken
+    ("unscored", "tie", "margin"). Among equal rewards the earlier response ranks first."""
+    scored = [i for i, r in enumerate(rewards) if r is not None]
+    if len(scored) < 2:
+        return "unscored"
+    ranked = sorted(scored, key=lambda i: (-rewards[i], i))  # type: ignore[operator]
+    if strategy == "max_min":
+        chosen, rejected = ranked[0], ranked[-1]
+    elif strategy == "max_max":
+        chosen, rejected = ranked[0], ranked[1]
+    elif strategy == "max_random":
+        chosen, rejected = ranked[0], rng.choice(ranked[1:])
+    elif strategy == "random":
+        a, b = rng.sample(scored, 2)
+        chosen, rejected = (a, b) if (-rewards[a], a) <= (-rewards[b], b) else (b, a)  # type: ignore[operator]
+    else:
+        raise ValueError(f"unknown pair strategy {strategy!r}")
+    gap = rewards[chosen] - rewards[rejected]  # type: ignore[operator]
+    if gap == 0:
+        return "tie"
+    if min_margin > 0 and gap <= min_margin:
+        return "margin"
+    return chosen, rejected
+
+
+def make_pairs(rows: Sequence[dict[str, Any]], strategy: str, *, seed: int = 0,
+               min_margin: float = 0.0) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """Pairs rows (DESIGN.md format, plus the prompt row's metadata) and statistics."""
+    pairs: list[dict[str, Any]] = []
+    dropped = dict.fromkeys(DROP_REASONS, 0)
+    lengths: dict[str, list[float]] = {"chosen": [], "rejected": []}
+    for row in rows:
+        rewards = row.get("rewards")
+        if rewards is None:
+            raise UserError(f"row {row['id']!r} has no rewards: run the annotate stage on the generations first")
+        picked = choose_pair(rewards, strategy, random.Random(f"{seed}\x00{row['id']}"), min_margin)
+        if isinstance(picked, str):
+            dropped[picked] += 1
+            continue
+        chosen, rejected = picked
+        if row["responses"][chosen] == row["responses"][rejected]:
+            dropped["identical"] += 1
+            continue
+        metadata = {k: v for k, v in row.items() if k not in GENERATION_FIELDS and k not in ("id", "prompt")}
+        pairs.append({"id": row["id"], "prompt": row["prompt"], "chosen": row["responses"][chosen],
+                      "rejected": row["responses"][rejected], "chosen_reward": rewards[chosen],
+                      "rejected_reward": rewards[rejected], "chosen_index": chosen, "rejected_index": rejected,
+                      **metadata})
+        tokens = row.get("response_tokens")
+        for side, index in (("chosen", chosen), ("rejected", rejected)):
+            lengths[side].append(len(row["responses"][index]))
+            if isinstance(tokens, list) and index < len(tokens) and isinstance(tokens[index], int):
+                lengths.setdefault(f"{side}_tokens", []).append(tokens[index])
+
+    def mean(values: Sequence[float]) -> float | None:
+        return sum(values) / len(values) if values else None
+
+    stats: dict[str, Any] = {
+        "strategy": strategy, "rows": len(rows), "pairs": len(pairs), "dropped": dropped,
+        "mean_chosen_reward": mean([p["chosen_reward"] for p in pairs]),
+        "mean_rejected_reward": mean([p["rejected_reward"] for p in pairs]),
+        "mean_chosen_chars": mean(lengths["chosen"]), "mean_rejected_chars": mean(lengths["rejected"]),
+    }
+    if lengths.get("chosen_tokens") and len(lengths["chosen_tokens"]) == len(pairs):
+        stats["mean_chosen_tokens"] = mean(lengths["chosen_tokens"])
+        stats["mean_rejected_tokens"] = mean(lengths["rejected_tokens"])
+    return pairs, stats
+
+
+def stats_path(output: Path) -> Path:
+    return output.with_name(f"{output.stem}.stats.json")
+
+
+def run_pairs(config: PairsConfig) -> Path:
+    """The `pairs` stage (see the module docstring); returns the output path."""
+    from rlhf_workflow.data.io import atomic_write_text, read_rows, row_to_dict, write_jsonl
+    from rlhf_workflow.data.schemas import GenerationRow
+
+    rows = [row_to_dict(r) for r in read_rows(config.input, GenerationRow)]
+    for row in rows:
+        if row.get("rewards") is None:
+            raise UserError(f"{config.input}: row {row['id']!r} has no field 'rewards': run annotate on the "
+                            "generations first")
+    pairs, stats = make_pairs(rows, config.strategy, seed=config.seed, min_margin=config.min_margin)
+    output = Path(config.output)
+    write_jsonl(output, pairs)
+    atomic_write_text(stats_path(output), json.dumps(stats, indent=2) + "\n")
+    print(format_stats(stats) + f" -> {output}")
+    if not pairs:
+        raise UserError(f"no pairs from {config.input}: every row was dropped ({_drops(stats)}); with a "
+                        "programmatic judge try more samples per prompt (sampling.n) or another strategy")
+    return output
+
+
+def _drops(stats: dict[str, Any]) -> str:
+    return ", ".join(f"{count} {reason}" for reason, count in stats["dropped"].items() if count) or "none"
+
+
+def format_stats(stats: dict[str, Any]) -> str:
+    def fmt(value: float | None) -> str:
+        return "-" if value is None else f"{value:.3f}"
+
+    line = (f"pairs ({stats['strategy']}): {stats['pairs']} of {stats['rows']} rows kept; dropped: {_drops(stats)}; "
+            f"mean reward chosen {fmt(stats['mean_chosen_reward'])} vs rejected {fmt(stats['mean_rejected_reward'])}; "
+            f"mean length chosen {fmt(stats['mean_chosen_chars'])} vs rejected {fmt(stats['mean_rejected_chars'])} chars")
+    if "mean_chosen_tokens" in stats:
+        line += f" ({fmt(stats['mean_chosen_tokens'])} vs {fmt(stats['mean_rejected_tokens'])} tokens)"
+    return line
