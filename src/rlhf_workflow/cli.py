@@ -123,6 +123,32 @@ def build_parser() -> argparse.ArgumentParser:
         ("rlhf_workflow.online.pairs", "run_pairs"), resumable=False,
     )
 
+    run = sub.add_parser(
+        "run", help="the online iterative loop (or its offline baseline) from one YAML recipe, then the report",
+        description="Online iterative DPO: for t = 1..T, π_{t-1} samples n responses to this iteration's prompts, the "
+        "judge scores them, best-vs-worst pairs train π_t by DPO (reference log-probs computed once), and π_t is "
+        "evaluated on held-out prompts (proxy reward, gold metric, win rate and KL vs π0, length). Everything goes "
+        "into output_dir (state.json, iter_<t>/, metrics.jsonl, report/). Running the same command again continues "
+        "an interrupted run where it stopped; a changed recipe is refused unless --force. mode=offline trains once on "
+        "pairs sampled from π0 (offline.match_run=RUN for the same number of pairs as an online run).\n\n"
+        "  rlhf-workflow run configs/demo.yaml\n  rlhf-workflow run configs/demo.yaml mode=offline "
+        "output_dir=runs/demo-offline offline.match_run=runs/demo",
+        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    run.add_argument("overrides", nargs="*", metavar="CONFIG.yaml | key=value",
+                     help="the recipe (a YAML file) and dotted config overrides")
+    run.add_argument("--config", "-c", metavar="FILE", help="the recipe (same as giving it first)")
+    run.add_argument("--print-config", action="store_true", help="print the resolved config as YAML and exit")
+    run.add_argument("--resume", action="store_true", help="continue the run in output_dir (the default anyway)")
+    run.add_argument("--force", action="store_true", help="continue an existing run even though its config changed")
+    run.set_defaults(run=_run_workflow)
+
+    report = sub.add_parser("report", help="write the Markdown/HTML report with plots of a run directory",
+                            description="Reads RUN_DIR/metrics.jsonl (and the pairs files) and writes "
+                            "RUN_DIR/report/report.md, report.html and PNG plots.")
+    report.add_argument("run_dir", metavar="RUN_DIR")
+    report.set_defaults(run=_report)
+
     _stage_parser(
         sub, "eval-rm", "accuracy of a reward or preference model on held-out pairs (RewardBench format too)",
         "Accuracy on held-out pairs (ties count half) for a model saved by train-rm or train-pm (detected from "
@@ -154,6 +180,29 @@ def _stage_runner(stage: str, module: str, function: str) -> Callable[[argparse.
             runner(config)
 
     return run
+
+
+def _run_workflow(args: argparse.Namespace) -> None:
+    from rlhf_workflow.config import RunConfig, config_to_yaml, load_config
+
+    overrides = list(args.overrides)
+    config_path = args.config
+    if config_path is None and overrides and "=" not in overrides[0]:
+        config_path = overrides.pop(0)
+    config = load_config(RunConfig, config_path, overrides)
+    if args.print_config:
+        print(config_to_yaml(config), end="")
+        return
+    from rlhf_workflow.workflow import run_workflow
+
+    run_workflow(config, force=args.force)  # type: ignore[arg-type]
+
+
+def _report(args: argparse.Namespace) -> None:
+    from rlhf_workflow.eval.report import write_report
+
+    path = write_report(args.run_dir)
+    print(f"report: {path} and {path.with_suffix('.html')}")
 
 
 def _setup_logging(verbose: bool) -> None:

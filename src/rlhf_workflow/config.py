@@ -358,6 +358,98 @@ class PairsConfig(Strict):
         return self
 
 
+class RunPromptsConfig(Strict):
+    """Which prompts each iteration sees, and the held-out prompts every policy is evaluated on."""
+
+    train: str = Field("", description="one prompts file, shuffled (prompts.seed) and split into `iterations` "
+                       "disjoint chunks")
+    train_per_iteration: list[str] = Field(default_factory=list, description="or: one prompts file per iteration")
+    per_iteration: int = Field(0, ge=0, description="prompts per iteration from `train`; 0 = an equal share of all")
+    eval: str = Field("", description="held-out prompts for the evaluation after every iteration")
+    eval_limit: int = Field(0, ge=0, description="use only the first N held-out prompts; 0 = all")
+    seed: int = 0
+
+
+class RunGenerationConfig(Strict):
+    """How each iteration samples (the backend settings are those of `generate`)."""
+
+    backend: Literal["hf", "vllm", "openai"] = "hf"
+    sampling: SamplingConfig = SamplingConfig()
+    temperatures: list[float] = Field(default_factory=list, description="enhancer: sample n responses at each of "
+                                      "these temperatures (instead of sampling.temperature) and pool them")
+    earlier_policies: int = Field(0, ge=0, description="enhancer: also sample n responses from each of this many "
+                                  "earlier policies (π_{t-2}, π_{t-3}, ...) and pool them")
+    hf: HFBackendConfig = HFBackendConfig()
+    vllm: VLLMBackendConfig = VLLMBackendConfig()
+    openai: OpenAIBackendConfig = OpenAIBackendConfig()
+
+
+class RunPairsConfig(Strict):
+    strategy: Literal["max_min", "max_random", "random", "max_max"] = "max_min"
+    min_margin: float = Field(0.0, ge=0)
+
+
+class RunDPOConfig(Strict):
+    """The DPO step of every iteration (warm-started from the previous policy)."""
+
+    loss: DPOLossConfig = DPOLossConfig()
+    train: TrainConfig = TrainConfig(epochs=2, lr=5e-7, warmup_ratio=0.03)
+    max_length: int = Field(1024, gt=0)
+    logprob_chunk: int = Field(1024, ge=0)
+    reference_batch_size: int = Field(16, ge=1)
+
+
+class RunEvalConfig(Strict):
+    """The evaluation of π0 and of every π_t on the held-out prompts."""
+
+    sampling: SamplingConfig = SamplingConfig(n=2, max_new_tokens=256, seed=12345)
+    gold_function: str | None = Field(None, description="the task's gold judge, 'module:name' or 'file.py:name' "
+                                      "(name(row, response) -> float); reported next to the proxy reward")
+    kl: bool = Field(True, description="estimate KL(π_t ‖ π0) from the sampled responses' log-probs (meaningful at "
+                     "temperature 1, top_p 1, top_k 0)")
+    bootstrap: int = Field(1000, ge=0, description="bootstrap resamples for the 95 % intervals; 0 = none")
+
+
+class OfflineConfig(Strict):
+    """The offline baseline: pairs from π0 only, DPO once."""
+
+    match_run: str | None = Field(None, description="an online run directory: use the same total number of pairs "
+                                  "(a seeded subsample when there are more)")
+    max_pairs: int = Field(0, ge=0, description="or: at most this many pairs; 0 = all")
+
+
+class RunConfig(Strict):
+    """`rlhf-workflow run`: online iterative DPO (or its offline baseline) from one recipe."""
+
+    output_dir: str = "runs/online"
+    mode: Literal["online", "offline"] = "online"
+    iterations: int = Field(2, ge=1)
+    reference: Literal["initial", "previous"] = Field(
+        "initial", description="π_ref of each DPO step: the initial policy π0 (the paper) or the previous iterate")
+    policy: ModelConfig = ModelConfig()
+    apply_chat_template: bool = True
+    prompts: RunPromptsConfig = RunPromptsConfig()
+    generation: RunGenerationConfig = RunGenerationConfig()
+    judge: JudgeConfig = JudgeConfig()
+    length_penalty: LengthPenaltyConfig = LengthPenaltyConfig()
+    pairs: RunPairsConfig = RunPairsConfig()
+    dpo: RunDPOConfig = RunDPOConfig()
+    eval: RunEvalConfig = RunEvalConfig()
+    offline: OfflineConfig = OfflineConfig()
+
+    @model_validator(mode="after")
+    def _check(self) -> "RunConfig":
+        if not self.prompts.train and not self.prompts.train_per_iteration:
+            raise ValueError("prompts.train (one file split over the iterations) or prompts.train_per_iteration is required")
+        if self.prompts.train_per_iteration and len(self.prompts.train_per_iteration) != self.iterations:
+            raise ValueError(f"prompts.train_per_iteration names {len(self.prompts.train_per_iteration)} files for "
+                             f"{self.iterations} iterations")
+        if not self.prompts.eval:
+            raise ValueError("prompts.eval is required: held-out prompts to evaluate every policy on")
+        self.judge.check()
+        return self
+
+
 STAGE_CONFIGS: dict[str, type[Strict]] = {
     "sft": SFTConfig,
     "train-rm": RewardModelConfig,
@@ -367,6 +459,7 @@ STAGE_CONFIGS: dict[str, type[Strict]] = {
     "generate": GenerateConfig,
     "annotate": AnnotateConfig,
     "pairs": PairsConfig,
+    "run": RunConfig,
 }
 
 

@@ -36,7 +36,7 @@ def errors_path(output: Path) -> Path:
     return output.with_name(f"{output.stem}.errors{output.suffix}")
 
 
-def make_generator(config: GenerateConfig, device: Any, num_processes: int = 1) -> Generator:
+def make_generator(config: GenerateConfig, device: Any) -> Generator:
     """The backend the config names, with its model loaded."""
     from rlhf_workflow.models.loading import load_model, load_tokenizer
 
@@ -54,9 +54,6 @@ def make_generator(config: GenerateConfig, device: Any, num_processes: int = 1) 
         from rlhf_workflow.generate.vllm import VLLMGenerator, import_vllm
 
         import_vllm()
-        if num_processes > 1:
-            raise UserError("run the vllm backend in one process: it uses several GPUs itself "
-                            "(vllm.tensor_parallel_size); do not start it with accelerate launch or torchrun")
         tokenizer = load_tokenizer(tokenizer_source, trust_remote_code=config.model.trust_remote_code)
         return VLLMGenerator(model_config, config.vllm, tokenizer, chat_template=config.apply_chat_template,
                              stop_ids=end_of_turn_ids(tokenizer, chat_template=config.apply_chat_template),
@@ -103,7 +100,9 @@ def run_generate(config: GenerateConfig, *, progress: bool = True) -> Path:
     state.wait_for_everyone()
     done = done_ids(output)
     todo = [p for p in prompts if p.id not in done]
-    mine = todo[rank::world]
+    # vLLM spreads one engine over vllm.tensor_parallel_size GPUs itself: under several processes
+    # the main process generates everything while the others wait
+    mine = (todo if rank == 0 else []) if config.backend == "vllm" else todo[rank::world]
     if state.is_main_process:
         logger.info("generate: %d prompts, %d already in %s, %d to do with the %s backend (%d process%s)",
                     len(prompts), len(done & {p.id for p in prompts}), output, len(todo), config.backend,
@@ -113,7 +112,7 @@ def run_generate(config: GenerateConfig, *, progress: bool = True) -> Path:
     tokens = finished = 0
     start = time.perf_counter()
     if mine:
-        generator = make_generator(config, state.device, world)
+        generator = make_generator(config, state.device)
         by_id = {p.id: p for p in mine}
         requests = [GenerationRequest(p.id, p.prompt_messages()) for p in mine]
         bar = tqdm(total=len(mine), desc="generate", unit="prompt", disable=not (progress and state.is_main_process))

@@ -1,0 +1,166 @@
+"""The report of a run directory: a Markdown table, PNG plots and an HTML page with the same content.
+
+    rlhf-workflow report runs/online
+
+Reads only files (``metrics.jsonl``, ``state.json``, ``iter_*/pairs.jsonl``), so it works on a run
+that is still going or was copied from another machine. Writes ``RUN/report/report.md``,
+``report.html`` and the plots: proxy reward, gold metric, win rate vs π0, KL to π0 and response
+length against iteration (the offline baseline as a separate marker), and the rewards of chosen
+vs rejected responses of each iteration's pairs.
+"""
+
+from __future__ import annotations
+
+import html
+import json
+from pathlib import Path
+from typing import Any
+
+from rlhf_workflow.errors import UserError
+
+CURVES = [  # (metric, axis label)
+    ("proxy_reward", "proxy reward (judge)"),
+    ("gold", "gold metric"),
+    ("win_rate_vs_initial", "win rate vs π0"),
+    ("kl_vs_initial", "KL(π_t ‖ π0), nats"),
+    ("length_tokens", "response length (tokens)"),
+]
+COLUMNS = [("id", "policy"), ("proxy_reward", "proxy reward"), ("gold", "gold"), ("win_rate_vs_initial", "win rate vs π0"),
+           ("kl_vs_initial", "KL to π0"), ("length_tokens", "length (tokens)"), ("pairs", "pairs trained")]
+
+
+def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
+    path = run_dir / "metrics.jsonl"
+    if not path.exists():
+        raise UserError(f"{run_dir} has no metrics.jsonl: not a run directory, or no policy evaluated yet")
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def _cell(row: dict[str, Any], key: str) -> str:
+    value = row.get(key)
+    if value is None:
+        return "–"
+    if isinstance(value, float):
+        interval = row.get(f"{key}_ci95")
+        text = f"{value:.3f}"
+        return text + (f" [{interval[0]:.3f}, {interval[1]:.3f}]" if interval else "")
+    return str(value)
+
+
+def table(rows: list[dict[str, Any]]) -> str:
+    """A Markdown table: one row per evaluated policy (95 % bootstrap intervals in brackets)."""
+    lines = ["| " + " | ".join(title for _, title in COLUMNS) + " |", "|" + " --- |" * len(COLUMNS)]
+    for row in rows:
+        lines.append("| " + " | ".join(_cell(row, key) for key, _ in COLUMNS) + " |")
+    return "\n".join(lines)
+
+
+def _plot_curves(rows: list[dict[str, Any]], out: Path) -> list[tuple[str, str]]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    online = [r for r in rows if r.get("mode") != "offline" and r.get("iteration") is not None]
+    online.sort(key=lambda r: r["iteration"])
+    offline = [r for r in rows if r.get("mode") == "offline"]
+    made = []
+    for key, label in CURVES:
+        points = [(r["iteration"], r[key], r.get(f"{key}_ci95")) for r in online if r.get(key) is not None]
+        off = [r for r in offline if r.get(key) is not None]
+        if not points and not off:
+            continue
+        fig, ax = plt.subplots(figsize=(5, 3.4), dpi=110)
+        if points:
+            xs, ys = [p[0] for p in points], [p[1] for p in points]
+            ax.plot(xs, ys, marker="o", label="online")
+            lows = [p[2][0] if p[2] else p[1] for p in points]
+            highs = [p[2][1] if p[2] else p[1] for p in points]
+            ax.fill_between(xs, lows, highs, alpha=0.2)
+            ax.set_xticks(xs)
+        last = max((p[0] for p in points), default=1)
+        for r in off:
+            err = r.get(f"{key}_ci95")
+            yerr = [[r[key] - err[0]], [err[1] - r[key]]] if err else None
+            ax.errorbar([last], [r[key]], yerr=yerr, marker="s", color="tab:red", capsize=3, label="offline (same pairs)")
+        ax.set_xlabel("iteration (0 = π0)")
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        name = f"{key}.png"
+        fig.savefig(out / name)
+        plt.close(fig)
+        made.append((name, label))
+    return made
+
+
+def _plot_pair_rewards(run_dir: Path, out: Path) -> tuple[str, str] | None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    files = sorted(run_dir.glob("iter_*/pairs.jsonl"), key=lambda p: int(p.parent.name.split("_")[1]))
+    if (run_dir / "offline" / "pairs.jsonl").exists():
+        files.append(run_dir / "offline" / "pairs.jsonl")
+    if not files:
+        return None
+    fig, axes = plt.subplots(1, len(files), figsize=(3.2 * len(files), 3), dpi=110, squeeze=False)
+    for ax, path in zip(axes[0], files):
+        rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        chosen = [r["chosen_reward"] for r in rows if r.get("chosen_reward") is not None]
+        rejected = [r["rejected_reward"] for r in rows if r.get("rejected_reward") is not None]
+        values = chosen + rejected
+        bins = 20 if values and max(values) > min(values) else 5
+        ax.hist(rejected, bins=bins, alpha=0.6, label="rejected")
+        ax.hist(chosen, bins=bins, alpha=0.6, label="chosen")
+        ax.set_title(f"{path.parent.name}: {len(rows)} pairs", fontsize=9)
+        ax.set_xlabel("reward")
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out / "pair_rewards.png")
+    plt.close(fig)
+    return "pair_rewards.png", "rewards of chosen vs rejected responses in each iteration's pairs"
+
+
+def write_report(run_dir: str | Path) -> Path:
+    """Write RUN/report/{report.md, report.html, *.png}; returns the Markdown file."""
+    from rlhf_workflow.data.io import atomic_write_text
+
+    run_dir = Path(run_dir)
+    rows = read_metrics(run_dir)
+    out = run_dir / "report"
+    out.mkdir(parents=True, exist_ok=True)
+    plots = _plot_curves(rows, out)
+    pair_plot = _plot_pair_rewards(run_dir, out)
+    if pair_plot:
+        plots.append(pair_plot)
+    state_file = run_dir / "state.json"
+    seconds = json.loads(state_file.read_text()).get("seconds", {}) if state_file.exists() else {}
+    title = f"rlhf-workflow report: {run_dir.name}"
+    md = [f"# {title}", "", "Held-out evaluation of each policy (95 % bootstrap intervals over prompts in brackets):",
+          "", table(rows), ""]
+    for name, label in plots:
+        md += [f"## {label}", "", f"![{label}]({name})", ""]
+    if seconds:
+        md += ["## Time per stage", "", "| stage | seconds |", "| --- | --- |"]
+        md += [f"| {stage} | {value:.1f} |" for stage, value in seconds.items()]
+        md += ["", f"total: {sum(seconds.values()):.1f} s", ""]
+    atomic_write_text(out / "report.md", "\n".join(md))
+    body = [f"<h1>{html.escape(title)}</h1>", "<p>Held-out evaluation of each policy (95 % bootstrap intervals over "
+            "prompts in brackets):</p>", "<table border='1' cellpadding='4' style='border-collapse:collapse'>",
+            "<tr>" + "".join(f"<th>{html.escape(t)}</th>" for _, t in COLUMNS) + "</tr>"]
+    for row in rows:
+        body.append("<tr>" + "".join(f"<td>{html.escape(_cell(row, k))}</td>" for k, _ in COLUMNS) + "</tr>")
+    body.append("</table>")
+    for name, label in plots:
+        body += [f"<h2>{html.escape(label)}</h2>", f"<img src='{html.escape(name)}' alt='{html.escape(label)}'>"]
+    if seconds:
+        body.append("<h2>Time per stage</h2><table border='1' cellpadding='4' style='border-collapse:collapse'>")
+        body += [f"<tr><td>{html.escape(s)}</td><td>{v:.1f} s</td></tr>" for s, v in seconds.items()]
+        body.append("</table>")
+    atomic_write_text(out / "report.html", "<!doctype html>\n<html><head><meta charset='utf-8'><title>"
+                      f"{html.escape(title)}</title></head><body style='font-family:sans-serif'>\n" + "\n".join(body)
+                      + "\n</body></html>\n")
+    return out / "report.md"

@@ -1,0 +1,312 @@
+"""The online iterative loop (and its offline baseline) as a resumable run directory.
+
+    RUN/config.yaml         the resolved recipe; a rerun with a different one is refused unless --force
+    RUN/state.json          the stages completed so far, in order
+    RUN/eval_prompts.jsonl  the held-out prompts
+    RUN/iter_0/eval/        π0's held-out generations and scores
+    RUN/iter_<t>/           prompts.jsonl, generations.jsonl, scored.jsonl, pairs.jsonl (+ .stats.json),
+                            dpo/ (the DPO stage: reference log-probs, metrics, checkpoints),
+                            policy/ (π_t, safetensors), eval/
+    RUN/offline/            the same for the offline baseline (mode: offline)
+    RUN/metrics.jsonl       one row per evaluated policy
+
+Iteration t: π_{t-1} samples n responses to this iteration's prompts → the judge scores them →
+best-vs-worst pairs → DPO from π_{t-1} against π_ref (π0, or π_{t-1} with reference: previous),
+reference log-probs computed once → π_t → evaluation on the held-out prompts.
+
+Every stage is marked done in state.json only after its output is complete, and every stage
+resumes by itself (generation and annotation skip rows already written, DPO continues from its
+last checkpoint), so rerunning the same command after a crash or a kill finishes the run with
+nothing redone that was finished and no row lost or duplicated.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+from rlhf_workflow.config import RunConfig, config_to_yaml
+from rlhf_workflow.errors import UserError
+from rlhf_workflow.processes import release_memory
+
+logger = logging.getLogger(__name__)
+
+STATE_FILE = "state.json"
+METRICS_FILE = "metrics.jsonl"
+
+
+class RunState:
+    """The completed stages of a run directory (state.json, rewritten atomically after each stage)."""
+
+    def __init__(self, run_dir: Path):
+        self.path = run_dir / STATE_FILE
+        data = json.loads(self.path.read_text()) if self.path.exists() else {}
+        self.completed: list[str] = list(data.get("completed", []))
+        self.seconds: dict[str, float] = dict(data.get("seconds", {}))
+
+    def done(self, stage: str) -> bool:
+        return stage in self.completed
+
+    def mark(self, stage: str, seconds: float) -> None:
+        from rlhf_workflow.data.io import atomic_write_text
+
+        self.completed.append(stage)
+        self.seconds[stage] = round(seconds, 2)
+        atomic_write_text(self.path, json.dumps({"completed": self.completed, "last": stage,
+                                                 "seconds": self.seconds}, indent=1) + "\n")
+
+
+def check_config(run_dir: Path, config: RunConfig, *, force: bool) -> None:
+    """Refuse to continue a run with a different recipe (unless ``force``); write the recipe."""
+    from rlhf_workflow.data.io import atomic_write_text
+
+    path = run_dir / "config.yaml"
+    text = config_to_yaml(config)
+    if path.exists() and path.read_text() != text and not force:
+        import difflib
+
+        diff = [line for line in difflib.unified_diff(path.read_text().splitlines(), text.splitlines(), lineterm="", n=0)
+                if line[:1] in "+-" and line[:3] not in ("+++", "---")]
+        raise UserError(f"{run_dir} holds a run with a different config ({'; '.join(diff[:6])}); use another "
+                        "output_dir, or --force to continue it with the new one")
+    atomic_write_text(path, text)
+
+
+def split_prompts(config: RunConfig) -> list[list[Any]]:
+    """The prompt rows of each iteration: one file per iteration, or one file shuffled and cut."""
+    from rlhf_workflow.data.io import read_rows
+    from rlhf_workflow.data.schemas import PromptRow
+
+    p = config.prompts
+    if p.train_per_iteration:
+        chunks = [read_rows(path, PromptRow) for path in p.train_per_iteration]
+    else:
+        rows = read_rows(p.train, PromptRow)
+        random.Random(p.seed).shuffle(rows)
+        size = p.per_iteration or len(rows) // config.iterations
+        if size == 0 or size * config.iterations > len(rows):
+            raise UserError(f"{p.train} has {len(rows)} prompts: too few for {config.iterations} iterations of "
+                            f"{size or 'at least 1'}")
+        chunks = [rows[t * size : (t + 1) * size] for t in range(config.iterations)]
+    seen: set[str] = set()
+    for t, chunk in enumerate(chunks, start=1):
+        ids = {row.id for row in chunk}
+        if ids & seen:
+            raise UserError(f"iteration {t}'s prompts repeat ids of an earlier iteration ({sorted(ids & seen)[:3]}); "
+                            "the iterations' prompts must be disjoint")
+        seen |= ids
+    return chunks
+
+
+def policy_config(config: RunConfig, path: Path | None) -> Any:
+    """π0 (``path`` None) or a saved iterate as a ModelConfig with the recipe's other settings."""
+    if path is None:
+        return config.policy
+    return config.policy.model_copy(update={"name_or_path": str(path), "tokenizer": None})
+
+
+class Runner:
+    """Runs the stages of one run directory in order, skipping those already done."""
+
+    def __init__(self, config: RunConfig, *, force: bool = False):
+        from rlhf_workflow.processes import process_state
+
+        self.config = config
+        self.run_dir = Path(config.output_dir)
+        self.state = process_state()
+        if self.state.is_main_process:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            check_config(self.run_dir, config, force=force)
+        self.state.wait_for_everyone()
+        self.progress = RunState(self.run_dir)
+
+    def stage(self, name: str, work: Callable[[], Any]) -> None:
+        """Run ``work`` unless ``name`` is done; mark it done (main process) once every process finished."""
+        if self.progress.done(name):
+            return
+        if self.state.is_main_process:
+            print(f"== {name}", flush=True)
+        start = time.perf_counter()
+        work()
+        release_memory()
+        self.state.wait_for_everyone()
+        if self.state.is_main_process:
+            self.progress.mark(name, time.perf_counter() - start)
+        self.state.wait_for_everyone()
+        self.progress = RunState(self.run_dir)
+
+    # ------------------------------------------------------------------ stages
+
+    def write_prompts(self) -> None:
+        from rlhf_workflow.data.io import read_rows, write_jsonl
+        from rlhf_workflow.data.schemas import PromptRow
+
+        if not self.state.is_main_process:
+            return
+        eval_rows = read_rows(self.config.prompts.eval, PromptRow)
+        if self.config.prompts.eval_limit:
+            eval_rows = eval_rows[: self.config.prompts.eval_limit]
+        chunks = split_prompts(self.config)
+        train_ids = {row.id for chunk in chunks for row in chunk}
+        overlap = train_ids & {row.id for row in eval_rows}
+        if overlap:
+            raise UserError(f"held-out prompts share ids with training prompts ({sorted(overlap)[:3]}): the "
+                            "evaluation must use prompts the policy never trained on")
+        write_jsonl(self.run_dir / "eval_prompts.jsonl", eval_rows)
+        for t, chunk in enumerate(chunks, start=1):
+            write_jsonl(self.run_dir / f"iter_{t}" / "prompts.jsonl", chunk)
+        if self.config.mode == "offline":
+            write_jsonl(self.run_dir / "offline" / "prompts.jsonl", [row for chunk in chunks for row in chunk])
+
+    def generate(self, directory: Path, sources: list[tuple[Any, float | None]], seed_offset: int) -> None:
+        """n responses per prompt from each (policy, temperature) source, pooled into generations.jsonl."""
+        from rlhf_workflow.config import GenerateConfig
+        from rlhf_workflow.data.io import iter_jsonl, write_jsonl
+        from rlhf_workflow.generate.stage import run_generate
+
+        g = self.config.generation
+        parts = []
+        for index, (policy, temperature) in enumerate(sources):
+            sampling = g.sampling.model_copy(update={"seed": g.sampling.seed + seed_offset + 1000 * index,
+                                                     **({"temperature": temperature} if temperature is not None else {})})
+            part = directory / ("generations.jsonl" if len(sources) == 1 else f"generations.source{index}.jsonl")
+            run_generate(GenerateConfig(prompts=str(directory / "prompts.jsonl"), output=str(part), backend=g.backend,
+                                        model=policy, sampling=sampling, apply_chat_template=self.config.apply_chat_template,
+                                        hf=g.hf, vllm=g.vllm, openai=g.openai))
+            parts.append(part)
+        if len(parts) > 1 and self.state.is_main_process:
+            pooled: dict[str, dict] = {}
+            for part in parts:
+                for _, row in iter_jsonl(part):
+                    if row["id"] not in pooled:
+                        pooled[row["id"]] = row
+                    else:
+                        for key in ("responses", "response_tokens", "finish_reasons"):
+                            pooled[row["id"]][key] = pooled[row["id"]][key] + row[key]
+            write_jsonl(directory / "generations.jsonl", pooled.values())
+
+    def sources(self, t: int) -> list[tuple[Any, float | None]]:
+        """(policy, temperature) pairs iteration t samples from: π_{t-1} and earlier ones, at each temperature."""
+        g = self.config.generation
+        policies = [self.policy(t - 1)] + [self.policy(t - 1 - k) for k in range(1, g.earlier_policies + 1) if t - 1 - k >= 0]
+        temperatures: list[float | None] = list(g.temperatures) or [None]
+        return [(p, temp) for p in policies for temp in temperatures]
+
+    def policy(self, t: int) -> Any:
+        return policy_config(self.config, None if t == 0 else self.run_dir / f"iter_{t}" / "policy")
+
+    def annotate(self, directory: Path) -> None:
+        from rlhf_workflow.config import AnnotateConfig
+        from rlhf_workflow.online.annotate import run_annotate
+
+        run_annotate(AnnotateConfig(input=str(directory / "generations.jsonl"), output=str(directory / "scored.jsonl"),
+                                    judge=self.config.judge, length_penalty=self.config.length_penalty,
+                                    apply_chat_template=self.config.apply_chat_template))
+
+    def pairs(self, directory: Path, budget: int = 0) -> None:
+        from rlhf_workflow.config import PairsConfig
+        from rlhf_workflow.data.io import iter_jsonl, write_jsonl
+        from rlhf_workflow.online.pairs import run_pairs
+
+        if not self.state.is_main_process:
+            return
+        output = directory / "pairs.jsonl"
+        run_pairs(PairsConfig(input=str(directory / "scored.jsonl"), output=str(output),
+                              strategy=self.config.pairs.strategy, min_margin=self.config.pairs.min_margin,
+                              seed=self.config.prompts.seed))
+        if budget:
+            rows = [row for _, row in iter_jsonl(output)]
+            if len(rows) > budget:
+                keep = set(random.Random(self.config.prompts.seed).sample(range(len(rows)), budget))
+                write_jsonl(output, [row for i, row in enumerate(rows) if i in keep])
+                print(f"pairs: kept a seeded sample of {budget} of {len(rows)} pairs (the pair budget)")
+            elif len(rows) < budget:
+                logger.warning("offline: %d pairs, fewer than the budget of %d", len(rows), budget)
+
+    def dpo(self, directory: Path, start: Any, reference: str | None, seed_offset: int) -> None:
+        from rlhf_workflow.config import DataConfig, DPOConfig, ReferenceConfig
+        from rlhf_workflow.train.checkpoint import latest_checkpoint
+        from rlhf_workflow.train.dpo import run_dpo
+
+        d = self.config.dpo
+        out = directory / "dpo"
+        config = DPOConfig(
+            output_dir=str(out), model=start,
+            data=DataConfig(train=str(directory / "pairs.jsonl"), max_length=d.max_length,
+                            apply_chat_template=self.config.apply_chat_template),
+            train=d.train.model_copy(update={"seed": d.train.seed + seed_offset}), loss=d.loss,
+            reference=ReferenceConfig(name_or_path=reference, precompute=True, batch_size=d.reference_batch_size),
+            logprob_chunk=d.logprob_chunk,
+        )
+        target = directory / "policy"
+        if not (out / "model").is_dir():
+            run_dpo(config, resume=latest_checkpoint(out) is not None)
+        if self.state.is_main_process:
+            if target.exists():  # a move cut short by a crash: the saved model is complete, replace it
+                import shutil
+
+                shutil.rmtree(target)
+            os.replace(out / "model", target)
+        self.state.wait_for_everyone()
+
+    def evaluate(self, name: str, t: int | None, policy: Any) -> None:
+        from rlhf_workflow.data.io import JsonlAppender
+        from rlhf_workflow.online.evaluate import evaluate_policy
+
+        metrics = evaluate_policy(self.config, self.run_dir, name, policy, eval_prompts=self.run_dir / "eval_prompts.jsonl",
+                                  baseline="iter_0", initial_policy=self.config.policy, state=self.state)
+        if metrics is None:
+            return
+        metrics = {"id": name, "iteration": t, "mode": "offline" if name == "offline" else "online", **metrics}
+        stats_file = self.run_dir / name / "pairs.stats.json"
+        if stats_file.exists():
+            stats = json.loads(stats_file.read_text())
+            metrics.update({"pairs": stats["pairs"], "pairs_chosen_reward": stats["mean_chosen_reward"],
+                            "pairs_rejected_reward": stats["mean_rejected_reward"]})
+        with JsonlAppender(self.run_dir / METRICS_FILE) as sink:
+            sink.append([metrics])
+        print("eval " + ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+                                  for k, v in metrics.items() if not k.endswith("ci95") and k != "policy"))
+
+    # ------------------------------------------------------------------ the run
+
+    def run(self) -> Path:
+        c = self.config
+        self.stage("prompts", self.write_prompts)
+        self.stage("iter_0/eval", lambda: self.evaluate("iter_0", 0, self.policy(0)))
+        if c.mode == "online":
+            for t in range(1, c.iterations + 1):
+                directory = self.run_dir / f"iter_{t}"
+                reference = None if (t == 1 or c.reference == "previous") else c.policy.name_or_path
+                self.stage(f"iter_{t}/generate", lambda: self.generate(directory, self.sources(t), 100 * t))
+                self.stage(f"iter_{t}/annotate", lambda: self.annotate(directory))
+                self.stage(f"iter_{t}/pairs", lambda: self.pairs(directory))
+                self.stage(f"iter_{t}/dpo", lambda: self.dpo(directory, self.policy(t - 1), reference, t))
+                self.stage(f"iter_{t}/eval", lambda: self.evaluate(f"iter_{t}", t, self.policy(t)))
+        else:
+            directory = self.run_dir / "offline"
+            budget = online_pair_count(Path(c.offline.match_run)) if c.offline.match_run else c.offline.max_pairs
+            self.stage("offline/generate", lambda: self.generate(directory, [(self.policy(0), None)], 100))
+            self.stage("offline/annotate", lambda: self.annotate(directory))
+            self.stage("offline/pairs", lambda: self.pairs(directory, budget))
+            self.stage("offline/dpo", lambda: self.dpo(directory, self.policy(0), None, 1))
+            self.stage("offline/eval", lambda: self.evaluate("offline", None, policy_config(c, directory / "policy")))
+        return self.run_dir
+
+
+def online_pair_count(run_dir: Path) -> int:
+    """The total number of pairs an online run trained on (its pairs files)."""
+    files = sorted(run_dir.glob("iter_*/pairs.jsonl"))
+    if not files:
+        raise UserError(f"offline.match_run: {run_dir} has no iter_*/pairs.jsonl; run the online recipe first")
+    return sum(sum(1 for line in f.read_text().splitlines() if line.strip()) for f in files)
+
+
+def run_online(config: RunConfig, *, force: bool = False) -> Path:
+    """Run (or continue) the recipe's run directory; returns it."""
+    return Runner(config, force=force).run()
