@@ -139,9 +139,11 @@ def run_generate(config: GenerateConfig, *, progress: bool = True) -> Path:
     everything = gather_object([(tokens, finished, [(e.id, e.error, e.retryable) for e in errors])]) if world > 1 \
         else [(tokens, finished, [(e.id, e.error, e.retryable) for e in errors])]
     state.wait_for_everyone()
+    if state.is_main_process:
+        merge_shards(output)
+    state.wait_for_everyone()  # every process returns once the merged output is complete
     if not state.is_main_process:
         return output
-    merge_shards(output)
     tokens = sum(t for t, _, _ in everything)
     finished = sum(f for _, f, _ in everything)
     failed = [e for _, _, errs in everything for e in errs]

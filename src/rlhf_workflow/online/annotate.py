@@ -114,9 +114,11 @@ def run_annotate(config: AnnotateConfig, *, progress: bool = True) -> Path:
     stats = (scored, unscored, total, comparisons, first_error)
     everything = gather_object([stats]) if world > 1 else [stats]
     state.wait_for_everyone()
+    if state.is_main_process:
+        merge_shards(output)
+    state.wait_for_everyone()  # every process returns once the merged output is complete
     if not state.is_main_process:
         return output
-    merge_shards(output)
     scored = sum(s[0] for s in everything)
     unscored = sum(s[1] for s in everything)
     total = sum(s[2] for s in everything)
