@@ -112,7 +112,10 @@ def _plot_pair_rewards(run_dir: Path, out: Path) -> tuple[str, str] | None:
         chosen = [r["chosen_reward"] for r in rows if r.get("chosen_reward") is not None]
         rejected = [r["rejected_reward"] for r in rows if r.get("rejected_reward") is not None]
         values = chosen + rejected
-        bins = 20 if values and max(values) > min(values) else 5
+        low, high = (min(values), max(values)) if values else (0.0, 1.0)
+        if high <= low:
+            low, high = low - 0.5, high + 0.5
+        bins = [low + (high - low) * k / 20 for k in range(21)]  # the same bins for both, so heights compare
         ax.hist(rejected, bins=bins, alpha=0.6, label="rejected")
         ax.hist(chosen, bins=bins, alpha=0.6, label="chosen")
         ax.set_title(f"{path.parent.name}: {len(rows)} pairs", fontsize=9)
