@@ -123,6 +123,15 @@ def build_parser() -> argparse.ArgumentParser:
         ("rlhf_workflow.online.pairs", "run_pairs"), resumable=False,
     )
 
+    _stage_parser(
+        sub, "prompts", "write a built-in task's prompts (instructions, arithmetic) to a file",
+        "Prompts of a built-in task with a verifiable judge: `instructions` (IFEval-style constraints, stored in "
+        "each row as `constraints`; judge rlhf_workflow.tasks.instructions:judge) or `arithmetic` (`answer`; judge "
+        "rlhf_workflow.tasks.arithmetic:judge). The train and eval splits never share a prompt.\n\n"
+        "  rlhf-workflow prompts task=instructions split=train count=512 output=train.jsonl",
+        ("rlhf_workflow.tasks", "run_make_prompts"), resumable=False,
+    )
+
     run = sub.add_parser(
         "run", help="the online iterative loop (or its offline baseline) from one YAML recipe, then the report",
         description="Online iterative DPO: for t = 1..T, π_{t-1} samples n responses to this iteration's prompts, the "

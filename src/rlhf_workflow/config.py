@@ -450,6 +450,24 @@ class RunConfig(Strict):
         return self
 
 
+class MakePromptsConfig(Strict):
+    """`rlhf-workflow prompts`: a built-in task's prompts of one split."""
+
+    task: Literal["instructions", "arithmetic"] = "instructions"
+    split: Literal["train", "eval"] = "train"
+    count: int = Field(256, ge=1)
+    seed: int = 0
+    options: dict[str, Any] = Field(default_factory=dict, description="task options, e.g. instructions: "
+                                    "{max_constraints: 1}; arithmetic: {digits: 2, operations: '+-'}")
+    output: str = ""
+
+    @model_validator(mode="after")
+    def _needs_output(self) -> "MakePromptsConfig":
+        if not self.output:
+            raise ValueError("output is required: the prompts file to write")
+        return self
+
+
 STAGE_CONFIGS: dict[str, type[Strict]] = {
     "sft": SFTConfig,
     "train-rm": RewardModelConfig,
@@ -460,6 +478,7 @@ STAGE_CONFIGS: dict[str, type[Strict]] = {
     "annotate": AnnotateConfig,
     "pairs": PairsConfig,
     "run": RunConfig,
+    "prompts": MakePromptsConfig,
 }
 
 

@@ -1,0 +1,46 @@
+"""Built-in tasks: prompts whose responses a program can grade (the demo's simulated human).
+
+A task is a module with two functions:
+
+    prompts(split, count, seed=0, **options) -> list[dict]   # rows {"id", "prompt", ...metadata}
+    judge(row, response) -> float                            # the grade of one response
+
+``split`` is "train" or "eval"; the two never share a prompt. The metadata a judge needs (the
+constraints, the answer) travels in the prompt row, through generation and annotation, to the
+judge. Use a task's judge wherever a function judge is taken (``judge.function``,
+``eval.gold_function``): ``rlhf_workflow.tasks.instructions:judge``. Your own task is any module
+(or ``file.py``) with such a ``judge``, and a prompts file you write yourself.
+
+* `instructions` — IFEval-style constraints ("Include the word 'blue'. Do not use any commas.");
+  judge: the fraction satisfied (`noisy_judge`: with 20 % random scores)
+* `arithmetic`   — "What is 7 + 5?"; judge: the last number in the response is the answer
+"""
+
+from __future__ import annotations
+
+import importlib
+from types import ModuleType
+
+from rlhf_workflow.errors import UserError
+
+TASKS = {"instructions": "rlhf_workflow.tasks.instructions", "arithmetic": "rlhf_workflow.tasks.arithmetic"}
+
+
+def get_task(name: str) -> ModuleType:
+    """The module of a built-in task."""
+    if name not in TASKS:
+        raise UserError(f"unknown task {name!r}; built-in tasks: {', '.join(TASKS)}")
+    return importlib.import_module(TASKS[name])
+
+
+def run_make_prompts(config: object) -> None:
+    """The `prompts` command: write a task's prompts of one split to a JSON Lines file."""
+    from rlhf_workflow.data.io import write_jsonl
+
+    task = get_task(config.task)  # type: ignore[attr-defined]
+    try:
+        rows = task.prompts(config.split, config.count, config.seed, **config.options)  # type: ignore[attr-defined]
+    except (TypeError, ValueError) as exc:
+        raise UserError(f"task {config.task}: {exc}") from None  # type: ignore[attr-defined]
+    count = write_jsonl(config.output, rows)  # type: ignore[attr-defined]
+    print(f"prompts: {count} {config.split} prompts of task {config.task} -> {config.output}")  # type: ignore[attr-defined]
