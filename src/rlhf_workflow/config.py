@@ -368,6 +368,11 @@ class RunPromptsConfig(Strict):
     eval: str = Field("", description="held-out prompts for the evaluation after every iteration")
     eval_limit: int = Field(0, ge=0, description="use only the first N held-out prompts; 0 = all")
     seed: int = 0
+    task: Literal["instructions", "arithmetic"] | None = Field(
+        None, description="make the prompts with a built-in task instead of reading files: per_iteration prompts "
+        "per iteration from its train split, eval_count from its eval split")
+    task_options: dict[str, Any] = Field(default_factory=dict, description="the task's prompt options")
+    eval_count: int = Field(200, ge=1, description="held-out prompts made by the task")
 
 
 class RunGenerationConfig(Strict):
@@ -413,9 +418,28 @@ class RunEvalConfig(Strict):
 class OfflineConfig(Strict):
     """The offline baseline: pairs from π0 only, DPO once."""
 
+    after_online: bool = Field(False, description="in an online run: afterwards also train the offline baseline "
+                               "in the same run directory, on as many pairs as the online iterations used")
+
     match_run: str | None = Field(None, description="an online run directory: use the same total number of pairs "
                                   "(a seeded subsample when there are more)")
     max_pairs: int = Field(0, ge=0, description="or: at most this many pairs; 0 = all")
+
+
+class FeedbackConfig(Strict):
+    """Simulated human feedback: label π0's samples with a gold judge, train the reward model on them,
+    then run the loop with that reward model as the judge (the paper's proxy)."""
+
+    enabled: bool = False
+    prompts: int = Field(128, ge=1, description="task prompts whose samples are labelled (besides the loop's)")
+    judge_function: str = Field("", description="the simulated human, 'module:name' (e.g. "
+                                "rlhf_workflow.tasks.instructions:judge)")
+    sampling: SamplingConfig = SamplingConfig(n=4, max_new_tokens=64, seed=777)
+    strategy: Literal["max_min", "max_random", "random", "max_max"] = "max_min"
+    heldout_share: float = Field(0.2, ge=0, lt=1, description="share of the labelled pairs kept for the RM's accuracy")
+    rm_model: ModelConfig | None = Field(None, description="the reward model's backbone; default: the policy's")
+    rm_train: TrainConfig = TrainConfig(epochs=2, lr=1e-5, per_device_batch_size=8)
+    rm_max_length: int = Field(512, gt=0)
 
 
 class RunConfig(Strict):
@@ -436,17 +460,32 @@ class RunConfig(Strict):
     dpo: RunDPOConfig = RunDPOConfig()
     eval: RunEvalConfig = RunEvalConfig()
     offline: OfflineConfig = OfflineConfig()
+    feedback: FeedbackConfig = FeedbackConfig()
 
     @model_validator(mode="after")
     def _check(self) -> "RunConfig":
-        if not self.prompts.train and not self.prompts.train_per_iteration:
-            raise ValueError("prompts.train (one file split over the iterations) or prompts.train_per_iteration is required")
-        if self.prompts.train_per_iteration and len(self.prompts.train_per_iteration) != self.iterations:
-            raise ValueError(f"prompts.train_per_iteration names {len(self.prompts.train_per_iteration)} files for "
-                             f"{self.iterations} iterations")
-        if not self.prompts.eval:
-            raise ValueError("prompts.eval is required: held-out prompts to evaluate every policy on")
-        self.judge.check()
+        p = self.prompts
+        if p.task is not None:
+            if not p.per_iteration:
+                raise ValueError("prompts.per_iteration is required with prompts.task: how many prompts each iteration gets")
+        else:
+            if not p.train and not p.train_per_iteration:
+                raise ValueError("prompts.train (one file split over the iterations), prompts.train_per_iteration or "
+                                 "prompts.task is required")
+            if p.train_per_iteration and len(p.train_per_iteration) != self.iterations:
+                raise ValueError(f"prompts.train_per_iteration names {len(p.train_per_iteration)} files for "
+                                 f"{self.iterations} iterations")
+            if not p.eval:
+                raise ValueError("prompts.eval is required: held-out prompts to evaluate every policy on")
+        if self.feedback.enabled:
+            if p.task is None or ":" not in self.feedback.judge_function:
+                raise ValueError("feedback needs prompts.task and feedback.judge_function (the simulated human)")
+            if self.judge.type != "reward_model":
+                raise ValueError("with feedback enabled the judge is the reward model trained on it: judge.type=reward_model")
+        else:
+            self.judge.check()
+        if self.offline.after_online and self.mode != "online":
+            raise ValueError("offline.after_online belongs to an online run (mode: online)")
         return self
 
 

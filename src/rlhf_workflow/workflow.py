@@ -1,27 +1,114 @@
-"""The `run` command: the online iterative loop (or its offline baseline), then the report.
+"""The `run` and `demo` commands: simulated feedback and a reward model (optional), the online loop
+(or its offline baseline), then the report.
 
-The loop is `online.loop`; the report is `eval.report`. This module only chains the two, so
-neither layer imports the other.
+With ``feedback.enabled`` the run starts as the paper does, from human preferences, simulated by a
+gold judge: π0 samples responses to the feedback prompts, the judge (e.g. the `instructions` task's
+constraint checker) labels them, best-vs-worst pairs train a Bradley–Terry reward model (its
+held-out accuracy in ``feedback/rm_eval.json``), and that reward model is the loop's judge.
+
+The loop is `online.loop`, reward-model training `train.reward`, its evaluation and the report
+`eval`; this module only chains them, so none of those layers imports another above it.
 """
 
 from __future__ import annotations
 
+import random
 from pathlib import Path
+from typing import Any
 
 from rlhf_workflow.config import RunConfig
+
+DEMO_RECIPE = Path(__file__).parent / "recipes" / "demo.yaml"
+
+
+def _feedback(runner: Any) -> Path:
+    """The simulated-feedback stages; returns the trained reward model's directory."""
+    from rlhf_workflow.config import (AnnotateConfig, DataConfig, EvalRMConfig, GenerateConfig, JudgeConfig, PairsConfig,
+                                      RewardModelConfig)
+    from rlhf_workflow.data.io import iter_jsonl, write_jsonl
+    from rlhf_workflow.eval.reward_eval import run_eval_rm
+    from rlhf_workflow.generate.stage import run_generate
+    from rlhf_workflow.online.annotate import run_annotate
+    from rlhf_workflow.online.pairs import run_pairs
+    from rlhf_workflow.train.checkpoint import latest_checkpoint
+    from rlhf_workflow.train.reward import run_train_rm
+
+    c, f = runner.config, runner.config.feedback
+    fb = runner.run_dir / "feedback"
+    g = c.generation
+    main = runner.state.is_main_process
+
+    def generate() -> None:
+        run_generate(GenerateConfig(prompts=str(fb / "prompts.jsonl"), output=str(fb / "generations.jsonl"),
+                                    backend=g.backend, model=c.policy, sampling=f.sampling,
+                                    apply_chat_template=c.apply_chat_template, hf=g.hf, vllm=g.vllm, openai=g.openai))
+
+    def annotate() -> None:
+        run_annotate(AnnotateConfig(input=str(fb / "generations.jsonl"), output=str(fb / "scored.jsonl"),
+                                    judge=JudgeConfig(type="function", function=f.judge_function),
+                                    apply_chat_template=c.apply_chat_template))
+
+    def pairs() -> None:
+        if not main:
+            return
+        run_pairs(PairsConfig(input=str(fb / "scored.jsonl"), output=str(fb / "all_pairs.jsonl"), strategy=f.strategy,
+                              seed=c.prompts.seed))
+        rows = [row for _, row in iter_jsonl(fb / "all_pairs.jsonl")]
+        random.Random(c.prompts.seed).shuffle(rows)
+        held = int(round(len(rows) * f.heldout_share))
+        write_jsonl(fb / "heldout_pairs.jsonl", rows[:held])
+        write_jsonl(fb / "pairs.jsonl", rows[held:])
+        print(f"feedback: {len(rows) - held} pairs to train the reward model, {held} held out")
+
+    def train_rm() -> None:
+        out = fb / "rm"
+        if (out / "model").is_dir():
+            return
+        model = (f.rm_model or c.policy).model_copy(update={"gradient_checkpointing": False})
+        held = fb / "heldout_pairs.jsonl"
+        has_heldout = held.exists() and held.stat().st_size > 0
+        run_train_rm(RewardModelConfig(output_dir=str(out), model=model, train=f.rm_train,
+                                       data=DataConfig(train=str(fb / "pairs.jsonl"), eval=str(held) if has_heldout else None,
+                                                       max_length=f.rm_max_length,
+                                                       apply_chat_template=c.apply_chat_template)),
+                     resume=latest_checkpoint(out) is not None)
+
+    def evaluate_rm() -> None:
+        held = fb / "heldout_pairs.jsonl"
+        if main and held.exists() and held.stat().st_size > 0:
+            run_eval_rm(EvalRMConfig(model=str(fb / "rm" / "model"), data=str(held), output=str(fb / "rm_eval.json"),
+                                     max_length=f.rm_max_length, apply_chat_template=c.apply_chat_template))
+
+    runner.stage("prompts", runner.write_prompts)
+    runner.stage("feedback/generate", generate)
+    runner.stage("feedback/annotate", annotate)
+    runner.stage("feedback/pairs", pairs)
+    runner.stage("feedback/rm", train_rm)
+    runner.stage("feedback/eval-rm", evaluate_rm)
+    return fb / "rm" / "model"
 
 
 def run_workflow(config: RunConfig, *, force: bool = False) -> Path:
     """Run or continue ``config``'s run directory, then write its report; returns the report path."""
     from rlhf_workflow.eval.report import write_report
-    from rlhf_workflow.online.loop import run_online
-    from rlhf_workflow.processes import process_state
+    from rlhf_workflow.online.loop import Runner
 
-    run_dir = run_online(config, force=force)
-    state = process_state()
+    runner = Runner(config, force=force)
+    if config.feedback.enabled:
+        reward_model = _feedback(runner)
+        runner.config = config.model_copy(update={"judge": config.judge.model_copy(update={"path": str(reward_model)})})
+    run_dir = runner.run()
     report = run_dir / "report" / "report.md"
-    if state.is_main_process:
+    if runner.state.is_main_process:
         report = write_report(run_dir)
         print(f"run finished: {run_dir}; report: {report} (and report.html)")
-    state.wait_for_everyone()
+    runner.state.wait_for_everyone()
     return report
+
+
+def run_demo(overrides: list[str], *, force: bool = False) -> Path:
+    """`rlhf-workflow demo`: the packaged demo recipe (same as `run` on configs/demo.yaml)."""
+    from rlhf_workflow.config import load_config
+
+    config = load_config(RunConfig, DEMO_RECIPE, overrides)
+    return run_workflow(config, force=force)  # type: ignore[arg-type]

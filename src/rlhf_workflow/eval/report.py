@@ -142,8 +142,14 @@ def write_report(run_dir: str | Path) -> Path:
     state_file = run_dir / "state.json"
     seconds = json.loads(state_file.read_text()).get("seconds", {}) if state_file.exists() else {}
     title = f"rlhf-workflow report: {run_dir.name}"
+    rm_eval_file = run_dir / "feedback" / "rm_eval.json"
+    rm_line = None
+    if rm_eval_file.exists():
+        rm_eval = json.loads(rm_eval_file.read_text())
+        rm_line = (f"The judge is a reward model trained on simulated human feedback: held-out accuracy "
+                   f"{rm_eval['accuracy']:.3f} on {rm_eval['scored']} pairs.")
     md = [f"# {title}", "", "Held-out evaluation of each policy (95 % bootstrap intervals over prompts in brackets):",
-          "", table(rows), ""]
+          "", table(rows), ""] + ([rm_line, ""] if rm_line else [])
     for name, label in plots:
         md += [f"## {label}", "", f"![{label}]({name})", ""]
     if seconds:
@@ -157,6 +163,8 @@ def write_report(run_dir: str | Path) -> Path:
     for row in rows:
         body.append("<tr>" + "".join(f"<td>{html.escape(_cell(row, k))}</td>" for k, _ in COLUMNS) + "</tr>")
     body.append("</table>")
+    if rm_line:
+        body.append(f"<p>{html.escape(rm_line)}</p>")
     for name, label in plots:
         body += [f"<h2>{html.escape(label)}</h2>", f"<img src='{html.escape(name)}' alt='{html.escape(label)}'>"]
     if seconds:

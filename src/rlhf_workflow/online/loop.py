@@ -143,25 +143,42 @@ class Runner:
     # ------------------------------------------------------------------ stages
 
     def write_prompts(self) -> None:
-        from rlhf_workflow.data.io import read_rows, write_jsonl
+        from rlhf_workflow.data.io import read_rows, row_to_dict, write_jsonl
         from rlhf_workflow.data.schemas import PromptRow
 
         if not self.state.is_main_process:
             return
-        eval_rows = read_rows(self.config.prompts.eval, PromptRow)
-        if self.config.prompts.eval_limit:
-            eval_rows = eval_rows[: self.config.prompts.eval_limit]
-        chunks = split_prompts(self.config)
-        train_ids = {row.id for chunk in chunks for row in chunk}
-        overlap = train_ids & {row.id for row in eval_rows}
+        c, p = self.config, self.config.prompts
+        feedback: list[Any] = []
+        if p.task is not None:
+            from rlhf_workflow.tasks import get_task
+
+            task = get_task(p.task)
+            extra = c.feedback.prompts if c.feedback.enabled else 0
+            try:
+                train = task.prompts("train", extra + c.iterations * p.per_iteration, p.seed, **p.task_options)
+                eval_rows = task.prompts("eval", p.eval_count, p.seed, **p.task_options)
+            except (TypeError, ValueError) as exc:
+                raise UserError(f"prompts.task {p.task}: {exc}") from None
+            feedback, train = train[:extra], train[extra:]
+            chunks = [train[t * p.per_iteration : (t + 1) * p.per_iteration] for t in range(c.iterations)]
+        else:
+            eval_rows = [row_to_dict(r) for r in read_rows(p.eval, PromptRow)]
+            chunks = [[row_to_dict(r) for r in chunk] for chunk in split_prompts(c)]
+        if p.eval_limit:
+            eval_rows = eval_rows[: p.eval_limit]
+        train_ids = {row["id"] for chunk in chunks for row in chunk}
+        overlap = train_ids & {row["id"] for row in eval_rows}
         if overlap:
             raise UserError(f"held-out prompts share ids with training prompts ({sorted(overlap)[:3]}): the "
                             "evaluation must use prompts the policy never trained on")
         write_jsonl(self.run_dir / "eval_prompts.jsonl", eval_rows)
         for t, chunk in enumerate(chunks, start=1):
             write_jsonl(self.run_dir / f"iter_{t}" / "prompts.jsonl", chunk)
-        if self.config.mode == "offline":
+        if c.mode == "offline" or c.offline.after_online:
             write_jsonl(self.run_dir / "offline" / "prompts.jsonl", [row for chunk in chunks for row in chunk])
+        if feedback:
+            write_jsonl(self.run_dir / "feedback" / "prompts.jsonl", feedback)
 
     def generate(self, directory: Path, sources: list[tuple[Any, float | None]], seed_offset: int) -> None:
         """n responses per prompt from each (policy, temperature) source, pooled into generations.jsonl."""
@@ -288,9 +305,14 @@ class Runner:
                 self.stage(f"iter_{t}/pairs", lambda: self.pairs(directory))
                 self.stage(f"iter_{t}/dpo", lambda: self.dpo(directory, self.policy(t - 1), reference, t))
                 self.stage(f"iter_{t}/eval", lambda: self.evaluate(f"iter_{t}", t, self.policy(t)))
-        else:
+        if c.mode == "offline" or c.offline.after_online:
             directory = self.run_dir / "offline"
-            budget = online_pair_count(Path(c.offline.match_run)) if c.offline.match_run else c.offline.max_pairs
+            if c.offline.after_online:
+                budget = online_pair_count(self.run_dir)
+            elif c.offline.match_run:
+                budget = online_pair_count(Path(c.offline.match_run))
+            else:
+                budget = c.offline.max_pairs
             self.stage("offline/generate", lambda: self.generate(directory, [(self.policy(0), None)], 100))
             self.stage("offline/annotate", lambda: self.annotate(directory))
             self.stage("offline/pairs", lambda: self.pairs(directory, budget))
@@ -300,7 +322,7 @@ class Runner:
 
 
 def online_pair_count(run_dir: Path) -> int:
-    """The total number of pairs an online run trained on (its pairs files)."""
+    """The total number of pairs an online run trained on (its iterations' pairs files)."""
     files = sorted(run_dir.glob("iter_*/pairs.jsonl"))
     if not files:
         raise UserError(f"offline.match_run: {run_dir} has no iter_*/pairs.jsonl; run the online recipe first")
