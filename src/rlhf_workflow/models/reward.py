@@ -159,6 +159,55 @@ class RewardScorer:
         return out
 
 
+    @torch.inference_mode()
+    def score_groups(self, prompts: Sequence[Any], responses: Sequence[Sequence[Any]], *, groups_per_batch: int = 8,
+                     progress: bool = False) -> list[list[float]]:
+        """Rewards of several responses to each prompt, the prompt computed once per group (one row
+        ``[prompt | response 1 | response 2 | ...]`` with a mask that keeps the responses apart, as in
+        training). The same values as `score` (to float rounding) when nothing is cut; when the longest
+        response needs it, the shared prompt loses its start for all of the group. NaN for a response
+        that does not fit even so."""
+        from rlhf_workflow.data.templating import encode_prompt_response
+        from rlhf_workflow.train.batching import LayoutOptions, layout
+
+        groups: list[tuple[list[int], list[list[int]], list[int]]] = []  # (prompt, fitting responses, their indices)
+        for prompt, answers in zip(prompts, responses):
+            prompt_ids: list[int] | None = None
+            kept: list[list[int]] = []
+            index: list[int] = []
+            for k, answer in enumerate(answers):
+                ids, mask = encode_prompt_response(self.tokenizer, prompt, answer, chat_template=self.chat_template)
+                start = mask.index(1)
+                if prompt_ids is None:
+                    prompt_ids = ids[:start]
+                if len(ids) - start < self.max_length:
+                    kept.append(ids[start:])
+                    index.append(k)
+            prompt_ids = prompt_ids or []
+            longest = max((len(r) for r in kept), default=0)
+            cut = max(0, len(prompt_ids) + longest - self.max_length)  # the prompt loses its start, as in `encode`
+            groups.append((prompt_ids[cut:], kept, index))
+        out = [[float("nan")] * len(answers) for answers in responses]
+        todo = [g for g, (_, kept, _) in enumerate(groups) if kept]
+        device = next(self.model.parameters()).device
+        was_training = self.model.training
+        self.model.eval()
+        order = sorted(todo, key=lambda g: len(groups[g][0]) + sum(len(r) for r in groups[g][1]))
+        for start in tqdm(range(0, len(order), groups_per_batch), desc="score", disable=not progress):
+            chunk = order[start : start + groups_per_batch]
+            batch = layout([(groups[g][0], groups[g][1]) for g in chunk], self.tokenizer.pad_token_id,
+                           LayoutOptions(share_prefix=True))
+            batch = {k: v.to(device) for k, v in batch.items()}
+            values = iter(self.model(batch["input_ids"], batch["attention_mask"], batch["position_ids"],
+                                     batch["last_row"], batch["last_col"]).tolist())
+            for g in chunk:
+                for k in groups[g][2]:
+                    out[g][k] = next(values)
+        self.model.train(was_training)
+        self.unscored += sum(len(answers) - len(groups[g][1]) for g, answers in enumerate(responses))
+        return out
+
+
 def load_reward_scorer(path: str, *, dtype: str = "float32", max_length: int = 1024, chat_template: bool = True,
                        batch_size: int = 16) -> RewardScorer:
     """A `RewardScorer` for a reward model saved by `train-rm` (or any 1-label sequence classifier)."""

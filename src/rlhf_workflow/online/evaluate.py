@@ -110,9 +110,12 @@ def evaluate_policy(config: Any, run_dir: Path, name: str, policy: Any, *, eval_
     out = run_dir / name / EVAL_DIR
     generations, scored = out / "generations.jsonl", out / "scored.jsonl"
     g = config.generation
+    # as many rows per batch as in training generation, whatever the number of samples per prompt
+    rows_per_batch = g.hf.batch_size * g.sampling.n
+    hf = g.hf.model_copy(update={"batch_size": max(1, rows_per_batch // config.eval.sampling.n)})
     run_generate(GenerateConfig(prompts=str(eval_prompts), output=str(generations), backend=g.backend, model=policy,
                                 sampling=config.eval.sampling, apply_chat_template=config.apply_chat_template,
-                                hf=g.hf, vllm=g.vllm, openai=g.openai))
+                                hf=hf, vllm=g.vllm, openai=g.openai))
     run_annotate(AnnotateConfig(input=str(generations), output=str(scored), judge=config.judge,
                                 apply_chat_template=config.apply_chat_template))
     if not state.is_main_process:

@@ -48,7 +48,7 @@ def _prompt_messages(row: dict[str, Any]) -> list[dict[str, str]]:
 
 
 class RewardModelJudge:
-    """Scores every response with a reward model (batched over all responses of the given rows)."""
+    """Scores every response with a reward model; each prompt is computed once for its n responses."""
 
     comparisons = 0
 
@@ -57,12 +57,8 @@ class RewardModelJudge:
         self.name = name
 
     def score(self, rows: list[dict[str, Any]]) -> Scores:
-        prompts, responses = [], []
-        for row in rows:
-            for response in row["responses"]:
-                prompts.append(row["prompt"])
-                responses.append(response)
-        values = iter(self.scorer.score(prompts, responses))
+        grouped = self.scorer.score_groups([row["prompt"] for row in rows], [row["responses"] for row in rows])
+        values = iter(v for group in grouped for v in group)
         out = Scores()
         for row in rows:
             rewards: list[float | None] = []
