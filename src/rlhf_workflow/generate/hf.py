@@ -23,6 +23,7 @@ from typing import Any, Iterator, Sequence
 
 import torch
 
+from rlhf_workflow.errors import UserError
 from rlhf_workflow.generate.base import (
     GenerationRequest,
     GenerationResult,
@@ -98,7 +99,8 @@ class HFGenerator:
         self.chat_template = chat_template
         self.stop_ids = end_of_turn_ids(tokenizer, model, chat_template=chat_template)
         if not self.stop_ids:
-            raise ValueError("the tokenizer has no eos token and the model no eos_token_id: nothing would end a response")
+            raise UserError("the tokenizer has no eos token and the model no eos_token_id: nothing would end a response; "
+                            "set eos_token in the tokenizer or eos_token_id in the model's generation_config.json")
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else min(self.stop_ids)
         self.context = getattr(model.config, "max_position_embeddings", None)
         parameters = inspect.signature(model.forward).parameters
