@@ -126,3 +126,14 @@ def write_jsonl(path: Path, rows) -> Path:
         for row in rows:
             f.write((row if isinstance(row, str) else json.dumps(row)) + "\n")
     return path
+
+
+@pytest.fixture
+def fresh_accelerate_state():
+    """Each in-process stage builds its own accelerate state; accelerate keeps one per process."""
+    from accelerate.state import AcceleratorState, PartialState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    yield
+    AcceleratorState._reset_state(reset_partial_state=True)
+    PartialState._reset_state()

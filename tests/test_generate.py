@@ -23,14 +23,7 @@ PROMPTS = ["hello world", "What is two plus three?", "Write a short poem about t
            "The quick brown fox jumps over the lazy dog. " * 3, "Lowercase letters only", "0 1 2 3", "today"]
 
 
-@pytest.fixture(autouse=True)
-def fresh_accelerate_state():
-    from accelerate.state import AcceleratorState, PartialState
-
-    AcceleratorState._reset_state(reset_partial_state=True)
-    yield
-    AcceleratorState._reset_state(reset_partial_state=True)
-    PartialState._reset_state()
+pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")
 
 
 @pytest.fixture(scope="module")

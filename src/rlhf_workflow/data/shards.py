@@ -9,6 +9,7 @@ run, with any number of processes, are merged the same way before the next run r
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 from rlhf_workflow.data.io import JsonlAppender, iter_jsonl
 
@@ -46,3 +47,27 @@ def done_ids(path: Path) -> set[str]:
     if not path.exists():
         return set()
     return {row["id"] for _, row in iter_jsonl(path, allow_empty=True) if isinstance(row.get("id"), str)}
+
+
+def open_shard(state: Any, output: Path) -> tuple[JsonlAppender, set[str]]:
+    """Start a stage that every process appends to: merge an earlier run's shards, open this
+    process's sink (the output itself with one process), and return it with the ids already done."""
+    if state.is_main_process:
+        merge_shards(output)  # rows of an earlier run's processes, before anyone reads what is done
+    state.wait_for_everyone()
+    sink = JsonlAppender(output if state.num_processes == 1 else shard_path(output, state.process_index))
+    state.wait_for_everyone()
+    return sink, done_ids(output)
+
+
+def close_shards(state: Any, output: Path, stats: Any) -> list[Any] | None:
+    """End such a stage: gather each process's ``stats``, merge the shards into ``output``, and return
+    every process's stats on the main process (None on the others), once the merged output is complete."""
+    from accelerate.utils import gather_object
+
+    everything = gather_object([stats]) if state.num_processes > 1 else [stats]
+    state.wait_for_everyone()
+    if state.is_main_process:
+        merge_shards(output)
+    state.wait_for_everyone()
+    return everything if state.is_main_process else None

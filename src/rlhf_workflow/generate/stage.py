@@ -82,23 +82,16 @@ def generation_row(prompt_row: Any, result: GenerationResult) -> dict[str, Any]:
 
 def run_generate(config: GenerateConfig, *, progress: bool = True) -> Path:
     """The `generate` stage (see the module docstring); returns the output path."""
-    from accelerate.utils import gather_object
-
-    from rlhf_workflow.data.io import JsonlAppender, read_rows, write_jsonl
+    from rlhf_workflow.data.io import read_rows, write_jsonl
     from rlhf_workflow.data.schemas import PromptRow
-    from rlhf_workflow.data.shards import done_ids, merge_shards, shard_path
+    from rlhf_workflow.data.shards import close_shards, open_shard
     from rlhf_workflow.processes import process_state
 
     state = process_state()
     rank, world = state.process_index, state.num_processes
     output = Path(config.output)
     prompts = read_rows(config.prompts, PromptRow)
-    if state.is_main_process:
-        merge_shards(output)  # rows of an earlier run's processes, before anyone reads what is done
-    state.wait_for_everyone()
-    sink = JsonlAppender(output if world == 1 else shard_path(output, rank))
-    state.wait_for_everyone()
-    done = done_ids(output)
+    sink, done = open_shard(state, output)
     todo = [p for p in prompts if p.id not in done]
     # vLLM spreads one engine over vllm.tensor_parallel_size GPUs itself: under several processes
     # the main process generates everything while the others wait
@@ -136,13 +129,8 @@ def run_generate(config: GenerateConfig, *, progress: bool = True) -> Path:
     sink.close()
     seconds = time.perf_counter() - start
 
-    everything = gather_object([(tokens, finished, [(e.id, e.error, e.retryable) for e in errors])]) if world > 1 \
-        else [(tokens, finished, [(e.id, e.error, e.retryable) for e in errors])]
-    state.wait_for_everyone()
-    if state.is_main_process:
-        merge_shards(output)
-    state.wait_for_everyone()  # every process returns once the merged output is complete
-    if not state.is_main_process:
+    everything = close_shards(state, output, (tokens, finished, [(e.id, e.error, e.retryable) for e in errors]))
+    if everything is None:  # not the main process
         return output
     tokens = sum(t for t, _, _ in everything)
     finished = sum(f for _, f, _ in everything)

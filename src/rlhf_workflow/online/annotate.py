@@ -48,11 +48,9 @@ def response_lengths(row: dict[str, Any], unit: str, where: str) -> list[float]:
 
 def run_annotate(config: AnnotateConfig, *, progress: bool = True) -> Path:
     """The `annotate` stage (see the module docstring); returns the output path."""
-    from accelerate.utils import gather_object
-
-    from rlhf_workflow.data.io import JsonlAppender, read_rows, row_to_dict
+    from rlhf_workflow.data.io import read_rows, row_to_dict
     from rlhf_workflow.data.schemas import GenerationRow
-    from rlhf_workflow.data.shards import done_ids, merge_shards, shard_path
+    from rlhf_workflow.data.shards import close_shards, open_shard
     from rlhf_workflow.online.judges import make_judge
     from rlhf_workflow.processes import process_state
 
@@ -60,12 +58,7 @@ def run_annotate(config: AnnotateConfig, *, progress: bool = True) -> Path:
     rank, world = state.process_index, state.num_processes
     output = Path(config.output)
     rows = read_rows(config.input, GenerationRow)
-    if state.is_main_process:
-        merge_shards(output)
-    state.wait_for_everyone()
-    sink = JsonlAppender(output if world == 1 else shard_path(output, rank))
-    state.wait_for_everyone()
-    done = done_ids(output)
+    sink, done = open_shard(state, output)
     todo = [r for r in rows if r.id not in done]
     mine = todo[rank::world]
     penalty = config.length_penalty
@@ -112,12 +105,8 @@ def run_annotate(config: AnnotateConfig, *, progress: bool = True) -> Path:
     seconds = time.perf_counter() - start
     comparisons = judge.comparisons if judge is not None else 0
     stats = (scored, unscored, total, comparisons, first_error)
-    everything = gather_object([stats]) if world > 1 else [stats]
-    state.wait_for_everyone()
-    if state.is_main_process:
-        merge_shards(output)
-    state.wait_for_everyone()  # every process returns once the merged output is complete
-    if not state.is_main_process:
+    everything = close_shards(state, output, stats)
+    if everything is None:  # not the main process
         return output
     scored = sum(s[0] for s in everything)
     unscored = sum(s[1] for s in everything)

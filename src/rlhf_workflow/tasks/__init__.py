@@ -18,12 +18,42 @@ judge. Use a task's judge wherever a function judge is taken (``judge.function``
 
 from __future__ import annotations
 
+import hashlib
 import importlib
 from types import ModuleType
+from typing import Any, Callable
 
 from rlhf_workflow.errors import UserError
 
 TASKS = {"instructions": "rlhf_workflow.tasks.instructions", "arithmetic": "rlhf_workflow.tasks.arithmetic"}
+
+
+def split_of(key: str, eval_share: float = 0.2) -> str:
+    """'eval' or 'train' by a hash of ``key`` (the prompt, or what makes it): the splits never share one."""
+    bucket = int.from_bytes(hashlib.sha1(key.encode("utf-8")).digest()[:4], "big") / 2**32
+    return "eval" if bucket < eval_share else "train"
+
+
+def draw_split(task: str, split: str, count: int, draw: Callable[[], tuple[str, dict[str, Any]]]) -> list[dict[str, Any]]:
+    """``count`` rows of ``split`` with distinct prompts, from ``draw() -> (split key, row)`` called
+    until enough rows fall in the split; ids ``<task>-<split>-<k>``, rows get ``"task"``."""
+    if split not in ("train", "eval"):
+        raise ValueError(f"split must be 'train' or 'eval', not {split!r}")
+    prefix = {"instructions": "instr", "arithmetic": "arith"}.get(task, task)
+    rows: list[dict[str, Any]] = []
+    seen: set[str] = set()
+    for _ in range(200 * count + 1000):
+        if len(rows) == count:
+            return rows
+        key, row = draw()
+        if row["prompt"] in seen or split_of(key) != split:
+            continue
+        seen.add(row["prompt"])
+        rows.append({"id": f"{prefix}-{split}-{len(rows)}", "prompt": row["prompt"], "task": task,
+                     **{k: v for k, v in row.items() if k != "prompt"}})
+    if len(rows) == count:
+        return rows
+    raise ValueError(f"cannot make {count} distinct {split} prompts of task {task} with these options")
 
 
 def get_task(name: str) -> ModuleType:

@@ -9,7 +9,6 @@ including when the response holds no number. Thousands separators ("1,200") are 
 
 from __future__ import annotations
 
-import hashlib
 import random
 import re
 from typing import Any
@@ -27,33 +26,21 @@ def last_number(text: str) -> float | None:
     return float(found[-1].replace(",", ""))
 
 
-def split_of(text: str, eval_share: float = 0.2) -> str:
-    bucket = int.from_bytes(hashlib.sha1(text.encode("utf-8")).digest()[:4], "big") / 2**32
-    return "eval" if bucket < eval_share else "train"
-
-
 def prompts(split: str, count: int, seed: int = 0, *, digits: int = 1, operations: str = "+") -> list[dict[str, Any]]:
     """``count`` distinct question rows of ``split``: ``{"id", "prompt", "task": "arithmetic", "answer"}``.
-    Operands have ``digits`` digits; ``operations`` is a string of '+', '-', '*'."""
-    if split not in ("train", "eval"):
-        raise ValueError(f"split must be 'train' or 'eval', not {split!r}")
+    Operands have ``digits`` digits; ``operations`` is a string of '+', '-', '*'. The split follows
+    the expression, so one sum never appears in both splits under two phrasings."""
+    from rlhf_workflow.tasks import draw_split
+
     rng = random.Random(f"arithmetic:{seed}")
     low, high = (0 if digits == 1 else 10 ** (digits - 1)), 10**digits - 1
-    rows: list[dict[str, Any]] = []
-    seen: set[str] = set()
-    attempts = 0
-    while len(rows) < count:
-        attempts += 1
-        if attempts > 200 * count + 1000:
-            raise ValueError(f"cannot make {count} distinct {split} questions with {digits}-digit operands")
+
+    def draw() -> tuple[str, dict[str, Any]]:
         a, b, op = rng.randint(low, high), rng.randint(low, high), rng.choice(operations)
         text = rng.choice(TEMPLATES).format(a=a, op=op, b=b) + " Answer with the number."
-        if text in seen or split_of(f"{a}{op}{b}") != split:
-            continue
-        seen.add(text)
-        rows.append({"id": f"arith-{split}-{len(rows)}", "prompt": text, "task": "arithmetic",
-                     "answer": OPERATIONS[op](a, b)})
-    return rows
+        return f"{a}{op}{b}", {"prompt": text, "answer": OPERATIONS[op](a, b)}
+
+    return draw_split("arithmetic", split, count, draw)
 
 
 def judge(row: dict[str, Any], response: str) -> float:

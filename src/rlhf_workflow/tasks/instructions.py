@@ -140,33 +140,19 @@ def make_prompt(rng: random.Random, *, min_constraints: int = 1, max_constraints
     return " ".join([opening] + [describe(c) for c in constraints]), constraints
 
 
-def split_of(text: str, eval_share: float = 0.2) -> str:
-    """'eval' or 'train' by a hash of the prompt text: the splits can never share a prompt."""
-    bucket = int.from_bytes(hashlib.sha1(text.encode("utf-8")).digest()[:4], "big") / 2**32
-    return "eval" if bucket < eval_share else "train"
-
-
 def prompts(split: str, count: int, seed: int = 0, *, min_constraints: int = 1, max_constraints: int = 3,
             kinds: list[str] | None = None) -> list[dict[str, Any]]:
     """``count`` distinct prompt rows of ``split`` ("train" or "eval"), deterministic for a seed:
     ``{"id", "prompt", "task": "instructions", "constraints": [...]}``."""
-    if split not in ("train", "eval"):
-        raise ValueError(f"split must be 'train' or 'eval', not {split!r}")
+    from rlhf_workflow.tasks import draw_split
+
     rng = random.Random(f"instructions:{seed}")
-    rows: list[dict[str, Any]] = []
-    seen: set[str] = set()
-    attempts = 0
-    while len(rows) < count:
-        attempts += 1
-        if attempts > 200 * count + 1000:
-            raise ValueError(f"cannot make {count} distinct {split} prompts with these settings")
+
+    def draw() -> tuple[str, dict[str, Any]]:
         text, constraints = make_prompt(rng, min_constraints=min_constraints, max_constraints=max_constraints, kinds=kinds)
-        if text in seen or split_of(text) != split:
-            continue
-        seen.add(text)
-        rows.append({"id": f"instr-{split}-{len(rows)}", "prompt": text, "task": "instructions",
-                     "constraints": constraints})
-    return rows
+        return text, {"prompt": text, "constraints": constraints}
+
+    return draw_split("instructions", split, count, draw)
 
 
 def judge(row: dict[str, Any], response: str) -> float:
