@@ -13,7 +13,7 @@ import torch
 
 from conftest import build_model, build_tokenizer, write_jsonl
 from rlhf_workflow.cli import main
-from rlhf_workflow.online.pairs import choose_pair, make_pairs
+from rlhf_workflow.online.pairs import choose_all, choose_pair, make_pairs
 
 
 pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")
@@ -63,6 +63,20 @@ def test_make_pairs_counts_drops_and_ignores_row_order():
     assert stats["pairs"] == 20 and stats["dropped"] == {"unscored": 1, "tie": 1, "margin": 0, "identical": 1}
     assert all(p["chosen_reward"] > p["rejected_reward"] and p["task"] == "x" for p in pairs)
     assert stats["mean_chosen_reward"] > stats["mean_rejected_reward"]
+
+
+
+def test_all_strategy_takes_every_pair_with_different_rewards():
+    assert choose_all([0.2, 0.9, 0.2, 0.5]) == [(1, 3), (1, 0), (1, 2), (3, 0), (3, 2)]  # the two 0.2s tie
+    assert choose_all([0.5, 0.5]) == "tie" and choose_all([None, 0.5]) == "unscored"
+    assert choose_all([0.5, 0.55, 0.9], min_margin=0.1) == [(2, 1), (2, 0)]
+    assert choose_all([0.5, 0.55], min_margin=0.1) == "margin"
+    rows = [{"id": "a", "prompt": "p", "responses": ["w", "x", "y", "z"], "rewards": [0.0, 1.0, 0.5, 0.5]},
+            {"id": "b", "prompt": "q", "responses": ["s", "t"], "rewards": [1.0, 1.0]}]
+    pairs, stats = make_pairs(rows, "all")
+    assert [(p["id"], p["chosen"], p["rejected"]) for p in pairs] == [
+        ("a/1-2", "x", "y"), ("a/1-3", "x", "z"), ("a/1-0", "x", "w"), ("a/2-0", "y", "w"), ("a/3-0", "z", "w")]
+    assert stats["pairs"] == 5 and stats["rows_used"] == 1 and stats["dropped"]["tie"] == 1
 
 
 # ---------------------------------------------------------------- annotate with a function judge

@@ -61,6 +61,29 @@ def test_lora_trains_adapters_and_saves_a_plain_model(tiny_model_dir, tmp_path):
     assert not any("lora" in k for k in plain.state_dict())
 
 
+def test_train_layers_freezes_everything_below_the_top_layers(tiny_model_dir):
+    from transformers import AutoModelForSequenceClassification
+
+    model = load_model(ModelConfig(name_or_path=str(tiny_model_dir), train_layers=1))
+    layers = model.model.layers
+    assert len(layers) >= 2
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    top = len(layers) - 1
+    assert trainable and all(n.startswith(f"model.layers.{top}.") or n.startswith("model.norm") for n in trainable)
+    assert any(n.startswith("model.norm") for n in trainable)
+    ids = torch.tensor([[5, 6, 7, 8]])
+    model(input_ids=ids, labels=ids).loss.backward()
+    assert all((p.grad is not None) == p.requires_grad for p in model.parameters())
+    # a reward model's new score head trains too
+    reward = load_model(ModelConfig(name_or_path=str(tiny_model_dir), train_layers=1),
+                        model_class=AutoModelForSequenceClassification, num_labels=1)
+    assert reward.score.weight.requires_grad and not reward.model.embed_tokens.weight.requires_grad
+    with pytest.raises(UserError, match="has 2 layers|has \\d+ layers"):
+        load_model(ModelConfig(name_or_path=str(tiny_model_dir), train_layers=99))
+    with pytest.raises(ValueError, match="use one of them"):
+        ModelConfig(train_layers=2, lora=LoraConfig(r=4))
+
+
 @pytest.mark.parametrize(
     "name, message",
     [

@@ -136,6 +136,26 @@ def _completed(run_dir: Path) -> list[str]:
         return []
 
 
+def test_offline_after_online_reuses_iteration_1_samples_exactly(recipe, tmp_path):
+    """offline.after_online copies π0's samples (and scores) of iteration 1's prompts instead of
+    drawing them again: they equal what a separate offline run samples for those prompts."""
+    both, alone = tmp_path / "both", tmp_path / "alone"
+    small = ["prompts.per_iteration=4", "dpo.train.save_every=0"]
+    assert main(["run", *recipe, *small, f"output_dir={both}", "offline.after_online=true"]) == 0
+    assert main(["run", *recipe, *small, f"output_dir={alone}", "mode=offline", "offline.max_pairs=8"]) == 0
+
+    def rows(path: Path) -> dict[str, dict]:
+        return {json.loads(line)["id"]: json.loads(line) for line in path.read_text().splitlines()}
+
+    first = rows(both / "iter_1" / "scored.jsonl")
+    reused, fresh = rows(both / "offline" / "scored.jsonl"), rows(alone / "offline" / "scored.jsonl")
+    assert set(reused) == set(fresh) == set(_ids(both / "offline" / "prompts.jsonl")) and set(first) < set(reused)
+    for key, row in reused.items():
+        assert row["responses"] == fresh[key]["responses"] and row["rewards"] == pytest.approx(fresh[key]["rewards"])
+        if key in first:
+            assert row == first[key]
+
+
 @pytest.mark.parametrize("moment", ["generation", "dpo", "between"])
 def test_killed_runs_finish_like_an_uninterrupted_one(recipe, tmp_path, moment):
     args = [*recipe, "iterations=1", "prompts.per_iteration=8", "generation.hf.batch_size=1"]

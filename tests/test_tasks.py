@@ -86,9 +86,12 @@ def test_prompts_are_deterministic_and_splits_disjoint(task):
     train, again = module.prompts("train", 120, seed=3), module.prompts("train", 120, seed=3)
     assert train == again and len({r["prompt"] for r in train}) == 120
     assert module.prompts("train", 120, seed=4) != train
-    heldout = module.prompts("eval", 60, seed=3)
-    assert not {r["prompt"] for r in train} & {r["prompt"] for r in heldout}
-    assert not {r["id"] for r in train} & {r["id"] for r in heldout}
+    heldout, dev = module.prompts("eval", 60, seed=3), module.prompts("dev", 30, seed=3)
+    for a, b in ((train, heldout), (train, dev), (dev, heldout)):
+        assert not {r["prompt"] for r in a} & {r["prompt"] for r in b}
+        assert not {r["id"] for r in a} & {r["id"] for r in b}
+    with pytest.raises(ValueError, match="split must be one of"):
+        module.prompts("test", 3)
     for row in train[:20]:  # every row can be judged
         assert 0.0 <= module.judge(row, "A quiet blue answer: 12.") <= 1.0
 

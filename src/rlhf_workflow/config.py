@@ -54,6 +54,16 @@ class ModelConfig(Strict):
     gradient_checkpointing: bool = False
     trust_remote_code: bool = False
     lora: LoraConfig = LoraConfig()
+    train_layers: int = Field(
+        0, ge=0, description="train only the top N transformer layers (with the final norm and a new head); "
+        "the embeddings (and a head tied to them) and the layers below stay frozen, so the backward pass "
+        "stops early and a step costs less; 0 = train everything")
+
+    @model_validator(mode="after")
+    def _one_way_to_freeze(self) -> "ModelConfig":
+        if self.train_layers and self.lora.r:
+            raise ValueError("train_layers and lora.r both freeze the base model: use one of them")
+        return self
 
 
 class DataConfig(Strict):
@@ -344,9 +354,10 @@ class PairsConfig(Strict):
 
     input: str = Field("", description="annotated generations: {id, prompt, responses, rewards}")
     output: str = Field("", description="pairs file: {id, prompt, chosen, rejected, chosen_reward, rejected_reward}")
-    strategy: Literal["max_min", "max_random", "random", "max_max"] = Field(
+    strategy: Literal["max_min", "max_random", "random", "max_max", "all"] = Field(
         "max_min", description="max_min: best vs worst of n (the paper's rejection sampling); max_random: best vs "
-        "a random other; random: two at random; max_max: best vs second best")
+        "a random other; random: two at random; max_max: best vs second best; all: every two responses with "
+        "different rewards (for reward-model data)")
     min_margin: float = Field(0.0, ge=0, description="drop pairs whose reward difference is not above this "
                               "(pairs with equal rewards are always dropped)")
     seed: int = 0
@@ -373,6 +384,9 @@ class RunPromptsConfig(Strict):
         "per iteration from its train split, eval_count from its eval split")
     task_options: dict[str, Any] = Field(default_factory=dict, description="the task's prompt options")
     eval_count: int = Field(200, ge=1, description="held-out prompts made by the task")
+    eval_split: Literal["eval", "dev"] = Field(
+        "eval", description="the task split the policies are evaluated on: 'dev' to tune a recipe without "
+        "looking at the held-out 'eval' prompts, 'eval' for the numbers you report")
 
 
 class RunGenerationConfig(Strict):
@@ -435,7 +449,9 @@ class FeedbackConfig(Strict):
     judge_function: str = Field("", description="the simulated human, 'module:name' (e.g. "
                                 "rlhf_workflow.tasks.instructions:judge)")
     sampling: SamplingConfig = SamplingConfig(n=4, max_new_tokens=64, seed=777)
-    strategy: Literal["max_min", "max_random", "random", "max_max"] = "max_min"
+    strategy: Literal["max_min", "max_random", "random", "max_max", "all"] = Field(
+        "max_min", description="which pairs of each prompt's labelled responses train the reward model "
+        "(see `pairs`); 'all' gives it every ordered pair")
     heldout_share: float = Field(0.2, ge=0, lt=1, description="share of the labelled pairs kept for the RM's accuracy")
     rm_model: ModelConfig | None = Field(None, description="the reward model's backbone; default: the policy's")
     rm_train: TrainConfig = TrainConfig(epochs=2, lr=1e-5, per_device_batch_size=8)
@@ -493,7 +509,7 @@ class MakePromptsConfig(Strict):
     """`rlhf-workflow prompts`: a built-in task's prompts of one split."""
 
     task: Literal["instructions", "arithmetic"] = "instructions"
-    split: Literal["train", "eval"] = "train"
+    split: Literal["train", "dev", "eval"] = "train"
     count: int = Field(256, ge=1)
     seed: int = 0
     options: dict[str, Any] = Field(default_factory=dict, description="task options, e.g. instructions: "

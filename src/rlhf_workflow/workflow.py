@@ -54,11 +54,14 @@ def _feedback(runner: Any) -> Path:
         run_pairs(PairsConfig(input=str(fb / "scored.jsonl"), output=str(fb / "all_pairs.jsonl"), strategy=f.strategy,
                               seed=c.prompts.seed))
         rows = [row for _, row in iter_jsonl(fb / "all_pairs.jsonl")]
-        random.Random(c.prompts.seed).shuffle(rows)
-        held = int(round(len(rows) * f.heldout_share))
-        write_jsonl(fb / "heldout_pairs.jsonl", rows[:held])
-        write_jsonl(fb / "pairs.jsonl", rows[held:])
-        print(f"feedback: {len(rows) - held} pairs to train the reward model, {held} held out")
+        prompts = sorted({row["prompt"] for row in rows})  # held out by prompt: no prompt on both sides
+        random.Random(c.prompts.seed).shuffle(prompts)
+        held_prompts = set(prompts[: int(round(len(prompts) * f.heldout_share))])
+        held = [row for row in rows if row["prompt"] in held_prompts]
+        write_jsonl(fb / "heldout_pairs.jsonl", held)
+        write_jsonl(fb / "pairs.jsonl", [row for row in rows if row["prompt"] not in held_prompts])
+        print(f"feedback: {len(rows) - len(held)} pairs to train the reward model, {len(held)} held out "
+              f"({len(held_prompts)} of {len(prompts)} prompts)")
 
     def train_rm() -> None:
         out = fb / "rm"

@@ -25,7 +25,8 @@ CURVES = [  # (metric, axis label)
     ("kl_vs_initial", "KL(π_t ‖ π0), nats"),
     ("length_tokens", "response length (tokens)"),
 ]
-COLUMNS = [("id", "policy"), ("proxy_reward", "proxy reward"), ("gold", "gold"), ("win_rate_vs_initial", "win rate vs π0"),
+COLUMNS = [("id", "policy"), ("proxy_reward", "proxy reward"), ("gold", "gold"), ("gold_gain_vs_initial", "gold gain vs π0"),
+           ("win_rate_vs_initial", "win rate vs π0"),
            ("kl_vs_initial", "KL to π0"), ("length_tokens", "length (tokens)"), ("pairs", "pairs trained")]
 
 

@@ -233,7 +233,37 @@ def load_model(config: "ModelConfig", *, model_class: Any = None, **extra: Any) 
     if config.lora.r > 0:
         task = "SEQ_CLS" if "SequenceClassification" in type(model).__name__ else "CAUSAL_LM"
         model = apply_lora(model, config.lora, task_type=task)
+    if config.train_layers:
+        train_top_layers(model, config.train_layers)
     return model
+
+
+def decoder_layers(model: Any) -> Any:
+    """The model's stack of transformer blocks: its longest ``ModuleList`` named layers / h / blocks."""
+    import torch
+
+    stacks = [m for name, m in model.named_modules()
+              if isinstance(m, torch.nn.ModuleList) and len(m) and name.rsplit(".", 1)[-1] in ("layers", "h", "blocks")]
+    if not stacks:
+        raise UserError(f"train_layers: cannot find the transformer layers of {type(model).__name__}")
+    return max(stacks, key=len)
+
+
+def train_top_layers(model: Any, count: int) -> None:
+    """Freeze all but the top ``count`` transformer layers: the embeddings (and an output head tied
+    to them) and the lower layers get ``requires_grad=False``; the top layers, the final norm and
+    any untied head (a reward model's score) train."""
+    layers = decoder_layers(model)
+    if count > len(layers):
+        raise UserError(f"train_layers={count}, but the model has {len(layers)} layers")
+    frozen = {id(p) for layer in layers[: len(layers) - count] for p in layer.parameters()}
+    frozen |= {id(p) for p in model.get_input_embeddings().parameters()}
+    for param in model.parameters():
+        param.requires_grad_(id(param) not in frozen)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    log.info("train_layers=%d of %d: %d of %d parameters trainable (%.1f%%)", count, len(layers), trainable, total,
+             100 * trainable / total)
 
 
 def enable_checkpointing(model: Any) -> None:

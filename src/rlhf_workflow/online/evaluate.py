@@ -5,7 +5,9 @@ the proxy judge (`annotate`) and, when the task has one, with its gold judge; th
 
 * proxy reward: the mean judge score (reward model or function judge; a preference model's
   within-prompt ranking scores say nothing across policies, so for it only the win rate is given);
-* gold: the mean gold score, with a 95 % bootstrap interval over prompts;
+* gold: the mean gold score, with a 95 % bootstrap interval over prompts; and the gold gain over
+  π0, the mean over prompts of (this policy's mean gold − π0's), with its own interval: the two
+  policies answer the same prompts, so the paired difference is far less noisy than the two means;
 * win rate vs π0: sample k of π_t against sample k of π0 for the same prompt, judged by the proxy
   (a reward model or function compares scores, ties count ½; a preference model compares the two
   texts in both orders, `PreferenceJudge.compare_many`);
@@ -135,8 +137,10 @@ def evaluate_policy(config: Any, run_dir: Path, name: str, policy: Any, *, eval_
     proxy_comparable = config.judge.type != "preference_model"
     if proxy_comparable:
         summarise("proxy_reward", [[r for r in row["rewards"] if r is not None] for row in rows])
-    if config.eval.gold_function:
-        gold = FunctionJudge(load_function(config.eval.gold_function), config.eval.gold_function).score(rows)
+    gold_judge = FunctionJudge(load_function(config.eval.gold_function), config.eval.gold_function) \
+        if config.eval.gold_function else None
+    if gold_judge is not None:
+        gold = gold_judge.score(rows)
         summarise("gold", [[r for r in rewards if r is not None] for rewards in gold.rewards])
         metrics["gold_unscored"] = sum(r is None for rewards in gold.rewards for r in rewards)
     tokens = [t for row in rows for t in (row.get("response_tokens") or []) if isinstance(t, int)]
@@ -167,6 +171,16 @@ def evaluate_policy(config: Any, run_dir: Path, name: str, policy: Any, *, eval_
         for prompt_id, outcome in outcomes:
             by_prompt.setdefault(prompt_id, []).append(outcome)
         summarise("win_rate_vs_initial", list(by_prompt.values()))
+        if gold_judge is not None:
+            base_list = list(base_rows.values())
+            base_gold = dict(zip((r["id"] for r in base_list), gold_judge.score(base_list).rewards))
+            gains = []
+            for row, rewards in zip(rows, gold.rewards):
+                mine, theirs = _mean([r for r in rewards if r is not None]), \
+                    _mean([r for r in base_gold.get(row["id"], []) if r is not None])
+                if mine is not None and theirs is not None:
+                    gains.append([mine - theirs])
+            summarise("gold_gain_vs_initial", gains)
         if config.eval.kl:
             tokenizer = load_tokenizer(initial_policy.tokenizer or initial_policy.name_or_path,
                                        trust_remote_code=initial_policy.trust_remote_code)

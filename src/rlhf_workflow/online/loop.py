@@ -157,7 +157,7 @@ class Runner:
             extra = c.feedback.prompts if c.feedback.enabled else 0
             try:
                 train = task.prompts("train", extra + c.iterations * p.per_iteration, p.seed, **p.task_options)
-                eval_rows = task.prompts("eval", p.eval_count, p.seed, **p.task_options)
+                eval_rows = task.prompts(p.eval_split, p.eval_count, p.seed, **p.task_options)
             except (TypeError, ValueError) as exc:
                 raise UserError(f"prompts.task {p.task}: {exc}") from None
             feedback, train = train[:extra], train[extra:]
@@ -245,6 +245,22 @@ class Runner:
             elif len(rows) < budget:
                 logger.warning("offline: %d pairs, fewer than the budget of %d", len(rows), budget)
 
+    def reuse_first_iteration(self, directory: Path, name: str) -> None:
+        """Before the offline baseline samples (or scores) π0's responses to every loop prompt, copy
+        those iteration 1 already has: iteration 1 sampled the same prompts from the same π0 with the
+        same seeds (and scored them with the same judge), so they are exactly the rows offline would
+        make, and the stage then does only the rest (the prompts of iterations 2..T)."""
+        c = self.config
+        first = self.run_dir / "iter_1" / name
+        target = directory / name
+        if (self.state.is_main_process and c.mode == "online" and self.sources(1) == [(self.policy(0), None)]
+                and first.exists() and not target.exists()):
+            import shutil
+
+            shutil.copyfile(first, target)
+            print(f"offline: reusing iteration 1's {name} (π0's samples of its prompts, same seeds)")
+        self.state.wait_for_everyone()
+
     def dpo(self, directory: Path, start: Any, reference: str | None, seed_offset: int) -> None:
         from rlhf_workflow.config import DataConfig, DPOConfig, ReferenceConfig
         from rlhf_workflow.train.checkpoint import latest_checkpoint
@@ -313,8 +329,17 @@ class Runner:
                 budget = online_pair_count(Path(c.offline.match_run))
             else:
                 budget = c.offline.max_pairs
-            self.stage("offline/generate", lambda: self.generate(directory, [(self.policy(0), None)], 100))
-            self.stage("offline/annotate", lambda: self.annotate(directory))
+
+            def generate() -> None:
+                self.reuse_first_iteration(directory, "generations.jsonl")
+                self.generate(directory, [(self.policy(0), None)], 100)  # iteration 1's seed offset (100 * t)
+
+            def annotate() -> None:
+                self.reuse_first_iteration(directory, "scored.jsonl")
+                self.annotate(directory)
+
+            self.stage("offline/generate", generate)
+            self.stage("offline/annotate", annotate)
             self.stage("offline/pairs", lambda: self.pairs(directory, budget))
             self.stage("offline/dpo", lambda: self.dpo(directory, self.policy(0), None, 1))
             self.stage("offline/eval", lambda: self.evaluate("offline", None, policy_config(c, directory / "policy")))

@@ -7,7 +7,10 @@ Strategies, over the responses of one prompt that have a reward (`choose_pair`):
 * ``max_min`` (default): best of n as chosen, worst of n as rejected — rejection sampling;
 * ``max_random``: the best against one of the others drawn at random;
 * ``random``: two drawn at random, the better one chosen;
-* ``max_max``: the best against the second best.
+* ``max_max``: the best against the second best;
+* ``all``: every two responses whose rewards differ, the better one chosen (up to n(n-1)/2 pairs
+  per prompt, ids ``<row id>/<chosen>-<rejected>``): the most a reward model can learn from n
+  labelled responses.
 
 A pair is dropped when its two rewards are equal (a tie says nothing about which is better),
 when their difference is not above ``min_margin`` (if set), when the two texts are identical, or
@@ -28,6 +31,20 @@ from rlhf_workflow.errors import UserError
 
 DROP_REASONS = ("unscored", "tie", "margin", "identical")
 GENERATION_FIELDS = ("responses", "rewards", "raw_rewards", "reward_errors", "response_tokens", "finish_reasons")
+
+
+def choose_all(rewards: Sequence[float | None], min_margin: float = 0.0) -> list[tuple[int, int]] | str:
+    """Every ``(chosen, rejected)`` pair of scored responses whose rewards differ by more than
+    ``min_margin`` (or by anything), or the reason there is none ("unscored", "tie", "margin")."""
+    scored = [i for i, r in enumerate(rewards) if r is not None]
+    if len(scored) < 2:
+        return "unscored"
+    ranked = sorted(scored, key=lambda i: (-rewards[i], i))  # type: ignore[operator]
+    found = [(a, b) for k, a in enumerate(ranked) for b in ranked[k + 1:] if rewards[a] != rewards[b]]
+    if not found:
+        return "tie"
+    kept = [(a, b) for a, b in found if min_margin <= 0 or rewards[a] - rewards[b] > min_margin]  # type: ignore[operator]
+    return kept or "margin"
 
 
 def choose_pair(rewards: Sequence[float | None], strategy: str, rng: random.Random,
@@ -62,35 +79,43 @@ def make_pairs(rows: Sequence[dict[str, Any]], strategy: str, *, seed: int = 0,
     """Pairs rows (DESIGN.md format, plus the prompt row's metadata) and statistics."""
     pairs: list[dict[str, Any]] = []
     dropped = dict.fromkeys(DROP_REASONS, 0)
+    rows_used = 0
     lengths: dict[str, list[float]] = {"chosen": [], "rejected": []}
     for row in rows:
         rewards = row.get("rewards")
         if rewards is None:
             raise UserError(f"row {row['id']!r} has no rewards: run the annotate stage on the generations first")
-        picked = choose_pair(rewards, strategy, random.Random(f"{seed}\x00{row['id']}"), min_margin)
+        if strategy == "all":
+            picked: list[tuple[int, int]] | str = choose_all(rewards, min_margin)
+        else:
+            one = choose_pair(rewards, strategy, random.Random(f"{seed}\x00{row['id']}"), min_margin)
+            picked = one if isinstance(one, str) else [one]
         if isinstance(picked, str):
             dropped[picked] += 1
             continue
-        chosen, rejected = picked
-        if row["responses"][chosen] == row["responses"][rejected]:
+        distinct = [(c, r) for c, r in picked if row["responses"][c] != row["responses"][r]]
+        if not distinct:
             dropped["identical"] += 1
             continue
         metadata = {k: v for k, v in row.items() if k not in GENERATION_FIELDS and k not in ("id", "prompt")}
-        pairs.append({"id": row["id"], "prompt": row["prompt"], "chosen": row["responses"][chosen],
-                      "rejected": row["responses"][rejected], "chosen_reward": rewards[chosen],
-                      "rejected_reward": rewards[rejected], "chosen_index": chosen, "rejected_index": rejected,
-                      **metadata})
-        tokens = row.get("response_tokens")
-        for side, index in (("chosen", chosen), ("rejected", rejected)):
-            lengths[side].append(len(row["responses"][index]))
-            if isinstance(tokens, list) and index < len(tokens) and isinstance(tokens[index], int):
-                lengths.setdefault(f"{side}_tokens", []).append(tokens[index])
+        rows_used += 1
+        for chosen, rejected in distinct:
+            pair_id = f"{row['id']}/{chosen}-{rejected}" if strategy == "all" else row["id"]
+            pairs.append({"id": pair_id, "prompt": row["prompt"], "chosen": row["responses"][chosen],
+                          "rejected": row["responses"][rejected], "chosen_reward": rewards[chosen],
+                          "rejected_reward": rewards[rejected], "chosen_index": chosen, "rejected_index": rejected,
+                          **metadata})
+            tokens = row.get("response_tokens")
+            for side, index in (("chosen", chosen), ("rejected", rejected)):
+                lengths[side].append(len(row["responses"][index]))
+                if isinstance(tokens, list) and index < len(tokens) and isinstance(tokens[index], int):
+                    lengths.setdefault(f"{side}_tokens", []).append(tokens[index])
 
     def mean(values: Sequence[float]) -> float | None:
         return sum(values) / len(values) if values else None
 
     stats: dict[str, Any] = {
-        "strategy": strategy, "rows": len(rows), "pairs": len(pairs), "dropped": dropped,
+        "strategy": strategy, "rows": len(rows), "rows_used": rows_used, "pairs": len(pairs), "dropped": dropped,
         "mean_chosen_reward": mean([p["chosen_reward"] for p in pairs]),
         "mean_rejected_reward": mean([p["rejected_reward"] for p in pairs]),
         "mean_chosen_chars": mean(lengths["chosen"]), "mean_rejected_chars": mean(lengths["rejected"]),
@@ -134,7 +159,9 @@ def format_stats(stats: dict[str, Any]) -> str:
     def fmt(value: float | None) -> str:
         return "-" if value is None else f"{value:.3f}"
 
-    line = (f"pairs ({stats['strategy']}): {stats['pairs']} of {stats['rows']} rows kept; dropped: {_drops(stats)}; "
+    used = stats.get("rows_used", stats["pairs"])
+    line = (f"pairs ({stats['strategy']}): {stats['pairs']} pairs from {used} of {stats['rows']} rows; rows dropped: "
+            f"{_drops(stats)}; "
             f"mean reward chosen {fmt(stats['mean_chosen_reward'])} vs rejected {fmt(stats['mean_rejected_reward'])}; "
             f"mean length chosen {fmt(stats['mean_chosen_chars'])} vs rejected {fmt(stats['mean_rejected_chars'])} chars")
     if "mean_chosen_tokens" in stats:

@@ -5,7 +5,9 @@ A task is a module with two functions:
     prompts(split, count, seed=0, **options) -> list[dict]   # rows {"id", "prompt", ...metadata}
     judge(row, response) -> float                            # the grade of one response
 
-``split`` is "train" or "eval"; the two never share a prompt. The metadata a judge needs (the
+``split`` is "train", "dev" or "eval"; no two share a prompt. "eval" is the held-out split every
+policy is scored on; "dev" is for tuning a recipe (``prompts.eval_split: dev``) without looking at
+"eval" (tuning on the held-out prompts would make its scores optimistic). The metadata a judge needs (the
 constraints, the answer) travels in the prompt row, through generation and annotation, to the
 judge. Use a task's judge wherever a function judge is taken (``judge.function``,
 ``eval.gold_function``): ``rlhf_workflow.tasks.instructions:judge``. Your own task is any module
@@ -28,17 +30,23 @@ from rlhf_workflow.errors import UserError
 TASKS = {"instructions": "rlhf_workflow.tasks.instructions", "arithmetic": "rlhf_workflow.tasks.arithmetic"}
 
 
-def split_of(key: str, eval_share: float = 0.2) -> str:
-    """'eval' or 'train' by a hash of ``key`` (the prompt, or what makes it): the splits never share one."""
+SPLITS = ("train", "dev", "eval")
+
+
+def split_of(key: str, eval_share: float = 0.2, dev_share: float = 0.1) -> str:
+    """'eval', 'dev' or 'train' by a hash of ``key`` (the prompt, or what makes it): the splits
+    never share one."""
     bucket = int.from_bytes(hashlib.sha1(key.encode("utf-8")).digest()[:4], "big") / 2**32
-    return "eval" if bucket < eval_share else "train"
+    if bucket < eval_share:
+        return "eval"
+    return "dev" if bucket < eval_share + dev_share else "train"
 
 
 def draw_split(task: str, split: str, count: int, draw: Callable[[], tuple[str, dict[str, Any]]]) -> list[dict[str, Any]]:
     """``count`` rows of ``split`` with distinct prompts, from ``draw() -> (split key, row)`` called
     until enough rows fall in the split; ids ``<task>-<split>-<k>``, rows get ``"task"``."""
-    if split not in ("train", "eval"):
-        raise ValueError(f"split must be 'train' or 'eval', not {split!r}")
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {', '.join(SPLITS)}, not {split!r}")
     prefix = {"instructions": "instr", "arithmetic": "arith"}.get(task, task)
     rows: list[dict[str, Any]] = []
     seen: set[str] = set()
