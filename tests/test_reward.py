@@ -166,6 +166,51 @@ def test_reward_model_learns_the_rule_and_eval_rm_agrees(tiny_model_dir, rule_da
     assert -1.0 <= result["scores"]["length_correlation"] <= 1.0
 
 
+def test_pairs_grouped_by_prompt_give_the_same_loss_with_fewer_tokens(tiny_rm):
+    """All pairs among 4 ranked responses of a prompt (and one lone pair): as one group each, the
+    Bradley–Terry loss and metrics equal those of the pairs laid out one by one."""
+    from rlhf_workflow.train.batching import LayoutOptions
+    from rlhf_workflow.train.pairs import group_by_prompt
+    from rlhf_workflow.train.reward import RewardObjective
+
+    model, tok = tiny_rm
+    prompt, other = tok.encode("tell me a story"), tok.encode("and another one")
+    responses = [tok.encode(t) for t in ("blue moon", "a dog ran far", "quiet", "the fox and the moon")]
+    pairs = [{"id": f"s/{i}-{j}", "prompt_ids": prompt, "chosen_ids": responses[i], "rejected_ids": responses[j],
+              "margin": 0.1 * (i + j)} for i in range(4) for j in range(i + 1, 4)]
+    pairs.append({"id": "lone", "prompt_ids": other, "chosen_ids": responses[1], "rejected_ids": responses[0], "margin": 0.0})
+    groups = group_by_prompt(pairs)
+    assert len(groups) == 2 and len(groups[0]["responses"]) == 4 and len(groups[0]["pair_ids"]) == 6
+    assert groups[1]["id"] == "lone" and groups[0]["id"].startswith("s/0-1 (+5 pairs")
+    for share in (True, False):
+        objective = RewardObjective(tok.pad_token_id, options=LayoutOptions(share_prefix=share), max_responses=4)
+        flat, grouped = objective.collate(pairs), objective.collate(groups)
+        with torch.no_grad():
+            loss_flat, metrics_flat = objective.loss(model, flat)
+            loss_grouped, metrics_grouped = objective.loss(model, grouped)
+        assert objective.units(flat) == objective.units(grouped) == 7
+        torch.testing.assert_close(loss_grouped, loss_flat, atol=1e-5, rtol=1e-5)
+        for key in metrics_flat:
+            torch.testing.assert_close(metrics_grouped[key], metrics_flat[key], atol=1e-5, rtol=1e-5)
+        if share:
+            assert grouped["input_ids"].numel() < flat["input_ids"].numel() / 2  # the tokens actually computed
+
+
+def test_reward_model_trains_on_prompt_groups(tiny_model_dir, tmp_path):
+    rows = []
+    for i in range(24):  # per prompt, all pairs of 3 ranked responses: 'blue' > plain > 'dog'
+        a, b, c = f"the blue sky {i}", f"a quiet river {i}", f"the dog barks {i}"
+        rows += [{"id": f"q{i}/{k}", "prompt": f"Question {i}?", "chosen": x, "rejected": y}
+                 for k, (x, y) in enumerate(((a, b), (a, c), (b, c)))]
+    train = write_jsonl(tmp_path / "train.jsonl", rows)
+    out = tmp_path / "rm"
+    assert main(["train-rm", f"model.name_or_path={tiny_model_dir}", f"data.train={train}", f"data.eval={train}",
+                 f"output_dir={out}", "group_by_prompt=true", "train.lr=3e-3", "train.epochs=3",
+                 "train.per_device_batch_size=4", "train.scheduler=constant"]) == 0
+    evals = _eval_rows(out)
+    assert evals[-1]["accuracy"] > evals[0]["accuracy"] and evals[-1]["accuracy"] >= 0.8, evals
+
+
 def test_preference_model_learns_the_rule_and_ranks(pm_model_dir, rule_data, tmp_path):
     train, held_out = rule_data
     out = tmp_path / "pm"

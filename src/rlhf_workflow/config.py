@@ -154,6 +154,10 @@ class RewardModelConfig(TrainingStageConfig):
     data_kind: ClassVar[str] = "preference pairs"
     output_dir: str = "runs/rm"
     loss: RewardLossConfig = RewardLossConfig()
+    group_by_prompt: bool = Field(
+        False, description="train on all pairs of a prompt as one example (InstructGPT's K-wise comparisons): "
+        "the prompt and each distinct response are computed once, however many pairs they are in; "
+        "per_device_batch_size then counts prompts. For pairs made with `pairs strategy=all`")
 
 
 class PreferenceFormatConfig(Strict):
@@ -456,6 +460,8 @@ class FeedbackConfig(Strict):
     rm_model: ModelConfig | None = Field(None, description="the reward model's backbone; default: the policy's")
     rm_train: TrainConfig = TrainConfig(epochs=2, lr=1e-5, per_device_batch_size=8)
     rm_max_length: int = Field(512, gt=0)
+    rm_group_by_prompt: bool = Field(True, description="train the reward model on each prompt's pairs as one "
+                                     "example (see train-rm group_by_prompt): much less compute with strategy 'all'")
 
 
 class RunConfig(Strict):

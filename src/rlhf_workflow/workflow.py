@@ -70,7 +70,7 @@ def _feedback(runner: Any) -> Path:
         model = (f.rm_model or c.policy).model_copy(update={"gradient_checkpointing": False})
         held = fb / "heldout_pairs.jsonl"
         has_heldout = held.exists() and held.stat().st_size > 0
-        run_train_rm(RewardModelConfig(output_dir=str(out), model=model, train=f.rm_train,
+        run_train_rm(RewardModelConfig(output_dir=str(out), model=model, train=f.rm_train, group_by_prompt=f.rm_group_by_prompt,
                                        data=DataConfig(train=str(fb / "pairs.jsonl"), eval=str(held) if has_heldout else None,
                                                        max_length=f.rm_max_length,
                                                        apply_chat_template=c.apply_chat_template)),

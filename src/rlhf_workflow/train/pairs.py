@@ -47,3 +47,32 @@ def tokenize_pairs(rows: list[PairRow], tokenizer: Any, *, max_length: int, chat
         log.warning("%s: %d pairs had their prompt cut from the left to fit max_length %d; %d dropped "
                     "(a response alone is longer)", source, truncated, max_length, dropped)
     return examples
+
+
+def group_by_prompt(examples: list[dict]) -> list[dict]:
+    """Merge tokenized pairs that share a prompt into one example per prompt (InstructGPT's
+    K-wise comparisons: Ouyang et al., 2022): ``{"id", "pair_ids", "prompt_ids", "responses",
+    "chosen_index", "rejected_index", "margin"}``, where ``responses`` are the distinct responses
+    and pair k compares ``responses[chosen_index[k]]`` with ``responses[rejected_index[k]]``.
+
+    Laid out with a shared prefix, the prompt and each response are computed once however many
+    pairs they are in: the n(n−1)/2 pairs of n ranked responses cost one prompt and n responses
+    instead of n(n−1)/2 prompts and n(n−1) responses. Groups keep the order of first appearance."""
+    groups: dict[tuple[int, ...], dict] = {}
+    for e in examples:
+        key = tuple(e["prompt_ids"])
+        group = groups.setdefault(key, {"id": e["id"], "pair_ids": [], "prompt_ids": e["prompt_ids"], "responses": [],
+                                        "chosen_index": [], "rejected_index": [], "margin": [], "_index": {}})
+        for side in ("chosen", "rejected"):
+            ids = tuple(e[f"{side}_ids"])
+            if ids not in group["_index"]:
+                group["_index"][ids] = len(group["responses"])
+                group["responses"].append(e[f"{side}_ids"])
+            group[f"{side}_index"].append(group["_index"][ids])
+        group["pair_ids"].append(e["id"])
+        group["margin"].append(e.get("margin", 0.0))
+    for group in groups.values():
+        del group["_index"]
+        if len(group["pair_ids"]) > 1:
+            group["id"] = f"{group['id']} (+{len(group['pair_ids']) - 1} pairs of the same prompt)"
+    return list(groups.values())

@@ -21,30 +21,48 @@ from rlhf_workflow.data.schemas import PairRow
 from rlhf_workflow.errors import UserError
 from rlhf_workflow.train.batching import LayoutOptions, layout
 from rlhf_workflow.train.losses import bradley_terry_loss
-from rlhf_workflow.train.pairs import tokenize_pairs
+from rlhf_workflow.train.pairs import group_by_prompt, tokenize_pairs
 
 log = logging.getLogger(__name__)
 
 
 class RewardObjective:
-    """Collate: pairs laid out by `train.batching.layout`. Loss: Bradley–Terry."""
+    """Collate: pairs (or prompt groups, `train.pairs.group_by_prompt`) laid out by
+    `train.batching.layout`. Loss: Bradley–Terry over the pairs."""
 
     name = "reward"
 
-    def __init__(self, pad_token_id: int, *, center_coef: float = 0.0, options: LayoutOptions = LayoutOptions()):
+    def __init__(self, pad_token_id: int, *, center_coef: float = 0.0, options: LayoutOptions = LayoutOptions(),
+                 max_responses: int = 2):
         self.pad_token_id = pad_token_id
         self.center_coef = center_coef
         self.options = options
-        self.rows_per_example = 1 if options.share_prefix else 2
+        self.rows_per_example = 1 if options.share_prefix else max_responses
 
     def collate(self, examples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
-        groups = [(e["prompt_ids"], (e["chosen_ids"], e["rejected_ids"])) for e in examples]
+        groups, chosen, rejected, margins, offset = [], [], [], [], 0
+        for e in examples:
+            if "responses" in e:  # a prompt group
+                groups.append((e["prompt_ids"], e["responses"]))
+                chosen += [offset + i for i in e["chosen_index"]]
+                rejected += [offset + i for i in e["rejected_index"]]
+                margins += e["margin"]
+                offset += len(e["responses"])
+            else:  # one pair: sequences (chosen, rejected)
+                groups.append((e["prompt_ids"], (e["chosen_ids"], e["rejected_ids"])))
+                chosen.append(offset)
+                rejected.append(offset + 1)
+                margins.append(e.get("margin", 0.0))
+                offset += 2
         batch = layout(groups, self.pad_token_id, self.options)
-        batch["margin"] = torch.tensor([e.get("margin", 0.0) for e in examples], dtype=torch.float32)
+        batch["chosen_index"] = torch.tensor(chosen, dtype=torch.long)
+        batch["rejected_index"] = torch.tensor(rejected, dtype=torch.long)
+        batch["margin"] = torch.tensor(margins, dtype=torch.float32)
         return batch
 
     def example_length(self, example: dict[str, Any]) -> int:
-        responses = (len(example["chosen_ids"]), len(example["rejected_ids"]))
+        responses = [len(r) for r in example["responses"]] if "responses" in example else \
+            [len(example["chosen_ids"]), len(example["rejected_ids"])]
         return len(example["prompt_ids"]) + (sum(responses) if self.options.share_prefix else max(responses))
 
     def units(self, batch: dict[str, torch.Tensor]) -> int:
@@ -52,7 +70,7 @@ class RewardObjective:
 
     def loss(self, model: Any, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         rewards = model(batch["input_ids"], batch["attention_mask"], batch["position_ids"], batch["last_row"], batch["last_col"])
-        chosen, rejected = rewards[0::2], rewards[1::2]  # sequences are numbered pair-major: (chosen, rejected) per pair
+        chosen, rejected = rewards[batch["chosen_index"]], rewards[batch["rejected_index"]]
         loss = bradley_terry_loss(chosen, rejected, batch["margin"], self.center_coef)
         with torch.no_grad():
             metrics = {
@@ -94,9 +112,18 @@ def run_train_rm(config: RewardModelConfig, *, resume: bool = False) -> Path:
 
     train_examples = tokenize_split(config.data.train, PairRow, tokenize)
     eval_examples = tokenize_split(config.data.eval, PairRow, tokenize) if config.data.eval else None
+    max_responses = 2
+    if config.group_by_prompt:
+        pairs = len(train_examples)
+        train_examples = group_by_prompt(train_examples)
+        eval_examples = group_by_prompt(eval_examples) if eval_examples else eval_examples
+        max_responses = max(len(e["responses"]) for e in train_examples + (eval_examples or []))
+        log.info("group_by_prompt: %d pairs in %d prompt groups (at most %d responses per prompt)", pairs,
+                 len(train_examples), max_responses)
     model = load_reward_model(config.model, tokenizer)
     model = train(
-        RewardObjective(tokenizer.pad_token_id, center_coef=config.loss.center_coef, options=LayoutOptions.from_config(config.train)),
+        RewardObjective(tokenizer.pad_token_id, center_coef=config.loss.center_coef,
+                        options=LayoutOptions.from_config(config.train), max_responses=max_responses),
         model, train_examples,
         config.train, output_dir, accelerator, eval_examples=eval_examples, resume=resume,
         run_config=config.model_dump(mode="json"),
