@@ -22,12 +22,13 @@ def test_miniature_demo_runs_end_to_end(tiny_model_dir, tmp_path):
         "feedback.judge_function=rlhf_workflow.tasks.instructions:noisy_judge", "feedback.rm_train.epochs=1",
         "feedback.rm_max_length=96", "feedback.rm_train.per_device_batch_size=2", "dpo.train.per_device_batch_size=2", "generation.sampling.max_new_tokens=8", "generation.hf.batch_size=4",
         "judge.max_length=96", "dpo.max_length=96", "dpo.train.epochs=1", "dpo.train.lr=1e-3",
-        "eval.sampling.max_new_tokens=8", "eval.bootstrap=100",
+        "eval.sampling.max_new_tokens=8", "eval.bootstrap=100", "feedback.train_pm=true",
+        "feedback.pm_train.per_device_batch_size=2",
     ]
     assert main(["demo", *overrides]) == 0
     fb = run_dir / "feedback"
     for name in ("prompts.jsonl", "generations.jsonl", "scored.jsonl", "pairs.jsonl", "heldout_pairs.jsonl",
-                 "rm/model/model.safetensors", "rm_eval.json"):
+                 "rm/model/model.safetensors", "rm_eval.json", "pm/model/model.safetensors", "pm_eval.json"):
         assert (fb / name).exists(), name
     # the loop judged with the trained reward model, the baseline got the same number of pairs
     config = json.loads(json.dumps(__import__("yaml").safe_load((run_dir / "config.yaml").read_text())))
@@ -40,4 +41,6 @@ def test_miniature_demo_runs_end_to_end(tiny_model_dir, tmp_path):
     constraints = [json.loads(line)["constraints"] for line in (run_dir / "eval_prompts.jsonl").read_text().splitlines()]
     assert len(constraints) == 6 and all(constraints)
     report = (run_dir / "report" / "report.md").read_text()
-    assert "| offline |" in report and "held-out accuracy" in report
+    assert "| offline |" in report and "reward model trained on simulated human feedback: held-out accuracy" in report
+    assert "preference model trained on simulated human feedback: held-out accuracy" in report
+    assert json.loads((fb / "pm_eval.json").read_text())["kind"] == "pm"

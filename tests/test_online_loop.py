@@ -81,7 +81,7 @@ def test_two_iterations_write_every_file_and_the_report(recipe, tmp_path):
     md, page = (report / "report.md").read_text(), (report / "report.html").read_text()
     assert "| iter_2 |" in md
     for png in ("proxy_reward.png", "gold.png", "win_rate_vs_initial.png", "kl_vs_initial.png", "length_tokens.png",
-                "pair_rewards.png"):
+                "pair_rewards.png", "proxy_vs_gold.png"):
         assert (report / png).stat().st_size > 1000 and f"src='{png}'" in page
     # running it again redoes nothing; a different recipe is refused unless --force
     assert main(["run", *recipe, f"output_dir={run_dir}"]) == 0

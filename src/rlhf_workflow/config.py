@@ -460,6 +460,10 @@ class FeedbackConfig(Strict):
     rm_model: ModelConfig | None = Field(None, description="the reward model's backbone; default: the policy's")
     rm_train: TrainConfig = TrainConfig(epochs=2, lr=1e-5, per_device_batch_size=8)
     rm_max_length: int = Field(512, gt=0)
+    train_pm: bool = Field(False, description="also train the pairwise preference model on the same pairs and "
+                           "report its held-out accuracy (feedback/pm_eval.json); the loop still judges with the "
+                           "reward model unless judge.type=preference_model")
+    pm_train: TrainConfig = TrainConfig(epochs=1, lr=1e-5, per_device_batch_size=8)
     rm_group_by_prompt: bool = Field(True, description="train the reward model on each prompt's pairs as one "
                                      "example (see train-rm group_by_prompt): much less compute with strategy 'all'")
 

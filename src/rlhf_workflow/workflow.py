@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import random
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from rlhf_workflow.config import RunConfig
 
@@ -24,13 +24,14 @@ DEMO_RECIPE = Path(__file__).parent / "recipes" / "demo.yaml"
 def _feedback(runner: Any) -> Path:
     """The simulated-feedback stages; returns the trained reward model's directory."""
     from rlhf_workflow.config import (AnnotateConfig, DataConfig, EvalRMConfig, GenerateConfig, JudgeConfig, PairsConfig,
-                                      RewardModelConfig)
+                                      PreferenceModelConfig, RewardModelConfig)
     from rlhf_workflow.data.io import iter_jsonl, write_jsonl
     from rlhf_workflow.eval.reward_eval import run_eval_rm
     from rlhf_workflow.generate.stage import run_generate
     from rlhf_workflow.online.annotate import run_annotate
     from rlhf_workflow.online.pairs import run_pairs
     from rlhf_workflow.train.checkpoint import latest_checkpoint
+    from rlhf_workflow.train.preference import run_train_pm
     from rlhf_workflow.train.reward import run_train_rm
 
     c, f = runner.config, runner.config.feedback
@@ -76,18 +77,38 @@ def _feedback(runner: Any) -> Path:
                                                        apply_chat_template=c.apply_chat_template)),
                      resume=latest_checkpoint(out) is not None)
 
-    def evaluate_rm() -> None:
+    def evaluate(kind: str) -> Callable[[], None]:
+        def run() -> None:
+            held = fb / "heldout_pairs.jsonl"
+            if main and held.exists() and held.stat().st_size > 0:
+                run_eval_rm(EvalRMConfig(model=str(fb / kind / "model"), data=str(held), kind=kind,
+                                         output=str(fb / f"{kind}_eval.json"), max_length=f.rm_max_length,
+                                         apply_chat_template=c.apply_chat_template))
+        return run
+
+    def train_pm() -> None:
+        out = fb / "pm"
+        if (out / "model").is_dir():
+            return
+        model = (f.rm_model or c.policy).model_copy(update={"gradient_checkpointing": False})
         held = fb / "heldout_pairs.jsonl"
-        if main and held.exists() and held.stat().st_size > 0:
-            run_eval_rm(EvalRMConfig(model=str(fb / "rm" / "model"), data=str(held), output=str(fb / "rm_eval.json"),
-                                     max_length=f.rm_max_length, apply_chat_template=c.apply_chat_template))
+        has_heldout = held.exists() and held.stat().st_size > 0
+        run_train_pm(PreferenceModelConfig(output_dir=str(out), model=model, train=f.pm_train,
+                                           data=DataConfig(train=str(fb / "pairs.jsonl"),
+                                                           eval=str(held) if has_heldout else None,
+                                                           max_length=f.rm_max_length,
+                                                           apply_chat_template=c.apply_chat_template)),
+                     resume=latest_checkpoint(out) is not None)
 
     runner.stage("prompts", runner.write_prompts)
     runner.stage("feedback/generate", generate)
     runner.stage("feedback/annotate", annotate)
     runner.stage("feedback/pairs", pairs)
     runner.stage("feedback/rm", train_rm)
-    runner.stage("feedback/eval-rm", evaluate_rm)
+    runner.stage("feedback/eval-rm", evaluate("rm"))
+    if f.train_pm:
+        runner.stage("feedback/pm", train_pm)
+        runner.stage("feedback/eval-pm", evaluate("pm"))
     return fb / "rm" / "model"
 
 

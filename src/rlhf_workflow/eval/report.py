@@ -96,6 +96,35 @@ def _plot_curves(rows: list[dict[str, Any]], out: Path) -> list[tuple[str, str]]
     return made
 
 
+def _plot_proxy_vs_gold(rows: list[dict[str, Any]], out: Path) -> tuple[str, str] | None:
+    """Gold against proxy reward, one point per policy: if the proxy keeps rising while the gold
+    score stalls or falls, the policy is over-optimising the proxy."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    points = [r for r in rows if r.get("proxy_reward") is not None and r.get("gold") is not None]
+    if len(points) < 2:
+        return None
+    online = sorted((r for r in points if r.get("mode") != "offline"), key=lambda r: r.get("iteration") or 0)
+    fig, ax = plt.subplots(figsize=(5, 3.4), dpi=110)
+    if online:
+        ax.plot([r["proxy_reward"] for r in online], [r["gold"] for r in online], marker="o", label="online")
+    for r in points:
+        if r.get("mode") == "offline":
+            ax.plot([r["proxy_reward"]], [r["gold"]], marker="s", color="tab:red", linestyle="", label="offline")
+        ax.annotate(r["id"], (r["proxy_reward"], r["gold"]), textcoords="offset points", xytext=(4, 4), fontsize=7)
+    ax.set_xlabel("proxy reward (judge)")
+    ax.set_ylabel("gold metric")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out / "proxy_vs_gold.png")
+    plt.close(fig)
+    return "proxy_vs_gold.png", "gold metric against proxy reward (over-optimisation shows as proxy up, gold flat)"
+
+
 def _plot_pair_rewards(run_dir: Path, out: Path) -> tuple[str, str] | None:
     import matplotlib
 
@@ -137,20 +166,21 @@ def write_report(run_dir: str | Path) -> Path:
     out = run_dir / "report"
     out.mkdir(parents=True, exist_ok=True)
     plots = _plot_curves(rows, out)
-    pair_plot = _plot_pair_rewards(run_dir, out)
-    if pair_plot:
-        plots.append(pair_plot)
+    for extra in (_plot_proxy_vs_gold(rows, out), _plot_pair_rewards(run_dir, out)):
+        if extra:
+            plots.append(extra)
     state_file = run_dir / "state.json"
     seconds = json.loads(state_file.read_text()).get("seconds", {}) if state_file.exists() else {}
     title = f"rlhf-workflow report: {run_dir.name}"
-    rm_eval_file = run_dir / "feedback" / "rm_eval.json"
-    rm_line = None
-    if rm_eval_file.exists():
-        rm_eval = json.loads(rm_eval_file.read_text())
-        rm_line = (f"The judge is a reward model trained on simulated human feedback: held-out accuracy "
-                   f"{rm_eval['accuracy']:.3f} on {rm_eval['scored']} pairs.")
+    feedback_lines = []
+    for kind, what in (("rm", "Bradley–Terry reward model"), ("pm", "pairwise preference model")):
+        path = run_dir / "feedback" / f"{kind}_eval.json"
+        if path.exists():
+            result = json.loads(path.read_text())
+            feedback_lines.append(f"The {what} trained on simulated human feedback: held-out accuracy "
+                                  f"{result['accuracy']:.3f} on {result['scored']} pairs.")
     md = [f"# {title}", "", "Held-out evaluation of each policy (95 % bootstrap intervals over prompts in brackets):",
-          "", table(rows), ""] + ([rm_line, ""] if rm_line else [])
+          "", table(rows), ""] + [line + "\n" for line in feedback_lines]
     for name, label in plots:
         md += [f"## {label}", "", f"![{label}]({name})", ""]
     if seconds:
@@ -164,8 +194,7 @@ def write_report(run_dir: str | Path) -> Path:
     for row in rows:
         body.append("<tr>" + "".join(f"<td>{html.escape(_cell(row, k))}</td>" for k, _ in COLUMNS) + "</tr>")
     body.append("</table>")
-    if rm_line:
-        body.append(f"<p>{html.escape(rm_line)}</p>")
+    body += [f"<p>{html.escape(line)}</p>" for line in feedback_lines]
     for name, label in plots:
         body += [f"<h2>{html.escape(label)}</h2>", f"<img src='{html.escape(name)}' alt='{html.escape(label)}'>"]
     if seconds:
