@@ -164,8 +164,8 @@ def test_plain_text_without_chat_template(chatml_tokenizer):
 def test_no_chat_template_is_a_user_error():
     tokenizer = build_tokenizer("none")
     expected = (
-        "the tokenizer has no chat template; set data.apply_chat_template=false to use plain text, "
-        "or use a chat model"
+        f"the tokenizer of {tokenizer.name_or_path or 'the model'} has no chat template; set "
+        "data.apply_chat_template=false to use plain text, or use a chat model"
     )
     with pytest.raises(UserError) as info:
         encode_prompt(tokenizer, PROMPT)

@@ -51,6 +51,11 @@ def _json_type(value: Any) -> str:
     return type(value).__name__
 
 
+def _json_error(exc: json.JSONDecodeError) -> str:
+    """json's message and column ("Unterminated string starting at" ends in "at" already)."""
+    return f"{exc.msg.removesuffix(' at')} at column {exc.colno}"
+
+
 def _parse_line(raw: bytes, path: str, line_number: int) -> dict[str, Any] | None:
     """Decode one line of a JSON Lines file; None for a blank line."""
     try:
@@ -59,12 +64,13 @@ def _parse_line(raw: bytes, path: str, line_number: int) -> dict[str, Any] | Non
         raise UserError(f"{path}:{line_number}: not valid UTF-8") from None
     if line_number == 1:
         text = text.removeprefix("\ufeff")  # a byte-order mark some editors write
+    text = text.rstrip("\r\n")  # else an error at the end of the line is placed on a line after it
     if not text.strip():
         return None
     try:
         value = json.loads(text)
     except json.JSONDecodeError as exc:
-        raise UserError(f"{path}:{line_number}: invalid JSON ({exc.msg} at column {exc.colno})") from None
+        raise UserError(f"{path}:{line_number}: invalid JSON ({_json_error(exc)})") from None
     if not isinstance(value, dict):
         raise UserError(f"{path}:{line_number}: expected a JSON object, got {_json_type(value)}")
     return value
@@ -107,7 +113,7 @@ def _read_json(path: str | os.PathLike[str]) -> list[tuple[str, dict[str, Any]]]
     try:
         value = json.loads(text)
     except json.JSONDecodeError as exc:
-        raise UserError(f"{shown}:{exc.lineno}: invalid JSON ({exc.msg} at column {exc.colno})") from None
+        raise UserError(f"{shown}:{exc.lineno}: invalid JSON ({_json_error(exc)})") from None
     rows: list[tuple[str, dict[str, Any]]] = []
     for index, item in enumerate(value, start=1):
         if not isinstance(item, dict):
@@ -175,6 +181,12 @@ def _raw_rows(path: str | os.PathLike[str]) -> list[tuple[str, dict[str, Any]]]:
     if suffix in TABLE_SUFFIXES:
         return _read_table(path)
     raise UserError(f"{shown}: unsupported file type '{suffix or '(none)'}'; expected {SUPPORTED}")
+
+
+def row_positions(path: str | os.PathLike[str]) -> list[str]:
+    """Where each row of ``path`` is, in `read_rows` order ("file:line" for JSON Lines): for
+    error messages about a row found after reading."""
+    return [where for where, _ in _raw_rows(path)]
 
 
 def validate_row(schema: type[RowT], data: dict[str, Any], where: str) -> RowT:

@@ -246,6 +246,12 @@ class GenerationRow(Row):
         return to_messages(self.prompt, "user")
 
 
+class ScoredRow(GenerationRow):
+    """A generation row after annotation: ``rewards`` is required."""
+
+    rewards: list[float | None]
+
+
 class PairRow(Row):
     """A preference pair: ``chosen`` is preferred to ``rejected`` for ``prompt``.
 

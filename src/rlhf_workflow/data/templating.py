@@ -33,9 +33,6 @@ from typing import Any
 from rlhf_workflow.data.schemas import Message, to_messages
 from rlhf_workflow.errors import UserError
 
-NO_CHAT_TEMPLATE = (
-    "the tokenizer has no chat template; set data.apply_chat_template=false to use plain text, or use a chat model"
-)
 NOT_PREFIX_CONSISTENT = (
     "the chat template is not prefix-consistent: the rendered conversation does not start with the "
     "rendered {what}, so the assistant tokens cannot be located"
@@ -44,16 +41,20 @@ NOT_PREFIX_CONSISTENT = (
 ConversationValue = str | list[Message] | list[dict[str, str]]
 
 
-def _require_chat_template(tokenizer: Any) -> None:
+def require_chat_template(tokenizer: Any, key: str = "data.apply_chat_template") -> None:
+    """A `UserError` naming the tokenizer when it has no chat template; ``key`` is the option that
+    turns templating off in the calling stage (``apply_chat_template`` for generate, annotate, run)."""
     if getattr(tokenizer, "chat_template", None) is None:
-        raise UserError(NO_CHAT_TEMPLATE)
+        name = getattr(tokenizer, "name_or_path", "") or "the model"
+        raise UserError(f"the tokenizer of {name} has no chat template; set {key}=false to use plain text, "
+                        "or use a chat model")
 
 
 def render(tokenizer: Any, messages: list[dict[str, str]], *, add_generation_prompt: bool) -> str:
     """The chat template's text for ``messages`` (no tokenization)."""
     import jinja2
 
-    _require_chat_template(tokenizer)
+    require_chat_template(tokenizer)
     try:
         text = tokenizer.apply_chat_template(
             messages, tokenize=False, add_generation_prompt=add_generation_prompt

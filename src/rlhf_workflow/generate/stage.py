@@ -26,7 +26,7 @@ from typing import Any
 from tqdm.auto import tqdm
 
 from rlhf_workflow.config import GenerateConfig
-from rlhf_workflow.errors import UserError
+from rlhf_workflow.errors import UserError, model_source
 from rlhf_workflow.generate.base import GenerationRequest, GenerationResult, Generator
 
 logger = logging.getLogger(__name__)
@@ -38,6 +38,7 @@ def errors_path(output: Path) -> Path:
 
 def make_generator(config: GenerateConfig, device: Any) -> Generator:
     """The backend the config names, with its model loaded."""
+    from rlhf_workflow.data.templating import require_chat_template
     from rlhf_workflow.models.loading import load_model, load_tokenizer
 
     model_config = config.model.model_copy(update={"lora": config.model.lora.model_copy(update={"r": 0}),
@@ -47,6 +48,8 @@ def make_generator(config: GenerateConfig, device: Any) -> Generator:
         from rlhf_workflow.generate.hf import HFGenerator
 
         tokenizer = load_tokenizer(tokenizer_source, trust_remote_code=config.model.trust_remote_code)
+        if config.apply_chat_template:
+            require_chat_template(tokenizer, "apply_chat_template")
         model = load_model(model_config).to(config.model.device or device)
         return HFGenerator(model, tokenizer, batch_size=config.hf.batch_size, chat_template=config.apply_chat_template)
     if config.backend == "vllm":
@@ -55,6 +58,8 @@ def make_generator(config: GenerateConfig, device: Any) -> Generator:
 
         import_vllm()
         tokenizer = load_tokenizer(tokenizer_source, trust_remote_code=config.model.trust_remote_code)
+        if config.apply_chat_template:
+            require_chat_template(tokenizer, "apply_chat_template")
         return VLLMGenerator(model_config, config.vllm, tokenizer, chat_template=config.apply_chat_template,
                              stop_ids=end_of_turn_ids(tokenizer, chat_template=config.apply_chat_template),
                              seed=config.sampling.seed)
@@ -105,7 +110,8 @@ def run_generate(config: GenerateConfig, *, progress: bool = True) -> Path:
     tokens = finished = 0
     start = time.perf_counter()
     if mine:
-        generator = make_generator(config, state.device)
+        with model_source("model.name_or_path"):
+            generator = make_generator(config, state.device)
         by_id = {p.id: p for p in mine}
         requests = [GenerationRequest(p.id, p.prompt_messages()) for p in mine]
         bar = tqdm(total=len(mine), desc="generate", unit="prompt", disable=not (progress and state.is_main_process))
@@ -150,6 +156,12 @@ def run_generate(config: GenerateConfig, *, progress: bool = True) -> Path:
     if failed:
         first_id, first_error, _ = failed[0]
         retryable = sum(1 for *_, r in failed if r)
+        if not retryable and len(failed) == len(todo):
+            from rlhf_workflow.data.io import row_positions
+
+            where = row_positions(config.prompts)[[p.id for p in prompts].index(first_id)]
+            raise UserError(f"{where}: field 'prompt': {first_error}; no prompt of {config.prompts} can be answered "
+                            f"(all {len(failed)} are listed in {error_file})")
         message = (f"{len(failed)} of {len(todo)} prompts got no responses (listed in {error_file}); "
                    f"first, prompt {first_id!r}: {first_error}")
         if retryable:

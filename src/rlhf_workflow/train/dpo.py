@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 
 from rlhf_workflow.config import DPOConfig, DPOLossConfig
 from rlhf_workflow.data.schemas import PairRow
-from rlhf_workflow.errors import UserError
+from rlhf_workflow.errors import UserError, model_source
 from rlhf_workflow.models.forward import body_hidden_states, unwrap
 from rlhf_workflow.train.batching import LayoutOptions, layout, sequence_logprobs
 from rlhf_workflow.train.losses import dpo_loss
@@ -223,26 +223,30 @@ def run_dpo(config: DPOConfig, *, resume: bool = False) -> Path:
     from rlhf_workflow.models.loading import is_peft_model, load_model
     from rlhf_workflow.models.saving import save_model
     from rlhf_workflow.train.loop import train
-    from rlhf_workflow.train.stage import finish_stage, start_stage
+    from rlhf_workflow.train.stage import Dropped, finish_stage, length_limit, nothing_usable, start_stage
 
     accelerator, output_dir = start_stage(config)
-    tokenizer = load_tokenizer(config.model.tokenizer or config.model.name_or_path,
-                               trust_remote_code=config.model.trust_remote_code)
+    with model_source("model.name_or_path"):
+        tokenizer = load_tokenizer(config.model.tokenizer or config.model.name_or_path,
+                                   trust_remote_code=config.model.trust_remote_code)
+        max_length, limit = length_limit(config)
     options = LayoutOptions.from_config(config.train)
 
     def tokenize(path: str) -> tuple[list[PairRow], list[dict]]:
         rows = read_rows(path, PairRow)
-        examples = tokenize_pairs(rows, tokenizer, max_length=config.data.max_length,
+        dropped = Dropped()
+        examples = tokenize_pairs(rows, tokenizer, max_length=max_length,
                                   chat_template=config.data.apply_chat_template, source=path,
-                                  extra=lambda row: {f: getattr(row, f) for f in REF_FIELDS})
+                                  extra=lambda row: {f: getattr(row, f) for f in REF_FIELDS}, dropped=dropped, limit=limit)
         if not examples:
-            raise UserError(f"{path}: no pair fits within data.max_length {config.data.max_length} (see the warnings above)")
+            raise nothing_usable(path, dropped, "pair")
         return rows, examples
 
     train_rows, train_examples = tokenize(config.data.train)
     eval_rows, eval_examples = tokenize(config.data.eval) if config.data.eval else ([], None)
 
-    policy = SequenceLogprobs(load_model(config.model), config.logprob_chunk)
+    with model_source("model.name_or_path"):
+        policy = SequenceLogprobs(load_model(config.model), config.logprob_chunk)
     lora = is_peft_model(policy.model)
     separate_reference = config.reference.name_or_path is not None or (not lora and not config.reference.precompute)
     reference_model = None
@@ -250,7 +254,8 @@ def run_dpo(config: DPOConfig, *, resume: bool = False) -> Path:
         source = config.reference.name_or_path or config.model.name_or_path
         reference_config = ModelConfig(name_or_path=source, dtype=config.model.dtype, trust_remote_code=config.model.trust_remote_code,
                                        attn_implementation=config.model.attn_implementation)
-        reference_model = load_model(reference_config).to(accelerator.device)
+        with model_source("reference.name_or_path" if config.reference.name_or_path else "model.name_or_path"):
+            reference_model = load_model(reference_config).to(accelerator.device)
 
     reference = None
     if config.reference.precompute:

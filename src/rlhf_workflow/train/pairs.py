@@ -30,14 +30,24 @@ def encode_pair(tokenizer: Any, row: PairRow, *, max_length: int, chat_template:
 
 
 def tokenize_pairs(rows: list[PairRow], tokenizer: Any, *, max_length: int, chat_template: bool, source: str,
-                   extra: Callable[[PairRow], dict[str, Any]] | None = None) -> list[dict]:
+                   extra: Callable[[PairRow], dict[str, Any]] | None = None, dropped: list | None = None,
+                   limit: str = "") -> list[dict]:
     """Examples ``{"id", "prompt_ids", "chosen_ids", "rejected_ids", **extra(row)}`` (responses
-    without the prompt; see `encode_pair`). Cut prompts and dropped pairs are counted in a warning."""
-    examples, truncated, dropped = [], 0, 0
-    for row in rows:
+    without the prompt; see `encode_pair`). Cut prompts and dropped pairs are counted in a warning;
+    dropped pairs are listed in ``dropped`` as (index, field, why), ``limit`` naming max_length."""
+    examples, truncated = [], 0
+    dropped = dropped if dropped is not None else []
+    for index, row in enumerate(rows):
         encoded = encode_pair(tokenizer, row, max_length=max_length, chat_template=chat_template)
         if encoded is None:
-            dropped += 1
+            lengths = {}
+            for side in ("chosen", "rejected"):
+                ids, mask = encode_prompt_response(tokenizer, row.prompt, getattr(row, side), chat_template=chat_template)
+                lengths[side] = len(ids) - mask.index(1)
+            side = max(lengths, key=lengths.__getitem__)
+            dropped.append((index, side, f"the response has {lengths[side]} tokens, too many for "
+                            f"{limit or f'max_length {max_length}'} with at least one prompt token (responses are "
+                            "never cut)"))
             continue
         prompt, chosen, rejected, cut = encoded
         truncated += cut > 0
@@ -45,7 +55,7 @@ def tokenize_pairs(rows: list[PairRow], tokenizer: Any, *, max_length: int, chat
         examples.append(example | (extra(row) if extra else {}))
     if truncated or dropped:
         log.warning("%s: %d pairs had their prompt cut from the left to fit max_length %d; %d dropped "
-                    "(a response alone is longer)", source, truncated, max_length, dropped)
+                    "(a response alone is longer)", source, truncated, max_length, len(dropped))
     return examples
 
 

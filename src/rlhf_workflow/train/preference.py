@@ -14,6 +14,7 @@ from typing import Any
 import torch
 
 from rlhf_workflow.config import PreferenceModelConfig
+from rlhf_workflow.errors import model_source
 from rlhf_workflow.data.schemas import PairRow, response_text
 from rlhf_workflow.models.preference import FORMAT_FILE, PreferenceFormat, encode_comparison, label_token_ids
 from rlhf_workflow.models.forward import pad_batch
@@ -82,22 +83,28 @@ def run_train_pm(config: PreferenceModelConfig, *, resume: bool = False) -> Path
     from rlhf_workflow.models import load_tokenizer, save_model
     from rlhf_workflow.models.preference import load_preference_model
     from rlhf_workflow.train.loop import train
-    from rlhf_workflow.train.stage import finish_stage, start_stage, tokenize_split
+    from rlhf_workflow.train.stage import finish_stage, length_limit, start_stage, tokenize_split
 
     accelerator, output_dir = start_stage(config)
-    tokenizer = load_tokenizer(config.model.tokenizer or config.model.name_or_path, trust_remote_code=config.model.trust_remote_code)
+    with model_source("model.name_or_path"):
+        tokenizer = load_tokenizer(config.model.tokenizer or config.model.name_or_path,
+                                   trust_remote_code=config.model.trust_remote_code)
     fmt = PreferenceFormat(
         template=config.format.template, label_a=config.format.label_a, label_b=config.format.label_b,
         chat_template=config.data.apply_chat_template,
     )
     label_ids = label_token_ids(tokenizer, fmt)
 
-    def tokenize(rows: list[PairRow], source: str) -> list[dict]:
-        return tokenize_comparisons(rows, tokenizer, fmt, max_length=config.data.max_length, seed=config.train.seed, source=source)
+    with model_source("model.name_or_path"):
+        max_length, _ = length_limit(config)
+
+    def tokenize(rows: list[PairRow], source: str, dropped: list) -> list[dict]:
+        return tokenize_comparisons(rows, tokenizer, fmt, max_length=max_length, seed=config.train.seed, source=source)
 
     train_examples = tokenize_split(config.data.train, PairRow, tokenize)
     eval_examples = tokenize_split(config.data.eval, PairRow, tokenize) if config.data.eval else None
-    model = load_preference_model(config.model)
+    with model_source("model.name_or_path"):
+        model = load_preference_model(config.model)
     model = train(
         PreferenceObjective(tokenizer.pad_token_id, label_ids), model, train_examples, config.train, output_dir,
         accelerator, eval_examples=eval_examples, resume=resume, run_config=config.model_dump(mode="json"),

@@ -18,7 +18,7 @@ import torch
 
 from rlhf_workflow.config import RewardModelConfig
 from rlhf_workflow.data.schemas import PairRow
-from rlhf_workflow.errors import UserError
+from rlhf_workflow.errors import UserError, model_source
 from rlhf_workflow.train.batching import LayoutOptions, layout
 from rlhf_workflow.train.losses import bradley_terry_loss
 from rlhf_workflow.train.pairs import group_by_prompt, tokenize_pairs
@@ -97,17 +97,22 @@ def run_train_rm(config: RewardModelConfig, *, resume: bool = False) -> Path:
     from rlhf_workflow.models import load_tokenizer
     from rlhf_workflow.models.reward import load_reward_model, prepare_reward_tokenizer, save_reward_model
     from rlhf_workflow.train.loop import train
-    from rlhf_workflow.train.stage import finish_stage, start_stage, tokenize_split
+    from rlhf_workflow.train.stage import finish_stage, length_limit, start_stage, tokenize_split
 
     accelerator, output_dir = start_stage(config)
-    tokenizer = prepare_reward_tokenizer(
-        load_tokenizer(config.model.tokenizer or config.model.name_or_path, trust_remote_code=config.model.trust_remote_code)
-    )
+    with model_source("model.name_or_path"):
+        tokenizer = prepare_reward_tokenizer(
+            load_tokenizer(config.model.tokenizer or config.model.name_or_path, trust_remote_code=config.model.trust_remote_code)
+        )
 
-    def tokenize(rows: list[PairRow], source: str) -> list[dict]:
+    with model_source("model.name_or_path"):
+        max_length, limit = length_limit(config)
+
+    def tokenize(rows: list[PairRow], source: str, dropped: list) -> list[dict]:
         return tokenize_pairs(
-            rows, tokenizer, max_length=config.data.max_length, chat_template=config.data.apply_chat_template, source=source,
+            rows, tokenizer, max_length=max_length, chat_template=config.data.apply_chat_template, source=source,
             extra=lambda row: {"margin": config.loss.margin + pair_margin(row, config.loss.margin_field, source)},
+            dropped=dropped, limit=limit,
         )
 
     train_examples = tokenize_split(config.data.train, PairRow, tokenize)
@@ -120,7 +125,8 @@ def run_train_rm(config: RewardModelConfig, *, resume: bool = False) -> Path:
         max_responses = max(len(e["responses"]) for e in train_examples + (eval_examples or []))
         log.info("group_by_prompt: %d pairs in %d prompt groups (at most %d responses per prompt)", pairs,
                  len(train_examples), max_responses)
-    model = load_reward_model(config.model, tokenizer)
+    with model_source("model.name_or_path"):
+        model = load_reward_model(config.model, tokenizer)
     model = train(
         RewardObjective(tokenizer.pad_token_id, center_coef=config.loss.center_coef,
                         options=LayoutOptions.from_config(config.train), max_responses=max_responses),

@@ -14,6 +14,7 @@ import torch
 from tqdm.auto import tqdm
 
 from rlhf_workflow.config import SFTConfig
+from rlhf_workflow.errors import model_source
 from rlhf_workflow.data.schemas import SFTRow
 from rlhf_workflow.data.templating import encode_conversation, encode_prompt_response, truncate
 from rlhf_workflow.train.losses import sft_loss
@@ -53,24 +54,30 @@ class SFTObjective:
         return sft_loss(logits, batch["input_ids"], batch["loss_mask"]), {}
 
 
-def tokenize_sft(rows: list[SFTRow], tokenizer: Any, *, max_length: int, chat_template: bool, source: str) -> list[dict]:
-    """Token ids and loss masks for SFT rows; rows with no response token left after truncation are dropped."""
-    examples, truncated, dropped = [], 0, 0
-    for row in tqdm(rows, desc="tokenize", disable=len(rows) < 2000):
+def tokenize_sft(rows: list[SFTRow], tokenizer: Any, *, max_length: int, chat_template: bool, source: str,
+                 dropped: list | None = None, limit: str = "") -> list[dict]:
+    """Token ids and loss masks for SFT rows; rows with no response token left after truncation are
+    dropped (and listed in ``dropped`` as (index, field, why); ``limit`` names max_length there)."""
+    examples, truncated = [], 0
+    dropped = dropped if dropped is not None else []
+    for index, row in enumerate(tqdm(rows, desc="tokenize", disable=len(rows) < 2000)):
         if row.messages is not None:
             ids, mask = encode_conversation(tokenizer, row.to_messages(), chat_template=chat_template)
         else:
             ids, mask = encode_prompt_response(tokenizer, row.prompt, row.completion, chat_template=chat_template)
         cut = truncate(ids, mask, max_length)
         if cut is None:
-            dropped += 1
+            before = mask.index(1) if 1 in mask else len(ids)
+            dropped.append((index, "messages" if row.messages is not None else "prompt",
+                            f"{before} tokens come before the first trained token, leaving none within "
+                            f"{limit or f'max_length {max_length}'}"))
             continue
         truncated += len(cut[0]) < len(ids)
         examples.append({"input_ids": cut[0], "loss_mask": cut[1]})
     if truncated or dropped:
         log.warning(
             "%s: %d rows truncated to max_length %d; %d dropped (no response token left)",
-            source, truncated, max_length, dropped,
+            source, truncated, max_length, len(dropped),
         )
     return examples
 
@@ -79,18 +86,22 @@ def run_sft(config: SFTConfig, *, resume: bool = False) -> Path:
     """The `sft` stage: load model and data, train, save ``output_dir/model``. Returns that path."""
     from rlhf_workflow.models import load_model, load_tokenizer, save_model
     from rlhf_workflow.train.loop import train
-    from rlhf_workflow.train.stage import finish_stage, start_stage, tokenize_split
+    from rlhf_workflow.train.stage import finish_stage, length_limit, start_stage, tokenize_split
 
     accelerator, output_dir = start_stage(config)
-    tokenizer = load_tokenizer(config.model.tokenizer or config.model.name_or_path, trust_remote_code=config.model.trust_remote_code)
+    with model_source("model.name_or_path"):
+        tokenizer = load_tokenizer(config.model.tokenizer or config.model.name_or_path,
+                                   trust_remote_code=config.model.trust_remote_code)
+        max_length, limit = length_limit(config)
 
-    def tokenize(rows: list[SFTRow], source: str) -> list[dict]:
-        return tokenize_sft(rows, tokenizer, max_length=config.data.max_length,
-                            chat_template=config.data.apply_chat_template, source=source)
+    def tokenize(rows: list[SFTRow], source: str, dropped: list) -> list[dict]:
+        return tokenize_sft(rows, tokenizer, max_length=max_length, chat_template=config.data.apply_chat_template,
+                            source=source, dropped=dropped, limit=limit)
 
     train_examples = tokenize_split(config.data.train, SFTRow, tokenize)
     eval_examples = tokenize_split(config.data.eval, SFTRow, tokenize) if config.data.eval else None
-    model = load_model(config.model)
+    with model_source("model.name_or_path"):
+        model = load_model(config.model)
     model = train(
         SFTObjective(tokenizer.pad_token_id), model, train_examples, config.train, output_dir, accelerator,
         eval_examples=eval_examples, resume=resume, run_config=config.model_dump(mode="json"),

@@ -8,11 +8,14 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Any, Callable
 
 from rlhf_workflow.config import save_config
 from rlhf_workflow.errors import UserError
+
+log = logging.getLogger(__name__)
 
 
 def start_stage(config: Any) -> tuple[Any, Path]:
@@ -31,15 +34,48 @@ def start_stage(config: Any) -> tuple[Any, Path]:
     return accelerator, output_dir
 
 
-def tokenize_split(path: str, schema: Any, tokenize: Callable[[list, str], list[dict]]) -> list[dict]:
+class Dropped(list):
+    """Rows a tokenizer dropped: ``(row index, field, why)``, in row order."""
+
+    def add(self, index: int, field: str, why: str) -> None:
+        self.append((index, field, why))
+
+
+def nothing_usable(path: str, dropped: Dropped, what: str = "row") -> UserError:
+    """The error for a split whose every row was dropped, naming the first one by file:line and field."""
+    from rlhf_workflow.data.io import row_positions
+
+    if not dropped:
+        return UserError(f"{path}: no {what} is usable")
+    index, field, why = dropped[0]
+    return UserError(f"{row_positions(path)[index]}: field '{field}': {why}; no {what} of {path} is usable "
+                     f"({len(dropped)} dropped)")
+
+
+def tokenize_split(path: str, schema: Any, tokenize: Callable[[list, str, Dropped], list[dict]]) -> list[dict]:
     """Read and validate ``path``, then tokenize; a split with nothing usable is a `UserError`."""
     from rlhf_workflow.data.io import read_rows
 
     rows = read_rows(path, schema)
-    examples = tokenize(rows, path)
+    dropped = Dropped()
+    examples = tokenize(rows, path, dropped)
     if not examples:
-        raise UserError(f"{path}: no row is usable within data.max_length (see the warnings above)")
+        raise nothing_usable(path, dropped)
     return examples
+
+
+def length_limit(config: Any) -> tuple[int, str]:
+    """The tokens a training sequence may have: ``data.max_length``, or the model's context when
+    that is shorter (longer sequences would index positions the model never learned). Returns the
+    limit and how to name it in messages."""
+    from rlhf_workflow.models.loading import model_context
+
+    context = model_context(config.model)
+    if context is not None and config.data.max_length > context:
+        log.warning("data.max_length %d is longer than the model's context of %d tokens: sequences are limited to "
+                    "%d", config.data.max_length, context, context)
+        return context, f"the model's context of {context} tokens (data.max_length {config.data.max_length} is longer)"
+    return config.data.max_length, f"data.max_length {config.data.max_length}"
 
 
 def finish_stage(accelerator: Any, output_dir: Path, save: Callable[[Path], None], what: str) -> Path:
