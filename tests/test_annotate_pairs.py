@@ -79,6 +79,15 @@ def test_all_strategy_takes_every_pair_with_different_rewards():
     assert stats["pairs"] == 5 and stats["rows_used"] == 1 and stats["dropped"]["tie"] == 1
 
 
+
+def test_empty_answers_are_never_paired():
+    rows = [{"id": "a", "prompt": "p", "responses": ["good", "", "bad", "  "], "rewards": [1.0, -5.0, 0.0, -3.0]},
+            {"id": "b", "prompt": "q", "responses": ["", "only one"], "rewards": [0.0, 1.0]}]
+    pairs, stats = make_pairs(rows, "max_min")
+    assert [(p["chosen"], p["rejected"]) for p in pairs] == [("good", "bad")]
+    assert stats["empty_responses"] == 3 and stats["dropped"]["unscored"] == 1
+
+
 # ---------------------------------------------------------------- annotate with a function judge
 
 
@@ -238,6 +247,29 @@ def test_reward_model_judge_scores_like_the_scorer(judge_dirs, plain_generations
     assert _annotate(plain_generations, tmp_path / "w.jsonl", "judge.type=reward_model",
                      f"judge.path={judge_dirs / 'pm'}") == 2
     assert "holds a preference model; set judge.type=preference_model" in capsys.readouterr().err
+
+
+def test_a_reward_model_that_returns_nan_marks_rows_instead_of_poisoning_pairs(judge_dirs, plain_generations, tmp_path):
+    """A reward model whose weights went NaN: every response is marked (null reward and the reason),
+    and no pair is made from them."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    broken = tmp_path / "nan-rm"
+    shutil.copytree(judge_dirs / "rm", broken)
+    weights = load_file(broken / "model.safetensors")
+    weights["score.weight"] = torch.full_like(weights["score.weight"], float("nan"))
+    save_file(weights, broken / "model.safetensors", metadata={"format": "pt"})
+    out = tmp_path / "scored.jsonl"
+    # 12 responses: fewer than the 16 all-failing ones after which annotate gives up
+    assert _annotate(plain_generations, out, "judge.type=reward_model", f"judge.path={broken}") == 0
+    rows = _rows(out)
+    assert len(rows) == 3
+    for row in rows:
+        assert row["rewards"] == [None] * 4 and all("returned nan" in e for e in row["reward_errors"].values())
+    pairs, stats = make_pairs(rows, "max_min")
+    assert pairs == [] and stats["dropped"]["unscored"] == 3
 
 
 def test_preference_model_judge_ranks_with_a_knockout(judge_dirs, plain_generations, tmp_path, capsys):

@@ -19,6 +19,7 @@ noticed when it gets fixed) and the gap says what is missing.
 from __future__ import annotations
 
 import json
+import os
 import re
 import shlex
 import shutil
@@ -305,3 +306,10 @@ def test_bad_input_is_one_clear_error(case, tmp_path, monkeypatch, capsys, caplo
         assert _fill(fragment, places) in message, f"{_fill(fragment, places)!r} is not in\n{message}"
     for fragment in case.unexpected:
         assert _fill(fragment, places) not in message, f"{_fill(fragment, places)!r} misleads here:\n{message}"
+    record = os.environ.get("BAD_INPUTS_RECORD")  # the README's table: BAD_INPUTS_RECORD=FILE pytest this file
+    if record:
+        shown = message
+        for name, path in sorted(places.items(), key=lambda item: -len(str(item[1]))):
+            shown = shown.replace(str(path), "{" + name + "}")
+        with open(record, "a", encoding="utf-8") as f:
+            f.write(json.dumps({"id": case.id, "command": case.command, "message": shown}) + "\n")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 
 import pytest
@@ -118,8 +119,41 @@ def test_pickle_weights_are_refused(tiny_model_dir, tmp_path):
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
     torch.save(model.state_dict(), pickled / "pytorch_model.bin")
     (pickled / "model.safetensors").unlink()
-    with pytest.raises(UserError, match="safetensors only"):
+    with pytest.raises(UserError, match="safetensors only.*allow_pickle_weights"):
         load_model(ModelConfig(name_or_path=str(pickled)))
+    # asked for explicitly, the pickle loads (tensors only) and gives the same model
+    ids = torch.tensor([[3, 4, 5, 6]])
+    loaded = load_model(ModelConfig(name_or_path=str(pickled), allow_pickle_weights=True))
+    torch.testing.assert_close(_logits(loaded, ids), _logits(model, ids), rtol=0, atol=0)
+
+
+class _RunsCode:
+    """Unpickling this calls print(...): what a malicious checkpoint would do with os.system."""
+
+    def __reduce__(self):
+        return (print, ("pickle ran code",))
+
+
+def test_a_pickle_that_runs_code_is_refused_even_when_pickles_are_allowed(tiny_model_dir, tmp_path, capsys):
+    evil = tmp_path / "evil"
+    shutil.copytree(tiny_model_dir, evil)
+    (evil / "model.safetensors").unlink()
+    torch.save({"model.embed_tokens.weight": _RunsCode()}, evil / "pytorch_model.bin")
+    with pytest.raises(UserError, match="could not load model"):
+        load_model(ModelConfig(name_or_path=str(evil), allow_pickle_weights=True))
+    assert "pickle ran code" not in capsys.readouterr().out
+
+
+def test_remote_code_is_not_run_unless_asked(tiny_model_dir, tmp_path):
+    custom = tmp_path / "custom"
+    shutil.copytree(tiny_model_dir, custom)
+    marker = tmp_path / "code-ran"
+    (custom / "modeling_custom.py").write_text(f"open({str(marker)!r}, 'w').write('x')\n")
+    config = json.loads((custom / "config.json").read_text())
+    config["auto_map"] = {"AutoModelForCausalLM": "modeling_custom.CustomModel"}
+    (custom / "config.json").write_text(json.dumps(config))
+    load_model(ModelConfig(name_or_path=str(custom)))  # the built-in Llama class: the file is never imported
+    assert not marker.exists()
 
 
 def test_offline_hub_id_is_a_clear_error():

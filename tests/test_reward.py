@@ -381,3 +381,46 @@ def test_builtin_model_as_reward_and_preference_model(tmp_path):
         assert result["kind"] == name and result["scored"] == 8 and "sum" in result["subsets"]
     tok = AutoTokenizer.from_pretrained(tmp_path / "rm" / "model")
     assert tok.pad_token != tok.eos_token == "<|im_end|>"
+
+
+@pytest.mark.parametrize("stage, extra", [("train-rm", []), ("train-rm", ["group_by_prompt=true"]), ("train-pm", [])],
+                         ids=["rm", "rm-grouped", "pm"])
+def test_two_processes_match_one(stage, extra, tiny_model_dir, tmp_path):
+    """Same global batch: 1 process × 4 × 2 accumulation steps vs 2 processes × 4 (DDP on gloo):
+    the same losses and accuracies at every step and the same weights at the end."""
+    import subprocess
+    import sys
+
+    from safetensors.torch import load_file
+    from test_sft import _cli, _env, _free_port
+
+    rows = []
+    for i in range(16):  # prompts with 3 ranked answers each: pairs that group_by_prompt can merge
+        a, b, c = f"the blue sky {i}", f"a quiet river {i}", f"the dog barks {i}"
+        rows += [{"id": f"q{i}/{k}", "prompt": f"Question {i}?", "chosen": x, "rejected": y}
+                 for k, (x, y) in enumerate(((a, b), (a, c), (b, c)))]
+    train = write_jsonl(tmp_path / "train.jsonl", rows)
+    base = [stage, f"model.name_or_path={tiny_model_dir}", f"data.train={train}", "data.max_length=64",
+            "train.lr=1e-3", "train.max_steps=4", "train.per_device_batch_size=4", "train.log_every=1", *extra]
+    one, two = tmp_path / "one", tmp_path / "two"
+    subprocess.run(_cli(*base, f"output_dir={one}", "train.gradient_accumulation_steps=2"), check=True, env=_env(),
+                   capture_output=True)
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2", "--num_machines", "1",
+              "--multi_gpu", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(_free_port()),
+              "-m", "rlhf_workflow", *base, f"output_dir={two}"]
+    result = subprocess.run(launch, env=_env(), capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-3000:]
+
+    def train_rows(out):
+        return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()
+                if json.loads(line)["split"] == "train"]
+
+    a, b = train_rows(one), train_rows(two)
+    assert len(a) == len(b) == 4
+    for x, y in zip(a, b):
+        for key in ("loss", "accuracy"):
+            assert abs(x[key] - y[key]) <= 1e-4 * max(1.0, abs(x[key])), (key, a, b)
+    wa, wb = load_file(one / "model" / "model.safetensors"), load_file(two / "model" / "model.safetensors")
+    assert wa.keys() == wb.keys()
+    for name in wa:
+        torch.testing.assert_close(wa[name], wb[name], rtol=1e-4, atol=1e-5)

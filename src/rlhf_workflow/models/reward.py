@@ -161,12 +161,12 @@ class RewardScorer:
 
     @torch.inference_mode()
     def score_groups(self, prompts: Sequence[Any], responses: Sequence[Sequence[Any]], *, groups_per_batch: int = 8,
-                     progress: bool = False) -> list[list[float]]:
+                     progress: bool = False) -> list[list[float | None]]:
         """Rewards of several responses to each prompt, the prompt computed once per group (one row
         ``[prompt | response 1 | response 2 | ...]`` with a mask that keeps the responses apart, as in
         training). The same values as `score` (to float rounding) when nothing is cut; when the longest
-        response needs it, the shared prompt loses its start for all of the group. NaN for a response
-        that does not fit even so."""
+        response needs it, the shared prompt loses its start for all of the group. None for a response
+        that does not fit even so (a NaN is what the model itself returned)."""
         from rlhf_workflow.data.templating import encode_prompt_response
         from rlhf_workflow.train.batching import LayoutOptions, layout
 
@@ -187,7 +187,7 @@ class RewardScorer:
             longest = max((len(r) for r in kept), default=0)
             cut = max(0, len(prompt_ids) + longest - self.max_length)  # the prompt loses its start, as in `encode`
             groups.append((prompt_ids[cut:], kept, index))
-        out = [[float("nan")] * len(answers) for answers in responses]
+        out: list[list[float | None]] = [[None] * len(answers) for answers in responses]
         todo = [g for g, (_, kept, _) in enumerate(groups) if kept]
         device = next(self.model.parameters()).device
         was_training = self.model.training

@@ -13,6 +13,8 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+from rlhf_workflow.errors import disk_full_as_oserror
+
 
 def replace_directory(tmp: Path, target: Path) -> None:
     """Move the finished directory ``tmp`` onto ``target``, replacing what was there."""
@@ -43,17 +45,18 @@ def save_model(
     tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     try:
-        if is_peft_model(model):
-            model.save_pretrained(tmp / "adapter")
-            merged = copy.deepcopy(model).merge_and_unload()
-            merged.save_pretrained(tmp)
-        else:
-            model.save_pretrained(tmp, state_dict=state_dict)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
-        for name, text in (extra_files or {}).items():
-            (tmp / name).write_text(text, encoding="utf-8")
-        replace_directory(tmp, target)
+        with disk_full_as_oserror(target.parent):
+            if is_peft_model(model):
+                model.save_pretrained(tmp / "adapter")
+                merged = copy.deepcopy(model).merge_and_unload()
+                merged.save_pretrained(tmp)
+            else:
+                model.save_pretrained(tmp, state_dict=state_dict)
+            if tokenizer is not None:
+                tokenizer.save_pretrained(tmp)
+            for name, text in (extra_files or {}).items():
+                (tmp / name).write_text(text, encoding="utf-8")
+            replace_directory(tmp, target)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

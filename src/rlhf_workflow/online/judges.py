@@ -65,12 +65,12 @@ class RewardModelJudge:
             errors: dict[int, str] = {}
             for index in range(len(row["responses"])):
                 value = next(values)
-                if math.isfinite(value):
+                if value is not None and math.isfinite(value):
                     rewards.append(float(value))
-                else:
+                else:  # marked on the row, so the pairs never see it
                     rewards.append(None)
-                    errors[index] = ("the prompt and response do not fit in judge.max_length "
-                                     f"{self.scorer.max_length}" if math.isnan(value) else f"the reward model returned {value}")
+                    errors[index] = (f"the prompt and response do not fit in judge.max_length {self.scorer.max_length}"
+                                     if value is None else f"the reward model returned {value}")
             out.rewards.append(rewards)
             out.errors.append(errors)
         return out

@@ -14,7 +14,8 @@ Strategies, over the responses of one prompt that have a reward (`choose_pair`):
 
 A pair is dropped when its two rewards are equal (a tie says nothing about which is better),
 when their difference is not above ``min_margin`` (if set), when the two texts are identical, or
-when fewer than two responses have a reward. Random draws come from a generator seeded by the
+when fewer than two responses have a reward. Empty answers are never paired (counted in
+``empty_responses``). Random draws come from a generator seeded by the
 seed and the row id, so the pairs do not depend on the order of the rows. The output is written
 at once (atomically); statistics go to the console and to ``<output>.stats.json``.
 """
@@ -79,12 +80,17 @@ def make_pairs(rows: Sequence[dict[str, Any]], strategy: str, *, seed: int = 0,
     """Pairs rows (DESIGN.md format, plus the prompt row's metadata) and statistics."""
     pairs: list[dict[str, Any]] = []
     dropped = dict.fromkeys(DROP_REASONS, 0)
-    rows_used = 0
+    rows_used = empty_responses = 0
     lengths: dict[str, list[float]] = {"chosen": [], "rejected": []}
     for row in rows:
         rewards = row.get("rewards")
         if rewards is None:
             raise UserError(f"row {row['id']!r} has no rewards: run the annotate stage on the generations first")
+        # an empty answer (the model ended its turn at once) is left out: a pair needs text on both sides
+        empty = [i for i, text in enumerate(row["responses"]) if not str(text).strip()]
+        if empty:
+            empty_responses += len(empty)
+            rewards = [None if i in empty else r for i, r in enumerate(rewards)]
         if strategy == "all":
             picked: list[tuple[int, int]] | str = choose_all(rewards, min_margin)
         else:
@@ -115,7 +121,7 @@ def make_pairs(rows: Sequence[dict[str, Any]], strategy: str, *, seed: int = 0,
         return sum(values) / len(values) if values else None
 
     stats: dict[str, Any] = {
-        "strategy": strategy, "rows": len(rows), "rows_used": rows_used, "pairs": len(pairs), "dropped": dropped,
+        "strategy": strategy, "rows": len(rows), "rows_used": rows_used, "pairs": len(pairs), "dropped": dropped, "empty_responses": empty_responses,
         "mean_chosen_reward": mean([p["chosen_reward"] for p in pairs]),
         "mean_rejected_reward": mean([p["rejected_reward"] for p in pairs]),
         "mean_chosen_chars": mean(lengths["chosen"]), "mean_rejected_chars": mean(lengths["rejected"]),

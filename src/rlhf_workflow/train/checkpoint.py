@@ -14,6 +14,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from rlhf_workflow.errors import disk_full_as_oserror
+
 STATE_FILE = "trainer_state.json"
 
 
@@ -59,7 +61,13 @@ def save_checkpoint(accelerator: Any, output_dir: str | Path, step: int, *, keep
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp))
+    try:
+        with disk_full_as_oserror(tmp):
+            accelerator.save_state(str(tmp))
+    except BaseException:
+        if accelerator.is_main_process:  # a half-written checkpoint only takes room
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         with open(tmp / STATE_FILE, "w") as f:

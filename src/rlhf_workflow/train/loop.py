@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,6 +32,8 @@ from rlhf_workflow.errors import UserError
 from rlhf_workflow.train.checkpoint import latest_checkpoint, save_checkpoint
 from rlhf_workflow.train.metrics import MetricsLogger
 from rlhf_workflow.train.objective import Objective
+
+log = logging.getLogger(__name__)
 
 
 def make_accelerator(config: TrainConfig, output_dir: str | Path) -> Any:
@@ -235,7 +238,7 @@ def train(
     start_step = 0
     checkpoint = latest_checkpoint(output_dir)
     if resume and checkpoint is not None:
-        accelerator.load_state(str(checkpoint.path))
+        checkpoint = load_newest_good_checkpoint(accelerator, output_dir)
         start_step = checkpoint.step
         accelerator.print(f"resuming from {checkpoint.path} (step {start_step} of {schedule.total_steps})")
     elif checkpoint is not None:
@@ -342,6 +345,24 @@ def train(
         accelerator.end_training()
     accelerator.wait_for_everyone()
     return accelerator.unwrap_model(model)
+
+
+def load_newest_good_checkpoint(accelerator: Any, output_dir: Path) -> Any:
+    """Load the newest checkpoint that loads; a damaged one (bit rot, a disk that filled while the
+    file system cached it) is reported and the one before it tried. None loading is a `UserError`."""
+    from rlhf_workflow.train.checkpoint import list_checkpoints
+
+    failures = []
+    for checkpoint in reversed(list_checkpoints(output_dir)):
+        try:
+            accelerator.load_state(str(checkpoint.path))
+            return checkpoint
+        except Exception as exc:  # noqa: BLE001 - safetensors, torch and pickle each raise their own types
+            reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            log.warning("checkpoint %s could not be loaded (%s): trying the one before it", checkpoint.path, reason)
+            failures.append(f"{checkpoint.path.name}: {reason}")
+    raise UserError(f"no checkpoint in {output_dir / 'checkpoints'} can be loaded ({'; '.join(failures)}); delete "
+                    "that directory to start this stage over")
 
 
 def stop_for_nonfinite(accelerator: Any, output_dir: Path, step: int, nonfinite: list[Any], grad_norm: float) -> None:

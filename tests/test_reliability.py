@@ -1,0 +1,144 @@
+"""Faults the loop must survive (issue 8): a full disk, a damaged checkpoint, kills at random
+moments (bench/fault_injection.py, here with a few kills), and row ids that look like paths."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+import torch
+
+from rlhf_workflow.cli import main
+from test_online_loop import recipe  # noqa: F401 - the tiny online-loop recipe fixture
+from test_sft import _args, _cli, _env, _metrics, _weights, sft_data  # noqa: F401 - sft_data is a fixture
+
+ROOT = Path(__file__).resolve().parents[1]
+
+pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")
+
+
+def _metric_rows(run_dir: Path) -> dict[str, dict]:
+    return {r["id"]: r for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())}
+
+
+def _same_metrics(a: Path, b: Path) -> None:
+    ours, theirs = _metric_rows(a), _metric_rows(b)
+    assert ours.keys() == theirs.keys()
+    for key, row in theirs.items():
+        for name, value in row.items():
+            if isinstance(value, float):
+                assert ours[key][name] == pytest.approx(value, abs=1e-4), (key, name)
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 300 KB tmpfs (root only): room for the tiny run's prompts and samples, not all its policies (about 1 MB)."""
+    mount = tmp_path / "small-disk"
+    mount.mkdir()
+    if os.geteuid() != 0 or shutil.which("mount") is None:
+        pytest.skip("mounting a tmpfs needs root")
+    made = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=300k", "tmpfs", str(mount)], capture_output=True)
+    if made.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {made.stderr.decode().strip()}")
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], capture_output=True)
+
+
+def test_a_full_disk_is_a_clear_error_and_the_run_resumes(recipe, tmp_path, small_disk, capsys):  # noqa: F811
+    args = [*recipe, "iterations=1", "prompts.per_iteration=8"]
+    clean = tmp_path / "clean"
+    assert main(["run", *args, f"output_dir={clean}"]) == 0
+    capsys.readouterr()
+    full = small_disk / "run"
+    assert main(["run", *args, f"output_dir={full}"]) == 2
+    err = capsys.readouterr().err
+    assert "error: no space left on the device" in err and "run the same command again" in err
+    assert "Traceback" not in err
+    # more room, the same command: it continues and ends where the uninterrupted run did
+    subprocess.run(["mount", "-o", "remount,size=256m", str(small_disk)], check=True)
+    assert main(["run", *args, f"output_dir={full}"]) == 0
+    _same_metrics(full, clean)
+    for name in ("generations.jsonl", "scored.jsonl", "pairs.jsonl"):
+        ids = [json.loads(line)["id"] for line in (full / "iter_1" / name).read_text().splitlines()]
+        assert len(ids) == len(set(ids)) == len((clean / "iter_1" / name).read_text().splitlines()), name
+
+
+def test_a_damaged_checkpoint_is_skipped_for_the_one_before(tiny_model_dir, sft_data, tmp_path):  # noqa: F811
+    steps = 400
+    common = _args(tiny_model_dir, sft_data, "{out}", f"train.max_steps={steps}", "train.save_every=20",
+                   "train.scheduler=cosine", "train.warmup_steps=10", "train.keep_checkpoints=2")
+    straight = tmp_path / "straight"
+    subprocess.run(_cli(*[a.format(out=straight) for a in common]), check=True, env=_env(), capture_output=True)
+
+    killed = tmp_path / "killed"
+    proc = subprocess.Popen(_cli(*[a.format(out=killed) for a in common]), env=_env(),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 300
+    while len(list((killed / "checkpoints").glob("step-*/trainer_state.json"))) < 2:
+        assert proc.poll() is None, "the run ended before its second checkpoint"
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    older, newest = sorted((killed / "checkpoints").glob("step-*"))[-2:]
+    weights = newest / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])  # torn by a crash or bit rot
+
+    resumed = subprocess.run(_cli(*[a.format(out=killed) for a in common], "--resume"), env=_env(),
+                             capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    output = resumed.stdout + resumed.stderr
+    assert f"checkpoint {newest} could not be loaded" in output and f"resuming from {older}" in output
+    a, b = _weights(straight / "model"), _weights(killed / "model")
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], rtol=1e-5, atol=1e-6)
+    assert [r["step"] for r in _metrics(killed)] == list(range(1, steps + 1))
+
+
+def test_every_checkpoint_damaged_is_a_clear_error(tiny_model_dir, sft_data, tmp_path, capsys):  # noqa: F811
+    out = tmp_path / "out"
+    bad = out / "checkpoints" / "step-00000002"
+    bad.mkdir(parents=True)
+    (bad / "trainer_state.json").write_text('{"step": 2}')
+    (bad / "model.safetensors").write_bytes(b"not a safetensors file")
+    assert main([*_args(tiny_model_dir, sft_data, str(out), "train.max_steps=4"), "--resume"]) == 2
+    err = capsys.readouterr().err
+    assert "no checkpoint in" in err and "step-00000002" in err and "delete that directory" in err
+
+
+def test_row_ids_that_look_like_paths_stay_data(recipe, tmp_path):  # noqa: F811
+    """Ids and texts are never used to build paths: ids like '../../x' and '/tmp/x' write nothing
+    outside the run directory."""
+    marker = f"escape-{uuid.uuid4().hex}"
+    rows = [{"id": f"../../{marker}-{i}" if i % 2 else f"/tmp/{marker}-{i}", "prompt": f"Write about {i}."}
+            for i in range(8)]
+    train = tmp_path / "evil_train.jsonl"
+    train.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    run_dir = tmp_path / "deep" / "run"
+    before = set(tmp_path.rglob("*"))
+    args = [a for a in recipe if not a.startswith("prompts.train=")]
+    assert main(["run", *args, f"prompts.train={train}", "iterations=1", f"output_dir={run_dir}"]) == 0
+    created = {p for p in set(tmp_path.rglob("*")) - before if run_dir not in p.parents and p != run_dir}
+    assert created == {tmp_path / "deep"}
+    assert not list(Path("/tmp").glob(f"{marker}*")) and not list(tmp_path.parent.glob(f"{marker}*"))
+    ids = {json.loads(line)["id"] for line in (run_dir / "iter_1" / "generations.jsonl").read_text().splitlines()}
+    assert ids == {r["id"] for r in rows}
+
+
+def test_fault_injection_script_with_a_few_kills(tmp_path):
+    """bench/fault_injection.py (20 kills for the record; 3 here): kills at random moments, then the
+    run ends with the same rows, loadable policies and the same metrics as an uninterrupted one."""
+    result = subprocess.run([sys.executable, str(ROOT / "bench" / "fault_injection.py"), "--kills", "3", "--seed", "3",
+                             "--work", str(tmp_path / "fi")], capture_output=True, text=True, env=_env(), timeout=900)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "OK: all" in result.stdout and result.stdout.count("kill ") >= 3
