@@ -7,10 +7,12 @@ kill, and check that it ends exactly like a run that was never interrupted.
 The run is the online loop on a tiny random model with a programmatic judge (2 iterations, the
 offline baseline, a checkpoint every DPO step, the report), so a kill can land in any stage:
 prompt writing, generation, annotation, pairs, the reference pass, DPO training mid-epoch,
-checkpoint writing, the move of the policy, evaluation, the report. The moments are drawn
-uniformly over the duration of the uninterrupted run (each rerun also pays the start-up of a new
-process, so later kills land later in the run). After the last kill the run is finished with a
-plain rerun, and then:
+checkpoint writing, the move of the policy, evaluation, the report. Every other kill is at a
+moment drawn uniformly over the duration of the uninterrupted run; the others wait for an event
+seen on disk that a random moment rarely hits (`EVENTS`: a checkpoint or a policy being written,
+the reference pass, the report being written). A run that finishes before its next kill is checked
+like the last one and started again from scratch. After the last kill the run is finished with a
+plain rerun, and then (for it and for every run that finished earlier):
 
 * every JSON Lines file of the run (prompts, generations, scores, pairs, reference log-probs,
   evaluation samples, DPO metrics, metrics.jsonl) has the same ids as in the uninterrupted run:
@@ -48,6 +50,14 @@ def gold(row, response):
 '''
 WORDS = ["moon", "blue", "fox", "river", "two", "three", "poem", "dog", "world", "today", "answer", "lazy"]
 TOLERANCE = 1e-4
+EVENTS = {  # moments worth a kill that a random draw rarely hits, as seen from the run directory
+    "checkpoint writing": lambda run: any(run.glob("*/dpo/checkpoints/.tmp-step-*")),
+    "policy saving": lambda run: any(run.glob("*/dpo/.model.tmp-*")),
+    "reference pass or first DPO step": lambda run: any(
+        not (p.parent / "checkpoints").exists() and not (p.parent.parent / "policy").exists()
+        for p in run.glob("*/dpo/*.ref.jsonl")),
+    "report writing": lambda run: (run / "report").is_dir() and not (run / "report" / "report.html").exists(),
+}
 
 
 def write_jsonl(path: Path, rows: list[dict]) -> Path:
@@ -162,22 +172,37 @@ def main() -> int:
 
     rng = random.Random(args.seed)
     hits: list[tuple[float, str]] = []
-    finished_early = 0
+    finished = 0
+    problems: list[str] = []
     log = work / "faulted.log"
     while len(hits) < args.kills:
+        # odd kills: at a random moment; even kills: the moment a watched event is seen on disk
+        event = None if len(hits) % 2 == 0 else list(EVENTS)[(len(hits) // 2) % len(EVENTS)]
         moment = rng.uniform(0.5, duration)
         with open(log, "w") as out:
+            began = time.monotonic()
             proc = subprocess.Popen(command(recipe, faulted), stdout=out, stderr=subprocess.STDOUT, env=env,
                                     start_new_session=True)
-            try:
-                proc.wait(timeout=moment)
-                finished_early += 1  # it finished before the kill: start the run again from scratch
+            if event is None:
+                try:
+                    proc.wait(timeout=moment)
+                except subprocess.TimeoutExpired:
+                    pass
+            else:
+                while proc.poll() is None and not EVENTS[event](faulted):
+                    time.sleep(0.002)
+            if proc.poll() is not None:
+                # the run finished before its kill: check it like the last one, then start over from scratch
+                finished += 1
+                found = [] if proc.returncode == 0 else [f"a rerun failed (exit {proc.returncode}), see {log}"]
+                found = found or compare(clean, faulted)
+                problems += [f"finished run {finished}: {p}" for p in found]
                 shutil.rmtree(faulted)
                 continue
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
-        hits.append((moment, last_stage(log)))
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+            moment = time.monotonic() - began
+        hits.append((moment, f"{event} (watched)" if event else last_stage(log)))
         print(f"kill {len(hits):2d} at {moment:5.1f} s into the process, during: {hits[-1][1]}", flush=True)
     with open(log, "w") as out:
         rc = subprocess.run(command(recipe, faulted), stdout=out, stderr=subprocess.STDOUT, env=env).returncode
@@ -187,15 +212,17 @@ def main() -> int:
     stages: dict[str, int] = {}
     for _, stage in hits:
         stages[stage] = stages.get(stage, 0) + 1
-    print(f"{len(hits)} kills ({finished_early} runs finished before their kill and were restarted), by stage: "
-          + ", ".join(f"{s} {n}" for s, n in sorted(stages.items())))
-    problems = compare(clean, faulted)
+    print(f"{len(hits)} kills, by moment: " + ", ".join(f"{s} {n}" for s, n in sorted(stages.items())))
+    print(f"{finished} runs finished before their next kill; each was checked like the last one, then started "
+          "again from scratch")
+    problems += compare(clean, faulted)
     for problem in problems:
         print("PROBLEM:", problem)
     if not problems:
         files = len(list(clean.rglob("*.jsonl")))
-        print(f"OK: all {files} JSON Lines files have the same rows as the uninterrupted run (no duplicates, none "
-              f"missing); every policy loads; no checkpoint is left; all metrics agree within {TOLERANCE}")
+        print(f"OK: in all {finished + 1} finished runs, all {files} JSON Lines files have the same rows as the "
+              f"uninterrupted run (no duplicates, none missing); every policy loads; no checkpoint is left; all "
+              f"metrics agree within {TOLERANCE}")
     return 1 if problems else 0
 
 
