@@ -12,6 +12,7 @@ The loop is `online.loop`, reward-model training `train.reward`, its evaluation 
 
 from __future__ import annotations
 
+import json
 import random
 from pathlib import Path
 from typing import Any, Callable
@@ -55,12 +56,15 @@ def _feedback(runner: Any) -> Path:
         run_pairs(PairsConfig(input=str(fb / "scored.jsonl"), output=str(fb / "all_pairs.jsonl"), strategy=f.strategy,
                               seed=c.prompts.seed))
         rows = [row for _, row in iter_jsonl(fb / "all_pairs.jsonl")]
-        prompts = sorted({row["prompt"] for row in rows})  # held out by prompt: no prompt on both sides
+        def key(row: dict) -> str:  # a prompt may be a list of messages
+            return row["prompt"] if isinstance(row["prompt"], str) else json.dumps(row["prompt"], sort_keys=True)
+
+        prompts = sorted({key(row) for row in rows})  # held out by prompt: no prompt on both sides
         random.Random(c.prompts.seed).shuffle(prompts)
         held_prompts = set(prompts[: int(round(len(prompts) * f.heldout_share))])
-        held = [row for row in rows if row["prompt"] in held_prompts]
+        held = [row for row in rows if key(row) in held_prompts]
         write_jsonl(fb / "heldout_pairs.jsonl", held)
-        write_jsonl(fb / "pairs.jsonl", [row for row in rows if row["prompt"] not in held_prompts])
+        write_jsonl(fb / "pairs.jsonl", [row for row in rows if key(row) not in held_prompts])
         print(f"feedback: {len(rows) - len(held)} pairs to train the reward model, {len(held)} held out "
               f"({len(held_prompts)} of {len(prompts)} prompts)")
 

@@ -121,7 +121,8 @@ def make_pairs(rows: Sequence[dict[str, Any]], strategy: str, *, seed: int = 0,
         return sum(values) / len(values) if values else None
 
     stats: dict[str, Any] = {
-        "strategy": strategy, "rows": len(rows), "rows_used": rows_used, "pairs": len(pairs), "dropped": dropped, "empty_responses": empty_responses,
+        "strategy": strategy, "rows": len(rows), "rows_used": rows_used, "pairs": len(pairs), "dropped": dropped,
+        "empty_responses": empty_responses,
         "mean_chosen_reward": mean([p["chosen_reward"] for p in pairs]),
         "mean_rejected_reward": mean([p["rejected_reward"] for p in pairs]),
         "mean_chosen_chars": mean(lengths["chosen"]), "mean_rejected_chars": mean(lengths["rejected"]),
@@ -166,6 +167,8 @@ def format_stats(stats: dict[str, Any]) -> str:
             f"{_drops(stats)}; "
             f"mean reward chosen {fmt(stats['mean_chosen_reward'])} vs rejected {fmt(stats['mean_rejected_reward'])}; "
             f"mean length chosen {fmt(stats['mean_chosen_chars'])} vs rejected {fmt(stats['mean_rejected_chars'])} chars")
+    if stats.get("empty_responses"):
+        line += f"; {stats['empty_responses']} empty answers left out"
     if "mean_chosen_tokens" in stats:
         line += f" ({fmt(stats['mean_chosen_tokens'])} vs {fmt(stats['mean_rejected_tokens'])} tokens)"
     return line
