@@ -38,17 +38,10 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tests"))  # the tiny model builders the tests use
+sys.path.insert(0, str(ROOT / "tests"))  # the tiny model builders, judge and words the loop tests use
 
-JUDGE = '''
-def judge(row, response):
-    """Share of vowels among the response's characters."""
-    return sum(c in "aeiou" for c in response) / (1 + len(response))
+from test_online_loop import JUDGE, WORDS  # noqa: E402
 
-def gold(row, response):
-    return float("e" in response)
-'''
-WORDS = ["moon", "blue", "fox", "river", "two", "three", "poem", "dog", "world", "today", "answer", "lazy"]
 TOLERANCE = 1e-4
 EVENTS = {  # moments worth a kill that a random draw rarely hits, as seen from the run directory
     "checkpoint writing": lambda run: any(run.glob("*/dpo/checkpoints/.tmp-step-*")),

@@ -6,10 +6,8 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
-import time
 import uuid
 from pathlib import Path
 
@@ -18,7 +16,7 @@ import torch
 
 from rlhf_workflow.cli import main
 from test_online_loop import recipe  # noqa: F401 - the tiny online-loop recipe fixture
-from test_sft import _args, _cli, _env, _metrics, _weights, sft_data  # noqa: F401 - sft_data is a fixture
+from test_sft import _args, _cli, _env, _kill_after_checkpoints, _metrics, _weights, sft_data  # noqa: F401 - sft_data is a fixture
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -81,15 +79,7 @@ def test_a_damaged_checkpoint_is_skipped_for_the_one_before(tiny_model_dir, sft_
     subprocess.run(_cli(*[a.format(out=straight) for a in common]), check=True, env=_env(), capture_output=True)
 
     killed = tmp_path / "killed"
-    proc = subprocess.Popen(_cli(*[a.format(out=killed) for a in common]), env=_env(),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 300
-    while len(list((killed / "checkpoints").glob("step-*/trainer_state.json"))) < 2:
-        assert proc.poll() is None, "the run ended before its second checkpoint"
-        assert time.monotonic() < deadline
-        time.sleep(0.01)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    _kill_after_checkpoints(_cli(*[a.format(out=killed) for a in common]), killed, 2)
     older, newest = sorted((killed / "checkpoints").glob("step-*"))[-2:]
     weights = newest / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])  # torn by a crash or bit rot

@@ -160,6 +160,19 @@ def _env() -> dict[str, str]:
     return {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
 
 
+def _kill_after_checkpoints(command: list[str], out: Path, count: int) -> None:
+    """Start ``command`` and SIGKILL it once ``out`` holds ``count`` complete checkpoints."""
+    proc = subprocess.Popen(command, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 300
+    while len(list((out / "checkpoints").glob("step-*/trainer_state.json"))) < count:
+        assert proc.poll() is None, f"the run ended before checkpoint {count}"
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    assert proc.wait() == -signal.SIGKILL, "the run finished before it could be killed"
+
+
 def test_killed_run_resumes_to_the_same_weights(tiny_model_dir, sft_data, tmp_path):
     steps = 400  # long enough that the run is still going when we kill it
     common = _args(tiny_model_dir, sft_data, "{out}", f"train.max_steps={steps}", "train.save_every=20",
@@ -169,16 +182,7 @@ def test_killed_run_resumes_to_the_same_weights(tiny_model_dir, sft_data, tmp_pa
     subprocess.run(_cli(*[a.format(out=straight) for a in common]), check=True, env=_env(), capture_output=True)
 
     killed = tmp_path / "killed"
-    proc = subprocess.Popen(_cli(*[a.format(out=killed) for a in common]), env=_env(),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 300
-    while not list((killed / "checkpoints").glob("step-*/trainer_state.json")):
-        assert proc.poll() is None, "the run ended before its first checkpoint"
-        assert time.monotonic() < deadline
-        time.sleep(0.01)
-    time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
-    assert proc.wait() == -signal.SIGKILL, "the run finished before it could be killed"
+    _kill_after_checkpoints(_cli(*[a.format(out=killed) for a in common]), killed, 1)
     assert not (killed / "model").exists()
 
     resumed = subprocess.run(_cli(*[a.format(out=killed) for a in common], "--resume"), env=_env(),

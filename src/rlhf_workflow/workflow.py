@@ -68,18 +68,26 @@ def _feedback(runner: Any) -> Path:
         print(f"feedback: {len(rows) - len(held)} pairs to train the reward model, {len(held)} held out "
               f"({len(held_prompts)} of {len(prompts)} prompts)")
 
-    def train_rm() -> None:
-        out = fb / "rm"
-        if (out / "model").is_dir():
-            return
-        model = (f.rm_model or c.policy).model_copy(update={"gradient_checkpointing": False})
-        held = fb / "heldout_pairs.jsonl"
-        has_heldout = held.exists() and held.stat().st_size > 0
-        run_train_rm(RewardModelConfig(output_dir=str(out), model=model, train=f.rm_train, group_by_prompt=f.rm_group_by_prompt,
-                                       data=DataConfig(train=str(fb / "pairs.jsonl"), eval=str(held) if has_heldout else None,
-                                                       max_length=f.rm_max_length,
-                                                       apply_chat_template=c.apply_chat_template)),
-                     resume=latest_checkpoint(out) is not None)
+    def train(kind: str) -> Callable[[], None]:
+        """Train the reward model ("rm") or the preference model ("pm") on the pairs, the held-out
+        pairs as its eval split."""
+        def run() -> None:
+            out = fb / kind
+            if (out / "model").is_dir():
+                return
+            model = (f.rm_model or c.policy).model_copy(update={"gradient_checkpointing": False})
+            held = fb / "heldout_pairs.jsonl"
+            has_heldout = held.exists() and held.stat().st_size > 0
+            data = DataConfig(train=str(fb / "pairs.jsonl"), eval=str(held) if has_heldout else None,
+                              max_length=f.rm_max_length, apply_chat_template=c.apply_chat_template)
+            if kind == "rm":
+                run_train_rm(RewardModelConfig(output_dir=str(out), model=model, train=f.rm_train, data=data,
+                                               group_by_prompt=f.rm_group_by_prompt),
+                             resume=latest_checkpoint(out) is not None)
+            else:
+                run_train_pm(PreferenceModelConfig(output_dir=str(out), model=model, train=f.pm_train, data=data),
+                             resume=latest_checkpoint(out) is not None)
+        return run
 
     def evaluate(kind: str) -> Callable[[], None]:
         def run() -> None:
@@ -90,28 +98,14 @@ def _feedback(runner: Any) -> Path:
                                          apply_chat_template=c.apply_chat_template))
         return run
 
-    def train_pm() -> None:
-        out = fb / "pm"
-        if (out / "model").is_dir():
-            return
-        model = (f.rm_model or c.policy).model_copy(update={"gradient_checkpointing": False})
-        held = fb / "heldout_pairs.jsonl"
-        has_heldout = held.exists() and held.stat().st_size > 0
-        run_train_pm(PreferenceModelConfig(output_dir=str(out), model=model, train=f.pm_train,
-                                           data=DataConfig(train=str(fb / "pairs.jsonl"),
-                                                           eval=str(held) if has_heldout else None,
-                                                           max_length=f.rm_max_length,
-                                                           apply_chat_template=c.apply_chat_template)),
-                     resume=latest_checkpoint(out) is not None)
-
     runner.stage("prompts", runner.write_prompts)
     runner.stage("feedback/generate", generate)
     runner.stage("feedback/annotate", annotate)
     runner.stage("feedback/pairs", pairs)
-    runner.stage("feedback/rm", train_rm)
+    runner.stage("feedback/rm", train("rm"))
     runner.stage("feedback/eval-rm", evaluate("rm"))
     if f.train_pm:
-        runner.stage("feedback/pm", train_pm)
+        runner.stage("feedback/pm", train("pm"))
         runner.stage("feedback/eval-pm", evaluate("pm"))
     return fb / "rm" / "model"
 
