@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from rlhf_workflow.models.forward import body_hidden_states, pad_batch
-from rlhf_workflow.train.batching import LayoutOptions, layout, sequence_logprobs, token_logprobs
+from rlhf_workflow.models.layout import LayoutOptions, layout
+from rlhf_workflow.models.logprobs import sequence_logprobs, token_logprobs
 
 from conftest import build_model, build_tokenizer
 

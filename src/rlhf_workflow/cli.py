@@ -22,7 +22,7 @@ from rlhf_workflow.errors import UserError
 EPILOG = """overrides: any config key as dotted key=value after the options, e.g.
   train.lr=1e-6 train.per_device_batch_size=4 model.lora.r=16 'train.report_to=[tensorboard]'
 Values are parsed as YAML. Unknown keys and wrong types are errors that name the key.
---print-config shows every key with its default."""
+--print-config shows every key with its default and what it means."""
 
 
 def _stage_parser(
@@ -35,7 +35,7 @@ def _stage_parser(
     )
     parser.add_argument("--config", "-c", metavar="FILE", help="YAML config of this stage")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="dotted config overrides")
-    parser.add_argument("--print-config", action="store_true", help="print the resolved config as YAML and exit")
+    parser.add_argument("--print-config", action="store_true", help="print the resolved config as YAML (every key, with what it means) and exit")
     if resumable:
         parser.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in output_dir")
     parser.set_defaults(run=_stage_runner(name, *runner))
@@ -148,7 +148,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("overrides", nargs="*", metavar="CONFIG.yaml | key=value",
                      help="the recipe (a YAML file) and dotted config overrides")
     run.add_argument("--config", "-c", metavar="FILE", help="the recipe (same as giving it first)")
-    run.add_argument("--print-config", action="store_true", help="print the resolved config as YAML and exit")
+    run.add_argument("--print-config", action="store_true", help="print the resolved config as YAML (every key, with what it means) and exit")
     run.add_argument("--resume", action="store_true", help="continue the run in output_dir (the default anyway)")
     run.add_argument("--force", action="store_true", help="continue an existing run even though its config changed")
     run.set_defaults(run=_run_workflow)
@@ -189,11 +189,11 @@ def _stage_runner(stage: str, module: str, function: str) -> Callable[[argparse.
     def run(args: argparse.Namespace) -> None:
         import importlib
 
-        from rlhf_workflow.config import STAGE_CONFIGS, config_to_yaml, load_config
+        from rlhf_workflow.config import STAGE_CONFIGS, annotated_yaml, load_config
 
         config = load_config(STAGE_CONFIGS[stage], args.config, args.overrides)
         if args.print_config:
-            print(config_to_yaml(config), end="")
+            print(annotated_yaml(config), end="")
             return
         runner = getattr(importlib.import_module(module), function)
         if hasattr(args, "resume"):
@@ -205,7 +205,7 @@ def _stage_runner(stage: str, module: str, function: str) -> Callable[[argparse.
 
 
 def _run_workflow(args: argparse.Namespace) -> None:
-    from rlhf_workflow.config import RunConfig, config_to_yaml, load_config
+    from rlhf_workflow.config import RunConfig, annotated_yaml, load_config
 
     overrides = list(args.overrides)
     config_path = args.config
@@ -213,7 +213,7 @@ def _run_workflow(args: argparse.Namespace) -> None:
         config_path = overrides.pop(0)
     config = load_config(RunConfig, config_path, overrides)
     if args.print_config:
-        print(config_to_yaml(config), end="")
+        print(annotated_yaml(config), end="")
         return
     from rlhf_workflow.workflow import run_workflow
 

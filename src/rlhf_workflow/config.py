@@ -13,8 +13,9 @@ from __future__ import annotations
 
 import difflib
 import os
+import textwrap
 from pathlib import Path
-from typing import Any, ClassVar, Literal
+from typing import Annotated, Any, ClassVar, Literal, TypeVar
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -23,9 +24,35 @@ from rlhf_workflow.errors import UserError
 
 
 class Strict(BaseModel):
-    """Base for every config section: unknown keys are errors, defaults are validated."""
+    """Base for every config section: unknown keys are errors, defaults are validated, and the
+    fields named in ``required`` (a stage's files) must be given; ``required_what`` says what they are."""
 
     model_config = ConfigDict(extra="forbid", validate_default=True, validate_assignment=True)
+    required: ClassVar[tuple[str, ...]] = ()
+    required_what: ClassVar[str] = ""
+
+    @model_validator(mode="after")
+    def _required_given(self) -> "Strict":
+        if any(not getattr(self, name) for name in self.required):
+            verb = "is" if len(self.required) == 1 else "are"
+            raise ValueError(f"{' and '.join(self.required)} {verb} required: {self.required_what}")
+        return self
+
+
+# --------------------------------------------------------------------------- settings declared once
+
+Dtype = Literal["float32", "bfloat16", "float16"]
+Backend = Literal["hf", "vllm", "openai"]
+TaskName = Literal["instructions", "arithmetic"]
+PairStrategy = Literal["max_min", "max_random", "random", "max_max", "all"]
+ApplyChatTemplate = Annotated[bool, Field(
+    description="render prompts with the tokenizer's chat template (off: plain text + eos)")]
+SequenceLength = Annotated[int, Field(gt=0, description="tokens per sequence: a longer prompt is cut from the left, "
+                                      "a longer response is dropped")]
+GroupByPrompt = Annotated[bool, Field(
+    description="train on all pairs of a prompt as one example (InstructGPT's K-wise comparisons): the prompt and "
+    "each distinct response are computed once, however many pairs they are in; per_device_batch_size then counts "
+    "prompts. For pairs made with `pairs strategy=all`")]
 
 
 # --------------------------------------------------------------------------- sections
@@ -48,7 +75,7 @@ class ModelConfig(Strict):
         description="built-in name, local HF directory, .gguf file, or Hugging Face model id",
     )
     tokenizer: str | None = Field(None, description="tokenizer source when it differs from the model")
-    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    dtype: Dtype = "float32"
     device: str | None = Field(None, description="e.g. 'cpu' or 'cuda:0'; training lets accelerate choose")
     attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = "sdpa"
     gradient_checkpointing: bool = False
@@ -74,10 +101,8 @@ class DataConfig(Strict):
 
     train: str | None = Field(None, description="training rows: .jsonl, .json, .parquet or a saved Arrow dir")
     eval: str | None = Field(None, description="optional held-out rows, same format")
-    max_length: int = Field(1024, gt=0, description="tokens per sequence; longer ones are truncated")
-    apply_chat_template: bool = Field(
-        True, description="render prompts with the tokenizer's chat template (off: plain text + eos)"
-    )
+    max_length: SequenceLength = 1024
+    apply_chat_template: ApplyChatTemplate = True
 
 
 class TrainConfig(Strict):
@@ -157,10 +182,7 @@ class RewardModelConfig(TrainingStageConfig):
     data_kind: ClassVar[str] = "preference pairs"
     output_dir: str = "runs/rm"
     loss: RewardLossConfig = RewardLossConfig()
-    group_by_prompt: bool = Field(
-        False, description="train on all pairs of a prompt as one example (InstructGPT's K-wise comparisons): "
-        "the prompt and each distinct response are computed once, however many pairs they are in; "
-        "per_device_batch_size then counts prompts. For pairs made with `pairs strategy=all`")
+    group_by_prompt: GroupByPrompt = False
 
 
 class PreferenceFormatConfig(Strict):
@@ -212,35 +234,38 @@ class ReferenceConfig(Strict):
     batch_size: int = Field(16, ge=1, description="pairs per forward pass of the reference pass")
 
 
-class DPOConfig(TrainingStageConfig):
-    """`rlhf-workflow dpo`: direct preference optimisation of a policy on preference pairs."""
+class DPOOptions(Strict):
+    """The DPO settings that the `dpo` stage and every iteration of a run share."""
 
-    data_kind: ClassVar[str] = "preference pairs"
-    output_dir: str = "runs/dpo"
     loss: DPOLossConfig = DPOLossConfig()
-    reference: ReferenceConfig = ReferenceConfig()
     logprob_chunk: int = Field(
         1024, ge=0, description="response tokens per chunk of the vocabulary projection (0 = all at once)"
     )
 
 
+class DPOConfig(TrainingStageConfig, DPOOptions):
+    """`rlhf-workflow dpo`: direct preference optimisation of a policy on preference pairs."""
+
+    data_kind: ClassVar[str] = "preference pairs"
+    output_dir: str = "runs/dpo"
+    reference: ReferenceConfig = ReferenceConfig()
+
+
 class EvalRMConfig(Strict):
     """`rlhf-workflow eval-rm`: accuracy of a reward or preference model on held-out pairs."""
+
+    required = ("model", "data")
+    required_what = "the saved reward/preference model and a pairs file"
 
     model: str = Field("", description="directory of a model saved by train-rm or train-pm")
     data: str = Field("", description="pairs: prompt, chosen, rejected (and `subset` for RewardBench files)")
     output: str | None = Field(None, description="JSON results file (default: next to the data, *.eval.json)")
     kind: Literal["auto", "rm", "pm"] = "auto"
     batch_size: int = Field(8, ge=1)
-    max_length: int = Field(1024, gt=0)
-    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
-    apply_chat_template: bool = True
+    max_length: SequenceLength = 1024
+    dtype: Dtype = "float32"
+    apply_chat_template: ApplyChatTemplate = True
 
-    @model_validator(mode="after")
-    def _needs_inputs(self) -> "EvalRMConfig":
-        if not self.model or not self.data:
-            raise ValueError("model and data are required: the saved reward/preference model and a pairs file")
-        return self
 
 
 class SamplingConfig(Strict):
@@ -288,24 +313,27 @@ class OpenAIBackendConfig(Strict):
     backoff: float = Field(1.0, ge=0, description="seconds before the first retry; doubles with each retry")
 
 
-class GenerateConfig(Strict):
-    """`rlhf-workflow generate`: n sampled responses for every prompt of a prompts file."""
+class GenerationOptions(Strict):
+    """How responses are sampled and by which backend: what `generate` and a run's generation share."""
 
-    prompts: str = Field("", description="prompts file: {id, prompt, ...metadata}")
-    output: str = Field("", description="generations file (JSON Lines); resumable: prompts already in it are skipped")
-    backend: Literal["hf", "vllm", "openai"] = "hf"
-    model: ModelConfig = ModelConfig()
+    backend: Backend = "hf"
     sampling: SamplingConfig = SamplingConfig()
-    apply_chat_template: bool = True
     hf: HFBackendConfig = HFBackendConfig()
     vllm: VLLMBackendConfig = VLLMBackendConfig()
     openai: OpenAIBackendConfig = OpenAIBackendConfig()
 
-    @model_validator(mode="after")
-    def _needs_files(self) -> "GenerateConfig":
-        if not self.prompts or not self.output:
-            raise ValueError("prompts and output are required: the prompts file to read and the generations file to write")
-        return self
+
+class GenerateConfig(GenerationOptions):
+    """`rlhf-workflow generate`: n sampled responses for every prompt of a prompts file."""
+
+    required = ("prompts", "output")
+    required_what = "the prompts file to read and the generations file to write"
+
+    prompts: str = Field("", description="prompts file: {id, prompt, ...metadata}")
+    output: str = Field("", description="generations file (JSON Lines); resumable: prompts already in it are skipped")
+    model: ModelConfig = ModelConfig()
+    apply_chat_template: ApplyChatTemplate = True
+
 
 
 class JudgeConfig(Strict):
@@ -320,7 +348,7 @@ class JudgeConfig(Strict):
         "round robin of all n(n-1)/2 pairs scored by Copeland or Borda")
     batch_size: int = Field(16, ge=1, description="sequences per forward pass of a model judge")
     max_length: int = Field(1024, gt=0, description="model judges: tokens per sequence (prompts cut from the left)")
-    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    dtype: Dtype = "float32"
 
     def check(self, prefix: str = "judge") -> None:
         """Raise ValueError when the judge's source is missing (called by the configs that hold one)."""
@@ -341,39 +369,43 @@ class LengthPenaltyConfig(Strict):
 class AnnotateConfig(Strict):
     """`rlhf-workflow annotate`: a reward for every response of a generations file."""
 
+    required = ("input", "output")
+    required_what = "the generations file to read and the file to write"
+
     input: str = Field("", description="generations file: {id, prompt, responses, ...}")
     output: str = Field("", description="annotated generations (adds rewards); resumable")
     judge: JudgeConfig = JudgeConfig()
     length_penalty: LengthPenaltyConfig = LengthPenaltyConfig()
     rows_per_write: int = Field(32, ge=1, description="rows scored between two writes of the output")
-    apply_chat_template: bool = True
+    apply_chat_template: ApplyChatTemplate = True
 
     @model_validator(mode="after")
-    def _needs_files(self) -> "AnnotateConfig":
-        if not self.input or not self.output:
-            raise ValueError("input and output are required: the generations file to read and the file to write")
+    def _judge_given(self) -> "AnnotateConfig":
         self.judge.check()
         return self
 
 
-class PairsConfig(Strict):
-    """`rlhf-workflow pairs`: preference pairs from annotated generations."""
+class PairOptions(Strict):
+    """Which pairs are taken from each prompt's scored responses: what `pairs` and a run's pairs share."""
 
-    input: str = Field("", description="annotated generations: {id, prompt, responses, rewards}")
-    output: str = Field("", description="pairs file: {id, prompt, chosen, rejected, chosen_reward, rejected_reward}")
-    strategy: Literal["max_min", "max_random", "random", "max_max", "all"] = Field(
+    strategy: PairStrategy = Field(
         "max_min", description="max_min: best vs worst of n (the paper's rejection sampling); max_random: best vs "
         "a random other; random: two at random; max_max: best vs second best; all: every two responses with "
         "different rewards (for reward-model data)")
     min_margin: float = Field(0.0, ge=0, description="drop pairs whose reward difference is not above this "
                               "(pairs with equal rewards are always dropped)")
-    seed: int = 0
 
-    @model_validator(mode="after")
-    def _needs_files(self) -> "PairsConfig":
-        if not self.input or not self.output:
-            raise ValueError("input and output are required: the annotated generations and the pairs file to write")
-        return self
+
+class PairsConfig(PairOptions):
+    """`rlhf-workflow pairs`: preference pairs from annotated generations."""
+
+    required = ("input", "output")
+    required_what = "the annotated generations and the pairs file to write"
+
+    input: str = Field("", description="annotated generations: {id, prompt, responses, rewards}")
+    output: str = Field("", description="pairs file: {id, prompt, chosen, rejected, chosen_reward, rejected_reward}")
+    seed: int = Field(0, description="seeds the random draws of max_random and random")
+
 
 
 class RunPromptsConfig(Strict):
@@ -386,7 +418,7 @@ class RunPromptsConfig(Strict):
     eval: str = Field("", description="held-out prompts for the evaluation after every iteration")
     eval_limit: int = Field(0, ge=0, description="use only the first N held-out prompts; 0 = all")
     seed: int = 0
-    task: Literal["instructions", "arithmetic"] | None = Field(
+    task: TaskName | None = Field(
         None, description="make the prompts with a built-in task instead of reading files: per_iteration prompts "
         "per iteration from its train split, eval_count from its eval split")
     task_options: dict[str, Any] = Field(default_factory=dict, description="the task's prompt options")
@@ -396,33 +428,21 @@ class RunPromptsConfig(Strict):
         "looking at the held-out 'eval' prompts, 'eval' for the numbers you report")
 
 
-class RunGenerationConfig(Strict):
-    """How each iteration samples (the backend settings are those of `generate`)."""
+class RunGenerationConfig(GenerationOptions):
+    """How each iteration samples: the settings of `generate`, and the enhancer's pools."""
 
-    backend: Literal["hf", "vllm", "openai"] = "hf"
-    sampling: SamplingConfig = SamplingConfig()
     temperatures: list[float] = Field(default_factory=list, description="enhancer: sample n responses at each of "
                                       "these temperatures (instead of sampling.temperature) and pool them")
     earlier_policies: int = Field(0, ge=0, description="enhancer: also sample n responses from each of this many "
                                   "earlier policies (π_{t-2}, π_{t-3}, ...) and pool them")
-    hf: HFBackendConfig = HFBackendConfig()
-    vllm: VLLMBackendConfig = VLLMBackendConfig()
-    openai: OpenAIBackendConfig = OpenAIBackendConfig()
 
 
-class RunPairsConfig(Strict):
-    strategy: Literal["max_min", "max_random", "random", "max_max"] = "max_min"
-    min_margin: float = Field(0.0, ge=0)
+class RunDPOConfig(DPOOptions):
+    """The DPO step of every iteration (warm-started from the previous policy; π_ref is `reference`)."""
 
-
-class RunDPOConfig(Strict):
-    """The DPO step of every iteration (warm-started from the previous policy)."""
-
-    loss: DPOLossConfig = DPOLossConfig()
     train: TrainConfig = TrainConfig(epochs=2, lr=5e-7, warmup_ratio=0.03)
-    max_length: int = Field(1024, gt=0)
-    logprob_chunk: int = Field(1024, ge=0)
-    reference_batch_size: int = Field(16, ge=1)
+    max_length: SequenceLength = 1024
+    reference_batch_size: int = Field(16, ge=1, description="pairs per forward pass of the reference pass")
 
 
 class RunEvalConfig(Strict):
@@ -456,36 +476,38 @@ class FeedbackConfig(Strict):
     judge_function: str = Field("", description="the simulated human, 'module:name' (e.g. "
                                 "rlhf_workflow.tasks.instructions:judge)")
     sampling: SamplingConfig = SamplingConfig(n=4, max_new_tokens=64, seed=777)
-    strategy: Literal["max_min", "max_random", "random", "max_max", "all"] = Field(
+    strategy: PairStrategy = Field(
         "max_min", description="which pairs of each prompt's labelled responses train the reward model "
         "(see `pairs`); 'all' gives it every ordered pair")
     heldout_share: float = Field(0.2, ge=0, lt=1, description="share of the labelled pairs kept for the RM's accuracy")
     rm_model: ModelConfig | None = Field(None, description="the reward model's backbone; default: the policy's")
     rm_train: TrainConfig = TrainConfig(epochs=2, lr=1e-5, per_device_batch_size=8)
-    rm_max_length: int = Field(512, gt=0)
+    rm_max_length: SequenceLength = 512
     train_pm: bool = Field(False, description="also train the pairwise preference model on the same pairs and "
                            "report its held-out accuracy (feedback/pm_eval.json); the loop still judges with the "
                            "reward model unless judge.type=preference_model")
     pm_train: TrainConfig = TrainConfig(epochs=1, lr=1e-5, per_device_batch_size=8)
-    rm_group_by_prompt: bool = Field(True, description="train the reward model on each prompt's pairs as one "
-                                     "example (see train-rm group_by_prompt): much less compute with strategy 'all'")
+    rm_group_by_prompt: GroupByPrompt = True
 
 
 class RunConfig(Strict):
     """`rlhf-workflow run`: online iterative DPO (or its offline baseline) from one recipe."""
 
-    output_dir: str = "runs/online"
-    mode: Literal["online", "offline"] = "online"
-    iterations: int = Field(2, ge=1)
+    output_dir: str = Field("runs/online", description="the run directory: config.yaml, state.json, iter_<t>/, "
+                            "metrics.jsonl, report/")
+    mode: Literal["online", "offline"] = Field(
+        "online", description="online: T iterations, each sampling from the latest policy; offline: pairs from π0 "
+        "only, DPO once (the baseline)")
+    iterations: int = Field(2, ge=1, description="T, the online iterations")
     reference: Literal["initial", "previous"] = Field(
         "initial", description="π_ref of each DPO step: the initial policy π0 (the paper) or the previous iterate")
     policy: ModelConfig = ModelConfig()
-    apply_chat_template: bool = True
+    apply_chat_template: ApplyChatTemplate = True
     prompts: RunPromptsConfig = RunPromptsConfig()
     generation: RunGenerationConfig = RunGenerationConfig()
     judge: JudgeConfig = JudgeConfig()
     length_penalty: LengthPenaltyConfig = LengthPenaltyConfig()
-    pairs: RunPairsConfig = RunPairsConfig()
+    pairs: PairOptions = PairOptions()
     dpo: RunDPOConfig = RunDPOConfig()
     eval: RunEvalConfig = RunEvalConfig()
     offline: OfflineConfig = OfflineConfig()
@@ -521,7 +543,10 @@ class RunConfig(Strict):
 class MakePromptsConfig(Strict):
     """`rlhf-workflow prompts`: a built-in task's prompts of one split."""
 
-    task: Literal["instructions", "arithmetic"] = "instructions"
+    required = ("output",)
+    required_what = "the prompts file to write"
+
+    task: TaskName = "instructions"
     split: Literal["train", "dev", "eval"] = "train"
     count: int = Field(256, ge=1)
     seed: int = 0
@@ -529,11 +554,6 @@ class MakePromptsConfig(Strict):
                                     "{max_constraints: 1}; arithmetic: {digits: 2, operations: '+-'}")
     output: str = ""
 
-    @model_validator(mode="after")
-    def _needs_output(self) -> "MakePromptsConfig":
-        if not self.output:
-            raise ValueError("output is required: the prompts file to write")
-        return self
 
 
 STAGE_CONFIGS: dict[str, type[Strict]] = {
@@ -548,6 +568,18 @@ STAGE_CONFIGS: dict[str, type[Strict]] = {
     "run": RunConfig,
     "prompts": MakePromptsConfig,
 }
+
+
+StageT = TypeVar("StageT", bound=Strict)
+
+
+def stage_config(stage: type[StageT], options: Strict, **fields: Any) -> StageT:
+    """The config of ``stage`` (e.g. `GenerateConfig`) that a run recipe's section ``options`` (e.g.
+    `RunGenerationConfig`, which holds the stage's path-free settings) describes: every setting the
+    two share is taken from ``options``, and ``fields`` fill in the rest (paths, the model) or
+    override a shared one for this call."""
+    shared = {name: getattr(options, name) for name in type(options).model_fields if name in stage.model_fields}
+    return stage(**(shared | fields))
 
 
 # --------------------------------------------------------------------------- loading
@@ -661,6 +693,31 @@ def load_config(
 
 def config_to_yaml(config: BaseModel) -> str:
     return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)
+
+
+def annotated_yaml(config: BaseModel, width: int = 100) -> str:
+    """``config`` as YAML that loads back to the same config, every key once, with what it means as a
+    comment above it (the field's description, or a section's docstring): what --print-config shows."""
+    values = config.model_dump(mode="json")
+    lines: list[str] = []
+
+    def emit(model: BaseModel, data: dict[str, Any], indent: str) -> None:
+        for name, field in type(model).model_fields.items():
+            value = getattr(model, name)
+            about = field.description
+            if about is None and isinstance(value, BaseModel) and type(value).__doc__:
+                about = type(value).__doc__.strip().split("\n\n")[0].replace("\n", " ")
+            if about:
+                lines.extend(f"{indent}# {line}" for line in textwrap.wrap(about, max(40, width - len(indent) - 2)))
+            if isinstance(value, BaseModel):
+                lines.append(f"{indent}{name}:")
+                emit(value, data[name], indent + "  ")
+            else:
+                text = yaml.safe_dump({name: data[name]}, sort_keys=False, width=10**6, allow_unicode=True)
+                lines.extend(indent + line for line in text.rstrip("\n").split("\n"))
+
+    emit(config, values, "")
+    return "\n".join(lines) + "\n"
 
 
 def save_config(config: BaseModel, path: str | os.PathLike) -> None:

@@ -95,6 +95,11 @@ def to_messages(value: str | list[Message] | list[dict[str, str]], default_role:
     return messages
 
 
+def prompt_messages(prompt: str | list[Message] | list[dict[str, str]]) -> list[dict[str, str]]:
+    """A prompt as a list of message dicts (a string prompt is one user message)."""
+    return to_messages(prompt, "user")
+
+
 def response_text(value: str | list[Message] | list[dict[str, str]]) -> str:
     """A response as plain text (the contents of a list of messages, joined by blank lines)."""
     return "\n\n".join(m["content"] for m in to_messages(value, "assistant"))
@@ -133,6 +138,14 @@ class Row(BaseModel):
         return self._id_derived
 
 
+class _HasPrompt:
+    """For the rows with a ``prompt`` field: the prompt as messages."""
+
+    def prompt_messages(self) -> list[dict[str, str]]:
+        """The prompt as a list of message dicts (a string prompt is one user message)."""
+        return prompt_messages(self.prompt)  # type: ignore[attr-defined]
+
+
 def _drop_null_id(data: Any) -> Any:
     """Treat ``"id": null`` (as Parquet/Arrow files write for missing values) as no id, and
     accept integer ids (common in public data sets) as their decimal text."""
@@ -144,7 +157,7 @@ def _drop_null_id(data: Any) -> Any:
     return data
 
 
-class PromptRow(Row):
+class PromptRow(_HasPrompt, Row):
     """A prompt of the prompts file: ``{"id", "prompt", ...metadata}``.
 
     A missing (or empty) id is derived from the prompt with `derive_id`; the reader adds
@@ -172,10 +185,6 @@ class PromptRow(Row):
             self.id = derive_id(_plain(self.prompt))
             self._id_derived = True
         return self
-
-    def prompt_messages(self) -> list[dict[str, str]]:
-        """The prompt as a list of message dicts (a string prompt is one user message)."""
-        return to_messages(self.prompt, "user")
 
 
 class SFTRow(Row):
@@ -225,7 +234,7 @@ class SFTRow(Row):
         return to_messages(self.prompt, "user") + to_messages(self.completion, "assistant")
 
 
-class GenerationRow(Row):
+class GenerationRow(_HasPrompt, Row):
     """n sampled responses for one prompt, with one reward each after annotation."""
 
     id: str
@@ -241,10 +250,6 @@ class GenerationRow(Row):
             raise ValueError(f"expected {len(responses)} rewards (one per response), got {len(rewards)}")
         return rewards
 
-    def prompt_messages(self) -> list[dict[str, str]]:
-        """The prompt as a list of message dicts (a string prompt is one user message)."""
-        return to_messages(self.prompt, "user")
-
 
 class ScoredRow(GenerationRow):
     """A generation row after annotation: ``rewards`` is required."""
@@ -252,7 +257,7 @@ class ScoredRow(GenerationRow):
     rewards: list[float | None]
 
 
-class PairRow(Row):
+class PairRow(_HasPrompt, Row):
     """A preference pair: ``chosen`` is preferred to ``rejected`` for ``prompt``.
 
     The rewards are the annotator's scores; ``ref_*_logp`` are the summed log-probabilities of
@@ -302,10 +307,6 @@ class PairRow(Row):
             self.id = derive_id([_plain(self.prompt), _plain(self.chosen), _plain(self.rejected)])
             self._id_derived = True
         return self
-
-    def prompt_messages(self) -> list[dict[str, str]]:
-        """The prompt as a list of message dicts (a string prompt is one user message)."""
-        return to_messages(self.prompt, "user")
 
 
 # --------------------------------------------------------------------------- errors

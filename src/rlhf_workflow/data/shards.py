@@ -4,14 +4,20 @@ A stage that runs under ``accelerate launch`` / ``torchrun`` gives each process 
 ``<output>.rank<r>.jsonl`` to append to; when all are done the main process appends the shards'
 rows to the output (ids already there are skipped) and deletes them. Shards left by a killed
 run, with any number of processes, are merged the same way before the next run reads what is done.
+
+`run_sharded` is the skeleton of such a stage (generate, annotate): skip the rows already done,
+give each process its share of the rest, append as rows finish, merge once.
 """
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Sequence, TypeVar
 
 from rlhf_workflow.data.io import JsonlAppender, iter_jsonl
+
+log = logging.getLogger(__name__)
 
 
 def shard_path(output: Path, rank: int) -> Path:
@@ -71,3 +77,35 @@ def close_shards(state: Any, output: Path, stats: Any) -> list[Any] | None:
         merge_shards(output)
     state.wait_for_everyone()
     return everything if state.is_main_process else None
+
+
+RowT = TypeVar("RowT")
+StatsT = TypeVar("StatsT")
+
+
+def run_sharded(name: str, state: Any, output: Path, rows: Sequence[RowT],
+                work: Callable[[list[RowT], JsonlAppender], StatsT], *, main_only: bool = False,
+                ) -> tuple[list[RowT], list[StatsT]] | None:
+    """Run a resumable, sharded stage over ``rows`` (objects with an ``id``) into ``output``.
+
+    ``work(mine, sink)`` handles this process's share of the rows not yet in ``output`` (every W-th;
+    all of them on the main process and none elsewhere with ``main_only``, for a backend that spreads
+    itself over the GPUs), appends its output rows to ``sink`` as they finish, and returns its
+    statistics (it is called with an empty share too). Returns, on the main process once the merged
+    output is complete, the rows that were still to do and every process's statistics; None on the others.
+    """
+    sink, done = open_shard(state, output)
+    todo = [row for row in rows if row.id not in done]  # type: ignore[attr-defined]
+    if state.is_main_process:
+        log.info("%s: %d rows, %d already in %s, %d to do (%d process%s)", name, len(rows), len(rows) - len(todo),
+                 output, len(todo), state.num_processes, "es" if state.num_processes > 1 else "")
+    if main_only:
+        mine = todo if state.is_main_process else []
+    else:
+        mine = todo[state.process_index :: state.num_processes]
+    try:
+        stats = work(mine, sink)
+    finally:
+        sink.close()
+    everything = close_shards(state, output, stats)
+    return None if everything is None else (todo, everything)

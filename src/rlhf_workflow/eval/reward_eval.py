@@ -24,6 +24,7 @@ from rlhf_workflow.config import EvalRMConfig
 from rlhf_workflow.data.io import atomic_write_text, read_rows
 from rlhf_workflow.data.schemas import PairRow, response_text
 from rlhf_workflow.errors import UserError
+from rlhf_workflow.eval.stats import pair_outcome, pearson
 from rlhf_workflow.models.preference import detect_kind
 
 # RewardBench (allenai/reward-bench, rewardbench/constants.py): subset -> section, and the example
@@ -45,15 +46,6 @@ REWARDBENCH_COUNTS: dict[str, int] = {
 }
 
 
-def pair_outcome(chosen_score: float, rejected_score: float) -> float:
-    """1 if chosen is preferred, 0 if rejected is, ½ on a tie."""
-    if chosen_score > rejected_score:
-        return 1.0
-    if chosen_score < rejected_score:
-        return 0.0
-    return 0.5
-
-
 def section_scores(subset_accuracy: dict[str, float]) -> dict[str, float]:
     """RewardBench section scores from per-subset accuracies (see module docstring)."""
     sections = {}
@@ -66,18 +58,6 @@ def section_scores(subset_accuracy: dict[str, float]) -> dict[str, float]:
     if sections:
         sections["Score"] = sum(sections.values()) / len(sections)
     return sections
-
-
-def pearson(xs: list[float], ys: list[float]) -> float | None:
-    n = len(xs)
-    if n < 3:
-        return None
-    mx, my = sum(xs) / n, sum(ys) / n
-    sxx = sum((x - mx) ** 2 for x in xs)
-    syy = sum((y - my) ** 2 for y in ys)
-    if sxx == 0 or syy == 0:
-        return None
-    return sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / math.sqrt(sxx * syy)
 
 
 def summarize(rows: list[PairRow], outcomes: list[float | None]) -> dict[str, Any]:

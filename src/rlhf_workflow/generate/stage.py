@@ -89,27 +89,19 @@ def run_generate(config: GenerateConfig, *, progress: bool = True) -> Path:
     """The `generate` stage (see the module docstring); returns the output path."""
     from rlhf_workflow.data.io import read_rows, write_jsonl
     from rlhf_workflow.data.schemas import PromptRow
-    from rlhf_workflow.data.shards import close_shards, open_shard
+    from rlhf_workflow.data.shards import run_sharded
     from rlhf_workflow.processes import process_state
 
     state = process_state()
-    rank, world = state.process_index, state.num_processes
     output = Path(config.output)
     prompts = read_rows(config.prompts, PromptRow)
-    sink, done = open_shard(state, output)
-    todo = [p for p in prompts if p.id not in done]
-    # vLLM spreads one engine over vllm.tensor_parallel_size GPUs itself: under several processes
-    # the main process generates everything while the others wait
-    mine = (todo if rank == 0 else []) if config.backend == "vllm" else todo[rank::world]
-    if state.is_main_process:
-        logger.info("generate: %d prompts, %d already in %s, %d to do with the %s backend (%d process%s)",
-                    len(prompts), len(done & {p.id for p in prompts}), output, len(todo), config.backend,
-                    world, "es" if world > 1 else "")
-
-    errors: list[GenerationResult] = []
-    tokens = finished = 0
     start = time.perf_counter()
-    if mine:
+
+    def work(mine: list[PromptRow], sink: Any) -> tuple[int, int, list[tuple[str, str, bool]]]:
+        errors: list[GenerationResult] = []
+        tokens = finished = 0
+        if not mine:
+            return tokens, finished, []
         with model_source("model.name_or_path"):
             generator = make_generator(config, state.device)
         by_id = {p.id: p for p in mine}
@@ -130,14 +122,16 @@ def run_generate(config: GenerateConfig, *, progress: bool = True) -> Path:
                 bar.set_postfix(tokens_per_s=f"{tokens / max(time.perf_counter() - start, 1e-9):.0f}")
         finally:
             bar.close()
-            sink.close()
             generator.close()
-    sink.close()
-    seconds = time.perf_counter() - start
+        return tokens, finished, [(e.id, e.error, e.retryable) for e in errors]
 
-    everything = close_shards(state, output, (tokens, finished, [(e.id, e.error, e.retryable) for e in errors]))
-    if everything is None:  # not the main process
+    # vLLM spreads one engine over vllm.tensor_parallel_size GPUs itself: under several processes
+    # the main process generates everything while the others wait
+    result = run_sharded(f"generate ({config.backend})", state, output, prompts, work, main_only=config.backend == "vllm")
+    if result is None:  # not the main process
         return output
+    todo, everything = result
+    seconds = time.perf_counter() - start
     tokens = sum(t for t, _, _ in everything)
     finished = sum(f for _, f, _ in everything)
     failed = [e for _, _, errs in everything for e in errs]

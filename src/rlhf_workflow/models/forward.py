@@ -6,7 +6,7 @@ head on every position: the transformer body runs on all tokens, the head only w
 
 Masks come in two forms: the usual 2-D padding mask ``[rows, width]`` (1 = real token), or a
 4-D boolean ``[rows, 1, width, width]`` saying which position may attend to which (packed rows
-and shared prompts, `train.batching`). transformers hands a 4-D mask to the attention as it
+and shared prompts, `models.layout`). transformers hands a 4-D mask to the attention as it
 is, so it is converted here to what the attention implementation takes.
 """
 
@@ -15,6 +15,8 @@ from __future__ import annotations
 from typing import Any, Sequence
 
 import torch
+
+from rlhf_workflow.models.lora import unwrap
 
 
 def pad_batch(sequences: Sequence[Sequence[int]], pad_token_id: int, *, left: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
@@ -38,13 +40,6 @@ def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:
 def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
     """0, 1, 2, … from each row's first real token (pads get 0): padding side does not matter."""
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
-
-
-def unwrap(model: Any) -> Any:
-    """The plain transformers model inside a peft wrapper (the adapters stay injected in it)."""
-    from rlhf_workflow.models.loading import is_peft_model
-
-    return model.get_base_model() if is_peft_model(model) else model
 
 
 def attention_mask_for(model: Any, mask: torch.Tensor) -> torch.Tensor:

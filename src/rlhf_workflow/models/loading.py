@@ -23,9 +23,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from rlhf_workflow.errors import ModelSourceError, UserError
+from rlhf_workflow.models.lora import apply_lora
 
 if TYPE_CHECKING:
-    from rlhf_workflow.config import LoraConfig, ModelConfig
+    from rlhf_workflow.config import ModelConfig
 
 log = logging.getLogger(__name__)
 
@@ -296,30 +297,3 @@ def enable_checkpointing(model: Any) -> None:
     else:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.config.use_cache = False
-
-
-def apply_lora(model: Any, lora: "LoraConfig", *, task_type: str = "CAUSAL_LM") -> Any:
-    """Wrap ``model`` with trainable LoRA adapters; the base weights are frozen."""
-    from peft import LoraConfig as PeftLoraConfig
-    from peft import get_peft_model
-
-    peft_config = PeftLoraConfig(
-        r=lora.r,
-        lora_alpha=lora.alpha,
-        lora_dropout=lora.dropout,
-        target_modules=lora.target_modules,
-        task_type=task_type,
-    )
-    model = get_peft_model(model, peft_config)
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    total = sum(p.numel() for p in model.parameters())
-    log.info("LoRA r=%d: %d of %d parameters trainable (%.2f%%)", lora.r, trainable, total, 100 * trainable / total)
-    return model
-
-
-def is_peft_model(model: Any) -> bool:
-    try:
-        from peft import PeftModel
-    except ImportError:  # pragma: no cover - peft is a dependency
-        return False
-    return isinstance(model, PeftModel)

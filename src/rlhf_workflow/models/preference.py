@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from rlhf_workflow.errors import UserError
-from rlhf_workflow.models.ranking import Ranking, compare_both_orders, knockout, round_robin
+from rlhf_workflow.models.ranking import Ranking, both_orders, knockout, round_robin
 from rlhf_workflow.models.forward import pad_batch, read_states
 
 FORMAT_FILE = "preference_model.json"
@@ -146,15 +146,11 @@ class PreferenceJudge:
         """`prefer_many` for several ordered pairs of responses to one conversation."""
         return self.prefer_many([(messages, a, b) for a, b in ordered_pairs])
 
-    def compare(self, messages: list[dict[str, str]], pairs: Sequence[tuple[str, str]]) -> list[float]:
-        """P(a ≻ b) for each pair, averaged over both orders to cancel position bias."""
-        return compare_both_orders(lambda ordered: self.prefer(messages, ordered), pairs)
-
     def compare_many(self, items: Sequence[tuple[list[dict[str, str]], str, str]]) -> list[float]:
-        """P(a ≻ b) for each (conversation, a, b), both orders averaged, all in one batched pass."""
+        """P(a ≻ b) for each (conversation, a, b), both orders averaged (`models.ranking.both_orders`),
+        all in one batched pass."""
         probs = self.prefer_many(list(items) + [(m, b, a) for m, a, b in items])
-        n = len(items)
-        return [0.5 * (probs[k] + 1.0 - probs[n + k]) for k in range(n)]
+        return both_orders(probs[: len(items)], probs[len(items) :])
 
     def rank(self, messages: list[dict[str, str]], responses: Sequence[str], method: str = "knockout") -> Ranking:
         """Rank the n responses to one prompt: "knockout", "copeland" or "borda" (round-robin)."""

@@ -32,14 +32,17 @@ class Ranking:
     comparisons: int  # unordered comparisons (each asked in both orders)
 
 
+def both_orders(forward: Sequence[float], backward: Sequence[float]) -> list[float]:
+    """p(a ≻ b) = ½ [P(a first ≻ b) + 1 − P(b first ≻ a)] for each comparison asked in both orders."""
+    return [0.5 * (p + 1.0 - q) for p, q in zip(forward, backward)]
+
+
 def compare_both_orders(prefer: Callable[[Sequence[tuple[T, T]]], Sequence[float]], pairs: Sequence[tuple[T, T]]) -> list[float]:
     """p(i ≻ j) for each (i, j), from one batched call with both orders."""
     if not pairs:
         return []
-    ordered = list(pairs) + [(j, i) for i, j in pairs]
-    probs = list(prefer(ordered))
-    n = len(pairs)
-    return [0.5 * (probs[k] + 1.0 - probs[n + k]) for k in range(n)]
+    probs = list(prefer(list(pairs) + [(j, i) for i, j in pairs]))
+    return both_orders(probs[: len(pairs)], probs[len(pairs) :])
 
 
 def _bracket(entrants: list[int], prefer: Prefer, *, keep_winner: bool) -> tuple[int, list[int], int]:

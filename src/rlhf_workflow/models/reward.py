@@ -23,6 +23,8 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from rlhf_workflow.models.forward import pad_batch, read_states
+from rlhf_workflow.models.layout import LayoutOptions, layout
+from rlhf_workflow.models.lora import unwrap
 
 log = logging.getLogger(__name__)
 
@@ -86,12 +88,8 @@ def load_reward_model(config: Any, tokenizer: Any) -> RewardModel:
 def save_reward_model(reward_model: RewardModel, tokenizer: Any, path: Any) -> None:
     from rlhf_workflow.models.saving import save_model
 
-    model = reward_model.model
-    from rlhf_workflow.models.loading import is_peft_model
-
-    base = model.get_base_model() if is_peft_model(model) else model
-    base.config.pad_token_id = tokenizer.pad_token_id
-    save_model(model, tokenizer, path)
+    unwrap(reward_model.model).config.pad_token_id = tokenizer.pad_token_id
+    save_model(reward_model.model, tokenizer, path)
 
 
 @torch.inference_mode()
@@ -168,7 +166,6 @@ class RewardScorer:
         response needs it, the shared prompt loses its start for all of the group. None for a response
         that does not fit even so (a NaN is what the model itself returned)."""
         from rlhf_workflow.data.templating import encode_prompt_response
-        from rlhf_workflow.train.batching import LayoutOptions, layout
 
         groups: list[tuple[list[int], list[list[int]], list[int]]] = []  # (prompt, fitting responses, their indices)
         for prompt, answers in zip(prompts, responses):

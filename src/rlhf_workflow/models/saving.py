@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from rlhf_workflow.errors import disk_full_as_oserror
+from rlhf_workflow.models.lora import is_peft_model
 
 
 def replace_directory(tmp: Path, target: Path) -> None:
@@ -38,8 +39,6 @@ def save_model(
     ``state_dict`` may be given by a distributed trainer (FSDP / ZeRO-3 gather it first);
     ``extra_files`` (name -> text) are written into the same directory before it is renamed.
     """
-    from rlhf_workflow.models.loading import is_peft_model
-
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")

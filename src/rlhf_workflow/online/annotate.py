@@ -50,26 +50,23 @@ def run_annotate(config: AnnotateConfig, *, progress: bool = True) -> Path:
     """The `annotate` stage (see the module docstring); returns the output path."""
     from rlhf_workflow.data.io import read_rows, row_to_dict
     from rlhf_workflow.data.schemas import GenerationRow
-    from rlhf_workflow.data.shards import close_shards, open_shard
+    from rlhf_workflow.data.shards import run_sharded
     from rlhf_workflow.online.judges import make_judge
     from rlhf_workflow.processes import process_state
 
     state = process_state()
-    rank, world = state.process_index, state.num_processes
     output = Path(config.output)
     rows = read_rows(config.input, GenerationRow)
-    sink, done = open_shard(state, output)
-    todo = [r for r in rows if r.id not in done]
-    mine = todo[rank::world]
     penalty = config.length_penalty
-    lengths = {r.id: response_lengths(row_to_dict(r), penalty.unit, config.input) for r in mine} if penalty.coef else {}
-
-    scored = unscored = 0
-    first_error: tuple[str, int, str] | None = None
-    total = 0.0
     start = time.perf_counter()
-    judge = None
-    if mine:
+
+    def work(mine: list[GenerationRow], sink: Any) -> tuple[int, int, float, int, tuple[str, int, str] | None]:
+        lengths = {r.id: response_lengths(row_to_dict(r), penalty.unit, config.input) for r in mine} if penalty.coef else {}
+        scored = unscored = 0
+        first_error: tuple[str, int, str] | None = None
+        total = 0.0
+        if not mine:
+            return scored, unscored, total, 0, first_error
         judge = make_judge(config.judge, device=state.device, chat_template=config.apply_chat_template)
         bar = tqdm(total=len(mine), desc="annotate", unit="row", disable=not (progress and state.is_main_process))
         try:
@@ -100,14 +97,13 @@ def run_annotate(config: AnnotateConfig, *, progress: bool = True) -> Path:
                 bar.update(len(chunk))
         finally:
             bar.close()
-            sink.close()
-    sink.close()
-    seconds = time.perf_counter() - start
-    comparisons = judge.comparisons if judge is not None else 0
-    stats = (scored, unscored, total, comparisons, first_error)
-    everything = close_shards(state, output, stats)
-    if everything is None:  # not the main process
+        return scored, unscored, total, judge.comparisons, first_error
+
+    result = run_sharded("annotate", state, output, rows, work)
+    if result is None:  # not the main process
         return output
+    todo, everything = result
+    seconds = time.perf_counter() - start
     scored = sum(s[0] for s in everything)
     unscored = sum(s[1] for s in everything)
     total = sum(s[2] for s in everything)

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Protocol
 
+from rlhf_workflow.data.schemas import prompt_messages
 from rlhf_workflow.errors import UserError, model_source
 
 
@@ -39,12 +40,6 @@ class Judge(Protocol):
     def score(self, rows: list[dict[str, Any]]) -> Scores:
         """Rewards for the responses of each generations row."""
         ...
-
-
-def _prompt_messages(row: dict[str, Any]) -> list[dict[str, str]]:
-    from rlhf_workflow.data.schemas import to_messages
-
-    return to_messages(row["prompt"], "user")
 
 
 class RewardModelJudge:
@@ -88,7 +83,7 @@ class PreferenceModelJudge:
     def score(self, rows: list[dict[str, Any]]) -> Scores:
         out = Scores()
         for row in rows:
-            ranking = self.judge.rank(_prompt_messages(row), row["responses"], self.method)
+            ranking = self.judge.rank(prompt_messages(row["prompt"]), row["responses"], self.method)
             self.comparisons += ranking.comparisons
             out.rewards.append([float(s) for s in ranking.scores])
             out.errors.append({})

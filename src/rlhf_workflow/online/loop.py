@@ -28,11 +28,16 @@ import os
 import random
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
-from rlhf_workflow.config import RunConfig, config_to_yaml
+from rlhf_workflow.config import (AnnotateConfig, DataConfig, DPOConfig, GenerateConfig, JudgeConfig, ModelConfig,
+                                  PairsConfig, ReferenceConfig, RunConfig, config_to_yaml, stage_config)
 from rlhf_workflow.errors import UserError
-from rlhf_workflow.processes import release_memory
+from rlhf_workflow.online import feedback
+from rlhf_workflow.processes import process_state, release_memory
+
+if TYPE_CHECKING:
+    from accelerate import PartialState
 
 logger = logging.getLogger(__name__)
 
@@ -103,22 +108,24 @@ def split_prompts(config: RunConfig) -> list[list[Any]]:
     return chunks
 
 
-def policy_config(config: RunConfig, path: Path | None) -> Any:
+def policy_config(config: RunConfig, path: Path | None) -> ModelConfig:
     """π0 (``path`` None) or a saved iterate as a ModelConfig with the recipe's other settings."""
     if path is None:
         return config.policy
     return config.policy.model_copy(update={"name_or_path": str(path), "tokenizer": None})
 
 
+Source = tuple[ModelConfig, float | None]  # a policy to sample from, at this temperature (None: the recipe's)
+
+
 class Runner:
     """Runs the stages of one run directory in order, skipping those already done."""
 
     def __init__(self, config: RunConfig, *, force: bool = False):
-        from rlhf_workflow.processes import process_state
-
         self.config = config
         self.run_dir = Path(config.output_dir)
-        self.state = process_state()
+        self.judge: JudgeConfig = feedback.loop_judge(config, self.run_dir)
+        self.state: PartialState = process_state()
         if self.state.is_main_process:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             check_config(self.run_dir, config, force=force)
@@ -149,18 +156,18 @@ class Runner:
         if not self.state.is_main_process:
             return
         c, p = self.config, self.config.prompts
-        feedback: list[Any] = []
+        feedback_rows: list[dict] = []
         if p.task is not None:
             from rlhf_workflow.tasks import get_task
 
             task = get_task(p.task)
-            extra = c.feedback.prompts if c.feedback.enabled else 0
             try:
-                train = task.prompts("train", extra + c.iterations * p.per_iteration, p.seed, **p.task_options)
+                train = task.prompts("train", feedback.prompt_count(c) + c.iterations * p.per_iteration, p.seed,
+                                     **p.task_options)
                 eval_rows = task.prompts(p.eval_split, p.eval_count, p.seed, **p.task_options)
             except (TypeError, ValueError) as exc:
                 raise UserError(f"prompts.task {p.task}: {exc}") from None
-            feedback, train = train[:extra], train[extra:]
+            feedback_rows, train = feedback.carve_prompts(c, train)
             chunks = [train[t * p.per_iteration : (t + 1) * p.per_iteration] for t in range(c.iterations)]
         else:
             eval_rows = [row_to_dict(r) for r in read_rows(p.eval, PromptRow)]
@@ -177,12 +184,11 @@ class Runner:
             write_jsonl(self.run_dir / f"iter_{t}" / "prompts.jsonl", chunk)
         if c.mode == "offline" or c.offline.after_online:
             write_jsonl(self.run_dir / "offline" / "prompts.jsonl", [row for chunk in chunks for row in chunk])
-        if feedback:
-            write_jsonl(self.run_dir / "feedback" / "prompts.jsonl", feedback)
+        if feedback_rows:
+            write_jsonl(feedback.prompts_path(self.run_dir), feedback_rows)
 
-    def generate(self, directory: Path, sources: list[tuple[Any, float | None]], seed_offset: int) -> None:
+    def generate(self, directory: Path, sources: list[Source], seed_offset: int) -> None:
         """n responses per prompt from each (policy, temperature) source, pooled into generations.jsonl."""
-        from rlhf_workflow.config import GenerateConfig
         from rlhf_workflow.data.io import iter_jsonl, write_jsonl
         from rlhf_workflow.generate.stage import run_generate
 
@@ -192,9 +198,8 @@ class Runner:
             sampling = g.sampling.model_copy(update={"seed": g.sampling.seed + seed_offset + 1000 * index,
                                                      **({"temperature": temperature} if temperature is not None else {})})
             part = directory / ("generations.jsonl" if len(sources) == 1 else f"generations.source{index}.jsonl")
-            run_generate(GenerateConfig(prompts=str(directory / "prompts.jsonl"), output=str(part), backend=g.backend,
-                                        model=policy, sampling=sampling, apply_chat_template=self.config.apply_chat_template,
-                                        hf=g.hf, vllm=g.vllm, openai=g.openai))
+            run_generate(stage_config(GenerateConfig, g, prompts=str(directory / "prompts.jsonl"), output=str(part),
+                                      model=policy, sampling=sampling, apply_chat_template=self.config.apply_chat_template))
             parts.append(part)
         if len(parts) > 1 and self.state.is_main_process:
             pooled: dict[str, dict] = {}
@@ -207,35 +212,32 @@ class Runner:
                             pooled[row["id"]][key] = pooled[row["id"]][key] + row[key]
             write_jsonl(directory / "generations.jsonl", pooled.values())
 
-    def sources(self, t: int) -> list[tuple[Any, float | None]]:
+    def sources(self, t: int) -> list[Source]:
         """(policy, temperature) pairs iteration t samples from: π_{t-1} and earlier ones, at each temperature."""
         g = self.config.generation
         policies = [self.policy(t - 1)] + [self.policy(t - 1 - k) for k in range(1, g.earlier_policies + 1) if t - 1 - k >= 0]
         temperatures: list[float | None] = list(g.temperatures) or [None]
         return [(p, temp) for p in policies for temp in temperatures]
 
-    def policy(self, t: int) -> Any:
+    def policy(self, t: int) -> ModelConfig:
         return policy_config(self.config, None if t == 0 else self.run_dir / f"iter_{t}" / "policy")
 
     def annotate(self, directory: Path) -> None:
-        from rlhf_workflow.config import AnnotateConfig
         from rlhf_workflow.online.annotate import run_annotate
 
         run_annotate(AnnotateConfig(input=str(directory / "generations.jsonl"), output=str(directory / "scored.jsonl"),
-                                    judge=self.config.judge, length_penalty=self.config.length_penalty,
+                                    judge=self.judge, length_penalty=self.config.length_penalty,
                                     apply_chat_template=self.config.apply_chat_template))
 
     def pairs(self, directory: Path, budget: int = 0) -> None:
-        from rlhf_workflow.config import PairsConfig
         from rlhf_workflow.data.io import iter_jsonl, write_jsonl
         from rlhf_workflow.online.pairs import run_pairs
 
         if not self.state.is_main_process:
             return
         output = directory / "pairs.jsonl"
-        run_pairs(PairsConfig(input=str(directory / "scored.jsonl"), output=str(output),
-                              strategy=self.config.pairs.strategy, min_margin=self.config.pairs.min_margin,
-                              seed=self.config.prompts.seed))
+        run_pairs(stage_config(PairsConfig, self.config.pairs, input=str(directory / "scored.jsonl"), output=str(output),
+                               seed=self.config.prompts.seed))
         if budget:
             rows = [row for _, row in iter_jsonl(output)]
             if len(rows) > budget:
@@ -261,20 +263,18 @@ class Runner:
             print(f"offline: reusing iteration 1's {name} (π0's samples of its prompts, same seeds)")
         self.state.wait_for_everyone()
 
-    def dpo(self, directory: Path, start: Any, reference: str | None, seed_offset: int) -> None:
-        from rlhf_workflow.config import DataConfig, DPOConfig, ReferenceConfig
+    def dpo(self, directory: Path, start: ModelConfig, reference: str | None, seed_offset: int) -> None:
         from rlhf_workflow.train.checkpoint import latest_checkpoint
         from rlhf_workflow.train.dpo import run_dpo
 
         d = self.config.dpo
         out = directory / "dpo"
-        config = DPOConfig(
-            output_dir=str(out), model=start,
+        config = stage_config(
+            DPOConfig, d, output_dir=str(out), model=start,
             data=DataConfig(train=str(directory / "pairs.jsonl"), max_length=d.max_length,
                             apply_chat_template=self.config.apply_chat_template),
-            train=d.train.model_copy(update={"seed": d.train.seed + seed_offset}), loss=d.loss,
+            train=d.train.model_copy(update={"seed": d.train.seed + seed_offset}),
             reference=ReferenceConfig(name_or_path=reference, precompute=True, batch_size=d.reference_batch_size),
-            logprob_chunk=d.logprob_chunk,
         )
         target = directory / "policy"
         if not (out / "model").is_dir():
@@ -287,14 +287,35 @@ class Runner:
             os.replace(out / "model", target)
         self.state.wait_for_everyone()
 
-    def evaluate(self, name: str, t: int | None, policy: Any) -> None:
+    def evaluate(self, name: str, t: int | None, policy: ModelConfig) -> None:
+        """Sample the policy's answers to the held-out prompts, score them with the judge, and append
+        its metrics (`eval.policy`) to metrics.jsonl."""
         from rlhf_workflow.data.io import JsonlAppender
-        from rlhf_workflow.online.evaluate import evaluate_policy
+        from rlhf_workflow.eval.policy import EVAL_DIR, evaluate_policy
+        from rlhf_workflow.generate.stage import run_generate
+        from rlhf_workflow.online.annotate import run_annotate
+        from rlhf_workflow.online.judges import FunctionJudge, load_function, make_judge
 
-        metrics = evaluate_policy(self.config, self.run_dir, name, policy, eval_prompts=self.run_dir / "eval_prompts.jsonl",
-                                  baseline="iter_0", initial_policy=self.config.policy, state=self.state)
-        if metrics is None:
+        c, g = self.config, self.config.generation
+        out = self.run_dir / name / EVAL_DIR
+        generations, scored = out / "generations.jsonl", out / "scored.jsonl"
+        # as many rows per batch as in training generation, whatever the number of samples per prompt
+        hf = g.hf.model_copy(update={"batch_size": max(1, g.hf.batch_size * g.sampling.n // c.eval.sampling.n)})
+        run_generate(stage_config(GenerateConfig, g, prompts=str(self.run_dir / "eval_prompts.jsonl"),
+                                  output=str(generations), model=policy, sampling=c.eval.sampling, hf=hf,
+                                  apply_chat_template=c.apply_chat_template))
+        run_annotate(AnnotateConfig(input=str(generations), output=str(scored), judge=self.judge,
+                                    apply_chat_template=c.apply_chat_template))
+        if not self.state.is_main_process:
             return
+        baseline = "iter_0"
+        gold = FunctionJudge(load_function(c.eval.gold_function), c.eval.gold_function) if c.eval.gold_function else None
+        compare = None
+        if self.judge.type == "preference_model" and name != baseline:
+            compare = make_judge(self.judge, device=self.state.device,
+                                 chat_template=c.apply_chat_template).judge.compare_many  # type: ignore[attr-defined]
+        metrics = evaluate_policy(c, self.run_dir, name, policy, baseline=baseline, gold=gold, compare=compare,
+                                  device=self.state.device)
         metrics = {"id": name, "iteration": t, "mode": "offline" if name == "offline" else "online", **metrics}
         stats_file = self.run_dir / name / "pairs.stats.json"
         if stats_file.exists():
@@ -353,7 +374,3 @@ def online_pair_count(run_dir: Path) -> int:
         raise UserError(f"offline.match_run: {run_dir} has no iter_*/pairs.jsonl; run the online recipe first")
     return sum(sum(1 for line in f.read_text().splitlines() if line.strip()) for f in files)
 
-
-def run_online(config: RunConfig, *, force: bool = False) -> Path:
-    """Run (or continue) the recipe's run directory; returns it."""
-    return Runner(config, force=force).run()

@@ -8,7 +8,7 @@ first step, so no second copy is ever loaded), another model (``reference.name_o
 with LoRA, the policy with its adapters disabled. ``reference.precompute=false`` runs a frozen
 reference at every step instead, for comparison.
 
-A batch of B pairs is one forward pass, laid out by `train.batching` (by default one row
+A batch of B pairs is one forward pass, laid out by `models.layout` (by default one row
 ``[prompt | chosen | rejected]`` per pair); log-probs are read only at response tokens, through
 the vocabulary projection in chunks.
 """
@@ -22,42 +22,19 @@ from pathlib import Path
 from typing import Any, Callable
 
 import torch
-from torch import nn
 from tqdm.auto import tqdm
 
 from rlhf_workflow.config import DPOConfig, DPOLossConfig
 from rlhf_workflow.data.schemas import PairRow
 from rlhf_workflow.errors import UserError, model_source
-from rlhf_workflow.models.forward import body_hidden_states, unwrap
-from rlhf_workflow.train.batching import LayoutOptions, layout, sequence_logprobs
-from rlhf_workflow.train.losses import dpo_loss
-from rlhf_workflow.train.pairs import tokenize_pairs
+from rlhf_workflow.models.layout import LayoutOptions, layout
+from rlhf_workflow.models.logprobs import SequenceLogprobs
+from rlhf_workflow.train.losses import dpo_loss, pair_accuracy
+from rlhf_workflow.train.pairs import pair_row_length, tokenize_pairs
 
 log = logging.getLogger(__name__)
 
 REF_FIELDS = ("ref_chosen_logp", "ref_rejected_logp")
-
-
-class SequenceLogprobs(nn.Module):
-    """log π(response | prompt), summed over response tokens, of every sequence of a `layout` batch.
-
-    Wraps a (maybe LoRA-wrapped) causal LM; returns ``(logp [S], response_tokens [S])``.
-    """
-
-    def __init__(self, model: Any, chunk: int = 1024):
-        super().__init__()
-        self.model = model
-        self.chunk = chunk
-        config = unwrap(model).config
-        if getattr(config, "final_logit_softcapping", None) or getattr(config, "logit_scale", 1.0) not in (None, 1.0):
-            raise UserError(
-                f"{config.model_type} scales or soft-caps its logits after the vocabulary projection, which the "
-                "log-prob computation here does not reproduce; this model type is not supported for DPO yet"
-            )
-
-    def forward(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        hidden = body_hidden_states(self.model, batch["input_ids"], batch["attention_mask"], batch["position_ids"])
-        return sequence_logprobs(hidden, unwrap(self.model).get_output_embeddings(), batch, self.chunk)
 
 
 def frozen_reference(policy: SequenceLogprobs, reference_model: Any | None) -> Callable[[dict], torch.Tensor]:
@@ -81,7 +58,7 @@ def frozen_reference(policy: SequenceLogprobs, reference_model: Any | None) -> C
 
 
 class DPOObjective:
-    """Collate: pairs laid out by `train.batching.layout` (+ their reference log-probs). Loss: `dpo_loss`."""
+    """Collate: pairs laid out by `models.layout.layout` (+ their reference log-probs). Loss: `dpo_loss`."""
 
     name = "dpo"
 
@@ -102,8 +79,7 @@ class DPOObjective:
         return batch
 
     def example_length(self, example: dict[str, Any]) -> int:
-        responses = (len(example["chosen_ids"]), len(example["rejected_ids"]))
-        return len(example["prompt_ids"]) + (sum(responses) if self.options.share_prefix else max(responses))
+        return pair_row_length(example, self.options)
 
     def units(self, batch: dict[str, torch.Tensor]) -> int:
         return batch["last_row"].numel() // 2
@@ -128,7 +104,7 @@ class DPOObjective:
                 "rewards/chosen": chosen.sum(),
                 "rewards/rejected": rejected.sum(),
                 "rewards/margin": (chosen - rejected).sum(),
-                "accuracy": ((chosen > rejected).float() + 0.5 * (chosen == rejected).float()).sum(),
+                "accuracy": pair_accuracy(chosen, rejected),
                 "logps/chosen": logp[0::2].sum(),
                 "logps/rejected": logp[1::2].sum(),
             }
@@ -218,32 +194,22 @@ def precompute_reference(reference: SequenceLogprobs, examples: list[dict], rows
 def run_dpo(config: DPOConfig, *, resume: bool = False) -> Path:
     """The `dpo` stage: preference pairs in, a policy out (HF causal LM, safetensors)."""
     from rlhf_workflow.config import ModelConfig
-    from rlhf_workflow.data.io import read_rows
-    from rlhf_workflow.models import load_tokenizer
-    from rlhf_workflow.models.loading import is_peft_model, load_model
+    from rlhf_workflow.models.loading import load_model
+    from rlhf_workflow.models.lora import is_peft_model
     from rlhf_workflow.models.saving import save_model
     from rlhf_workflow.train.loop import train
-    from rlhf_workflow.train.stage import Dropped, finish_stage, length_limit, nothing_usable, start_stage
+    from rlhf_workflow.train.stage import finish_stage, read_splits, start_stage
 
-    accelerator, output_dir = start_stage(config)
-    with model_source("model.name_or_path"):
-        tokenizer = load_tokenizer(config.model.tokenizer or config.model.name_or_path,
-                                   trust_remote_code=config.model.trust_remote_code)
-        max_length, limit = length_limit(config)
+    stage = start_stage(config)
+    accelerator, output_dir, tokenizer = stage.accelerator, stage.output_dir, stage.tokenizer
     options = LayoutOptions.from_config(config.train)
 
-    def tokenize(path: str) -> tuple[list[PairRow], list[dict]]:
-        rows = read_rows(path, PairRow)
-        dropped = Dropped()
-        examples = tokenize_pairs(rows, tokenizer, max_length=max_length,
-                                  chat_template=config.data.apply_chat_template, source=path,
-                                  extra=lambda row: {f: getattr(row, f) for f in REF_FIELDS}, dropped=dropped, limit=limit)
-        if not examples:
-            raise nothing_usable(path, dropped, "pair")
-        return rows, examples
+    def tokenize(rows: list[PairRow], source: str, dropped: list) -> list[dict]:
+        return tokenize_pairs(rows, tokenizer, max_length=stage.max_length, chat_template=config.data.apply_chat_template,
+                              source=source, extra=lambda row: {f: getattr(row, f) for f in REF_FIELDS}, dropped=dropped,
+                              limit=stage.limit)
 
-    train_rows, train_examples = tokenize(config.data.train)
-    eval_rows, eval_examples = tokenize(config.data.eval) if config.data.eval else ([], None)
+    train_split, eval_split = read_splits(config, PairRow, tokenize, "pair")
 
     with model_source("model.name_or_path"):
         policy = SequenceLogprobs(load_model(config.model), config.logprob_chunk)
@@ -267,10 +233,10 @@ def run_dpo(config: DPOConfig, *, resume: bool = False) -> Path:
         source.to(accelerator.device)
         context = policy.model.disable_adapter() if lora and reference_model is None else contextlib.nullcontext()
         with context:
-            for name, rows, examples in (("train", train_rows, train_examples), ("eval", eval_rows, eval_examples)):
-                if examples:
-                    precompute_reference(source, examples, rows, output_dir / f"{name}_pairs.ref.jsonl", accelerator,
-                                         pad_token_id=tokenizer.pad_token_id, options=options,
+            for name, split in (("train", train_split), ("eval", eval_split)):
+                if split is not None:
+                    precompute_reference(source, split.examples, split.rows, output_dir / f"{name}_pairs.ref.jsonl",
+                                         accelerator, pad_token_id=tokenizer.pad_token_id, options=options,
                                          batch_size=config.reference.batch_size)
         del source
         reference_model = None  # training holds only the policy
@@ -278,7 +244,8 @@ def run_dpo(config: DPOConfig, *, resume: bool = False) -> Path:
         reference = frozen_reference(policy, reference_model)
 
     objective = DPOObjective(tokenizer.pad_token_id, config.loss, options, reference)
-    trained = train(objective, policy, train_examples, config.train, output_dir, accelerator,
-                    eval_examples=eval_examples, resume=resume, run_config=config.model_dump(mode="json"))
+    trained = train(objective, policy, train_split.examples, config.train, output_dir, accelerator,
+                    eval_examples=eval_split.examples if eval_split else None, resume=resume,
+                    run_config=config.model_dump(mode="json"))
     return finish_stage(accelerator, output_dir, lambda target: save_model(trained.model, tokenizer, target), "policy")
 

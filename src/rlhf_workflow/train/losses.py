@@ -73,6 +73,17 @@ def label_token_loss(label_logits: torch.Tensor, labels: torch.Tensor) -> torch.
     return F.cross_entropy(label_logits.float(), labels, reduction="sum")
 
 
+def pair_accuracy(chosen: torch.Tensor, rejected: torch.Tensor) -> torch.Tensor:
+    """Pairs whose chosen response scores higher, a tie counting half, summed over pairs:
+
+        A = Σ_i 1[s_c,i > s_r,i] + ½ · 1[s_c,i = s_r,i]
+
+    s: a reward model's rewards, or DPO's implicit rewards β log π/π_ref. (Not a loss: a metric of the
+    reward and DPO objectives, summed like their losses and divided by the pairs of the global batch.)
+    """
+    return ((chosen > rejected).float() + 0.5 * (chosen == rejected).float()).sum()
+
+
 # --------------------------------------------------------------------------- DPO family
 #
 # Each takes h = (log π(y_c|x) − log π_ref(y_c|x)) − (log π(y_r|x) − log π_ref(y_r|x)), the

@@ -7,6 +7,7 @@ from typing import Any, Callable
 
 from rlhf_workflow.data.schemas import PairRow
 from rlhf_workflow.data.templating import encode_prompt_response
+from rlhf_workflow.models.layout import LayoutOptions
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +58,14 @@ def tokenize_pairs(rows: list[PairRow], tokenizer: Any, *, max_length: int, chat
         log.warning("%s: %d pairs had their prompt cut from the left to fit max_length %d; %d dropped "
                     "(a response alone is longer)", source, truncated, max_length, len(dropped))
     return examples
+
+
+def pair_row_length(example: dict[str, Any], options: LayoutOptions) -> int:
+    """Tokens a tokenized pair (or prompt group, `group_by_prompt`) puts in a row of the batch: the
+    prompt and every response when they share the row, else the prompt and the longest response."""
+    responses = [len(r) for r in example["responses"]] if "responses" in example else \
+        [len(example["chosen_ids"]), len(example["rejected_ids"])]
+    return len(example["prompt_ids"]) + (sum(responses) if options.share_prefix else max(responses))
 
 
 def group_by_prompt(examples: list[dict]) -> list[dict]:

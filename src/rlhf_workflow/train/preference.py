@@ -80,37 +80,33 @@ def tokenize_comparisons(rows: list[PairRow], tokenizer: Any, fmt: PreferenceFor
 
 def run_train_pm(config: PreferenceModelConfig, *, resume: bool = False) -> Path:
     """The `train-pm` stage: preference pairs in, a causal LM that answers "A" or "B" out."""
-    from rlhf_workflow.models import load_tokenizer, save_model
+    from rlhf_workflow.models import save_model
     from rlhf_workflow.models.preference import load_preference_model
     from rlhf_workflow.train.loop import train
-    from rlhf_workflow.train.stage import finish_stage, length_limit, start_stage, tokenize_split
+    from rlhf_workflow.train.stage import finish_stage, read_splits, start_stage
 
-    accelerator, output_dir = start_stage(config)
-    with model_source("model.name_or_path"):
-        tokenizer = load_tokenizer(config.model.tokenizer or config.model.name_or_path,
-                                   trust_remote_code=config.model.trust_remote_code)
+    stage = start_stage(config)
+    tokenizer = stage.tokenizer
     fmt = PreferenceFormat(
         template=config.format.template, label_a=config.format.label_a, label_b=config.format.label_b,
         chat_template=config.data.apply_chat_template,
     )
     label_ids = label_token_ids(tokenizer, fmt)
 
-    with model_source("model.name_or_path"):
-        max_length, _ = length_limit(config)
-
     def tokenize(rows: list[PairRow], source: str, dropped: list) -> list[dict]:
-        return tokenize_comparisons(rows, tokenizer, fmt, max_length=max_length, seed=config.train.seed, source=source)
+        return tokenize_comparisons(rows, tokenizer, fmt, max_length=stage.max_length, seed=config.train.seed,
+                                    source=source)
 
-    train_examples = tokenize_split(config.data.train, PairRow, tokenize)
-    eval_examples = tokenize_split(config.data.eval, PairRow, tokenize) if config.data.eval else None
+    train_split, eval_split = read_splits(config, PairRow, tokenize, "pair")
     with model_source("model.name_or_path"):
         model = load_preference_model(config.model)
     model = train(
-        PreferenceObjective(tokenizer.pad_token_id, label_ids), model, train_examples, config.train, output_dir,
-        accelerator, eval_examples=eval_examples, resume=resume, run_config=config.model_dump(mode="json"),
+        PreferenceObjective(tokenizer.pad_token_id, label_ids), model, train_split.examples, config.train,
+        stage.output_dir, stage.accelerator, eval_examples=eval_split.examples if eval_split else None, resume=resume,
+        run_config=config.model_dump(mode="json"),
     )
 
     def save(target: Path) -> None:
         save_model(model.model, tokenizer, target, extra_files={FORMAT_FILE: fmt.to_json()})
 
-    return finish_stage(accelerator, output_dir, save, "preference model")
+    return finish_stage(stage.accelerator, stage.output_dir, save, "preference model")

@@ -2,7 +2,7 @@
 
 A batch of B pairs is one forward pass. By default each pair is one row
 ``[prompt | chosen | rejected]`` whose mask keeps the two responses apart, so the prompt is
-computed once (`train.batching`); with ``train.share_prefix=false`` it is 2B padded rows
+computed once (`models.layout`); with ``train.share_prefix=false`` it is 2B padded rows
 (chosen rows, then rejected rows). Either way the reward of each response is read at its last
 token (`models.reward.RewardModel`).
 """
@@ -19,16 +19,16 @@ import torch
 from rlhf_workflow.config import RewardModelConfig
 from rlhf_workflow.data.schemas import PairRow
 from rlhf_workflow.errors import UserError, model_source
-from rlhf_workflow.train.batching import LayoutOptions, layout
-from rlhf_workflow.train.losses import bradley_terry_loss
-from rlhf_workflow.train.pairs import group_by_prompt, tokenize_pairs
+from rlhf_workflow.models.layout import LayoutOptions, layout
+from rlhf_workflow.train.losses import bradley_terry_loss, pair_accuracy
+from rlhf_workflow.train.pairs import group_by_prompt, pair_row_length, tokenize_pairs
 
 log = logging.getLogger(__name__)
 
 
 class RewardObjective:
     """Collate: pairs (or prompt groups, `train.pairs.group_by_prompt`) laid out by
-    `train.batching.layout`. Loss: Bradley–Terry over the pairs."""
+    `models.layout.layout`. Loss: Bradley–Terry over the pairs."""
 
     name = "reward"
 
@@ -61,9 +61,7 @@ class RewardObjective:
         return batch
 
     def example_length(self, example: dict[str, Any]) -> int:
-        responses = [len(r) for r in example["responses"]] if "responses" in example else \
-            [len(example["chosen_ids"]), len(example["rejected_ids"])]
-        return len(example["prompt_ids"]) + (sum(responses) if self.options.share_prefix else max(responses))
+        return pair_row_length(example, self.options)
 
     def units(self, batch: dict[str, torch.Tensor]) -> int:
         return batch["margin"].numel()
@@ -74,7 +72,7 @@ class RewardObjective:
         loss = bradley_terry_loss(chosen, rejected, batch["margin"], self.center_coef)
         with torch.no_grad():
             metrics = {
-                "accuracy": ((chosen > rejected).float() + 0.5 * (chosen == rejected).float()).sum(),
+                "accuracy": pair_accuracy(chosen, rejected),
                 "reward_chosen": chosen.sum(),
                 "reward_rejected": rejected.sum(),
                 "reward_margin": (chosen - rejected).sum(),
@@ -94,29 +92,22 @@ def pair_margin(row: PairRow, field: str | None, source: str) -> float:
 
 def run_train_rm(config: RewardModelConfig, *, resume: bool = False) -> Path:
     """The `train-rm` stage: preference pairs in, a sequence-classification reward model out."""
-    from rlhf_workflow.models import load_tokenizer
     from rlhf_workflow.models.reward import load_reward_model, prepare_reward_tokenizer, save_reward_model
     from rlhf_workflow.train.loop import train
-    from rlhf_workflow.train.stage import finish_stage, length_limit, start_stage, tokenize_split
+    from rlhf_workflow.train.stage import finish_stage, read_splits, start_stage
 
-    accelerator, output_dir = start_stage(config)
-    with model_source("model.name_or_path"):
-        tokenizer = prepare_reward_tokenizer(
-            load_tokenizer(config.model.tokenizer or config.model.name_or_path, trust_remote_code=config.model.trust_remote_code)
-        )
-
-    with model_source("model.name_or_path"):
-        max_length, limit = length_limit(config)
+    stage = start_stage(config, prepare_tokenizer=prepare_reward_tokenizer)
+    tokenizer = stage.tokenizer
 
     def tokenize(rows: list[PairRow], source: str, dropped: list) -> list[dict]:
         return tokenize_pairs(
-            rows, tokenizer, max_length=max_length, chat_template=config.data.apply_chat_template, source=source,
+            rows, tokenizer, max_length=stage.max_length, chat_template=config.data.apply_chat_template, source=source,
             extra=lambda row: {"margin": config.loss.margin + pair_margin(row, config.loss.margin_field, source)},
-            dropped=dropped, limit=limit,
+            dropped=dropped, limit=stage.limit,
         )
 
-    train_examples = tokenize_split(config.data.train, PairRow, tokenize)
-    eval_examples = tokenize_split(config.data.eval, PairRow, tokenize) if config.data.eval else None
+    train_split, eval_split = read_splits(config, PairRow, tokenize, "pair")
+    train_examples, eval_examples = train_split.examples, eval_split.examples if eval_split else None
     max_responses = 2
     if config.group_by_prompt:
         pairs = len(train_examples)
@@ -131,7 +122,8 @@ def run_train_rm(config: RewardModelConfig, *, resume: bool = False) -> Path:
         RewardObjective(tokenizer.pad_token_id, center_coef=config.loss.center_coef,
                         options=LayoutOptions.from_config(config.train), max_responses=max_responses),
         model, train_examples,
-        config.train, output_dir, accelerator, eval_examples=eval_examples, resume=resume,
+        config.train, stage.output_dir, stage.accelerator, eval_examples=eval_examples, resume=resume,
         run_config=config.model_dump(mode="json"),
     )
-    return finish_stage(accelerator, output_dir, lambda target: save_reward_model(model, tokenizer, target), "reward model")
+    return finish_stage(stage.accelerator, stage.output_dir, lambda target: save_reward_model(model, tokenizer, target),
+                        "reward model")

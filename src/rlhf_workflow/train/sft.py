@@ -84,26 +84,24 @@ def tokenize_sft(rows: list[SFTRow], tokenizer: Any, *, max_length: int, chat_te
 
 def run_sft(config: SFTConfig, *, resume: bool = False) -> Path:
     """The `sft` stage: load model and data, train, save ``output_dir/model``. Returns that path."""
-    from rlhf_workflow.models import load_model, load_tokenizer, save_model
+    from rlhf_workflow.models import load_model, save_model
     from rlhf_workflow.train.loop import train
-    from rlhf_workflow.train.stage import finish_stage, length_limit, start_stage, tokenize_split
+    from rlhf_workflow.train.stage import finish_stage, read_splits, start_stage
 
-    accelerator, output_dir = start_stage(config)
-    with model_source("model.name_or_path"):
-        tokenizer = load_tokenizer(config.model.tokenizer or config.model.name_or_path,
-                                   trust_remote_code=config.model.trust_remote_code)
-        max_length, limit = length_limit(config)
+    stage = start_stage(config)
+    tokenizer = stage.tokenizer
 
     def tokenize(rows: list[SFTRow], source: str, dropped: list) -> list[dict]:
-        return tokenize_sft(rows, tokenizer, max_length=max_length, chat_template=config.data.apply_chat_template,
-                            source=source, dropped=dropped, limit=limit)
+        return tokenize_sft(rows, tokenizer, max_length=stage.max_length, chat_template=config.data.apply_chat_template,
+                            source=source, dropped=dropped, limit=stage.limit)
 
-    train_examples = tokenize_split(config.data.train, SFTRow, tokenize)
-    eval_examples = tokenize_split(config.data.eval, SFTRow, tokenize) if config.data.eval else None
+    train_split, eval_split = read_splits(config, SFTRow, tokenize)
     with model_source("model.name_or_path"):
         model = load_model(config.model)
     model = train(
-        SFTObjective(tokenizer.pad_token_id), model, train_examples, config.train, output_dir, accelerator,
-        eval_examples=eval_examples, resume=resume, run_config=config.model_dump(mode="json"),
+        SFTObjective(tokenizer.pad_token_id), model, train_split.examples, config.train, stage.output_dir,
+        stage.accelerator, eval_examples=eval_split.examples if eval_split else None, resume=resume,
+        run_config=config.model_dump(mode="json"),
     )
-    return finish_stage(accelerator, output_dir, lambda target: save_model(model, tokenizer, target), "fine-tuned model")
+    return finish_stage(stage.accelerator, stage.output_dir, lambda target: save_model(model, tokenizer, target),
+                        "fine-tuned model")

@@ -1,27 +1,42 @@
 """What every training stage (sft, train-rm, train-pm, dpo) does around the loop.
 
-    accelerator, output_dir = start_stage(config)    # output dir, resolved config.yaml
-    ... read rows, tokenize, load the model, build the objective ...
-    model = train(objective, model, examples, ...)    # the one loop
-    finish_stage(accelerator, output_dir, save)       # main process saves, checkpoints removed
+    stage = start_stage(config)                        # output dir, config.yaml, seed, tokenizer, length limit
+    train_split, eval_split = read_splits(config, PairRow, tokenize)
+    ... load the model, build the objective ...
+    model = train(objective, model, train_split.examples, ...)     # the one loop
+    finish_stage(stage.accelerator, stage.output_dir, save, what)  # main process saves, checkpoints removed
 """
 
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from rlhf_workflow.config import save_config
-from rlhf_workflow.errors import UserError
+from rlhf_workflow.config import TrainingStageConfig, save_config
+from rlhf_workflow.errors import UserError, model_source
 
 log = logging.getLogger(__name__)
 
 
-def start_stage(config: Any) -> tuple[Any, Path]:
-    """Make the output directory, write the resolved config, seed, and return the accelerator."""
+@dataclass
+class Stage:
+    """A training stage once started."""
+
+    accelerator: Any
+    output_dir: Path
+    tokenizer: Any
+    max_length: int  # tokens a training sequence may have (`length_limit`)
+    limit: str  # how to name that limit in messages
+
+
+def start_stage(config: TrainingStageConfig, *, prepare_tokenizer: Callable[[Any], Any] | None = None) -> Stage:
+    """Make the output directory, write the resolved config, seed, load the tokenizer (passed through
+    ``prepare_tokenizer`` when given) and find the length limit."""
     from transformers import set_seed
 
+    from rlhf_workflow.models.loading import load_tokenizer
     from rlhf_workflow.train.loop import make_accelerator
 
     output_dir = Path(config.output_dir)
@@ -31,7 +46,13 @@ def start_stage(config: Any) -> tuple[Any, Path]:
         save_config(config, output_dir / "config.yaml")
     # the same seed everywhere: new heads and LoRA adapters start from the same weights every run
     set_seed(config.train.seed)
-    return accelerator, output_dir
+    with model_source("model.name_or_path"):
+        tokenizer = load_tokenizer(config.model.tokenizer or config.model.name_or_path,
+                                   trust_remote_code=config.model.trust_remote_code)
+        if prepare_tokenizer is not None:
+            tokenizer = prepare_tokenizer(tokenizer)
+        max_length, limit = length_limit(config)
+    return Stage(accelerator, output_dir, tokenizer, max_length, limit)
 
 
 class Dropped(list):
@@ -52,19 +73,35 @@ def nothing_usable(path: str, dropped: Dropped, what: str = "row") -> UserError:
                      f"({len(dropped)} dropped)")
 
 
-def tokenize_split(path: str, schema: Any, tokenize: Callable[[list, str, Dropped], list[dict]]) -> list[dict]:
-    """Read and validate ``path``, then tokenize; a split with nothing usable is a `UserError`."""
+@dataclass
+class Split:
+    """The rows of a data file and the examples tokenized from them (dropped rows have none)."""
+
+    rows: list[Any]
+    examples: list[dict]
+
+
+def read_split(path: str, schema: Any, tokenize: Callable[[list, str, Dropped], list[dict]], what: str = "row") -> Split:
+    """Read and validate ``path``, then ``tokenize(rows, path, dropped)``; a split with nothing usable
+    is a `UserError` naming the first dropped ``what`` by file:line and field."""
     from rlhf_workflow.data.io import read_rows
 
     rows = read_rows(path, schema)
     dropped = Dropped()
     examples = tokenize(rows, path, dropped)
     if not examples:
-        raise nothing_usable(path, dropped)
-    return examples
+        raise nothing_usable(path, dropped, what)
+    return Split(rows, examples)
 
 
-def length_limit(config: Any) -> tuple[int, str]:
+def read_splits(config: TrainingStageConfig, schema: Any, tokenize: Callable[[list, str, Dropped], list[dict]],
+                what: str = "row") -> tuple[Split, Split | None]:
+    """The training split (``data.train``) and the held-out one (``data.eval``, None when not given)."""
+    train = read_split(config.data.train, schema, tokenize, what)  # type: ignore[arg-type]
+    return train, read_split(config.data.eval, schema, tokenize, what) if config.data.eval else None
+
+
+def length_limit(config: TrainingStageConfig) -> tuple[int, str]:
     """The tokens a training sequence may have: ``data.max_length``, or the model's context when
     that is shorter (longer sequences would index positions the model never learned). Returns the
     limit and how to name it in messages."""

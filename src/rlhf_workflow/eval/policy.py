@@ -1,0 +1,159 @@
+"""Evaluating a policy of the online loop on the held-out prompts.
+
+The loop samples responses of π0 and of every π_t to the held-out prompts (`generate`) and scores
+them with the proxy judge (`annotate`) into ``RUN/<policy>/eval/scored.jsonl``. From those files,
+and the task's gold judge when it has one, this module computes
+
+* proxy reward: the mean judge score (reward model or function judge; a preference model's
+  within-prompt ranking scores say nothing across policies, so for it only the win rate is given);
+* gold: the mean gold score, with a 95 % bootstrap interval over prompts; and the gold gain over
+  π0, the mean over prompts of (this policy's mean gold − π0's), with its own interval: the two
+  policies answer the same prompts, so the paired difference is far less noisy than the two means;
+* win rate vs π0: sample k of π_t against sample k of π0 for the same prompt, judged by the proxy
+  (a reward model or function compares scores, ties count ½; a preference model compares the two
+  texts in both orders, `PreferenceJudge.compare_many`);
+* length: mean response tokens;
+* KL(π_t ‖ π0) ≈ mean over sampled responses y of log π_t(y|x) − log π0(y|x): an unbiased
+  estimate when the responses are sampled from π_t itself (temperature 1, no top-p / top-k). The
+  responses are scored as the chat template tokenizes their text (the end-of-turn token only
+  where the model produced it), which for ordinary text is the sampled token sequence.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Callable
+
+from rlhf_workflow.config import ModelConfig, RunConfig
+from rlhf_workflow.data.schemas import prompt_messages
+from rlhf_workflow.eval.stats import bootstrap_interval, mean, pair_outcome
+
+EVAL_DIR = "eval"
+
+
+def win_rates(ours: dict[tuple[str, int], float | None], theirs: dict[tuple[str, int], float | None]) -> list[tuple[str, float]]:
+    """(prompt id, 1 / ½ / 0) for every sample both sides scored: ours better / tied / worse."""
+    out = []
+    for key, value in ours.items():
+        other = theirs.get(key)
+        if value is None or other is None:
+            continue
+        out.append((key[0], pair_outcome(value, other)))
+    return out
+
+
+def response_logps(model_config: ModelConfig, tokenizer: Any, rows: list[dict], *, chat_template: bool, device: Any,
+                   chunk: int = 1024, batch_prompts: int = 8) -> dict[tuple[str, int], float]:
+    """log π(response | prompt) under the model of ``model_config`` for every response of ``rows``
+    (each prompt computed once for its responses: the shared-prefix layout)."""
+    import torch
+
+    from rlhf_workflow.data.templating import encode_prompt, encode_prompt_response
+    from rlhf_workflow.models.layout import LayoutOptions, layout
+    from rlhf_workflow.models.loading import load_model
+    from rlhf_workflow.models.logprobs import SequenceLogprobs
+
+    model = SequenceLogprobs(load_model(model_config.model_copy(update={"lora": model_config.lora.model_copy(
+        update={"r": 0})})).to(device).eval(), chunk)
+    options = LayoutOptions(share_prefix=True)
+    special = set(tokenizer.all_special_ids)
+    groups, keys = [], []
+    for row in rows:
+        prompt = encode_prompt(tokenizer, row["prompt"], chat_template=chat_template)
+        reasons = row.get("finish_reasons") or []
+        responses = []
+        for k, text in enumerate(row["responses"]):
+            ids, _ = encode_prompt_response(tokenizer, row["prompt"], text, chat_template=chat_template)
+            ids = ids[len(prompt):]
+            if k < len(reasons) and reasons[k] == "length":  # cut off: the end-of-turn token was never sampled
+                while ids and ids[-1] in special:
+                    ids = ids[:-1]
+            if ids:
+                responses.append(ids)
+                keys.append((row["id"], k))
+        if responses:
+            groups.append((prompt, responses))
+    values: list[float] = []
+    with torch.inference_mode():
+        for start in range(0, len(groups), batch_prompts):
+            batch = layout(groups[start : start + batch_prompts], tokenizer.pad_token_id, options)
+            values.extend(model({k: v.to(device) for k, v in batch.items()})[0].double().tolist())
+    return dict(zip(keys, values))
+
+
+def evaluate_policy(config: RunConfig, run_dir: Path, name: str, policy: ModelConfig, *, baseline: str | None,
+                    gold: Any | None, compare: Callable[[list[tuple]], list[float]] | None, device: Any) -> dict[str, Any]:
+    """The metrics of one policy (see the module docstring) from its scored eval samples.
+
+    ``baseline`` names the directory (under ``run_dir``) of π0's evaluation; ``gold`` is the task's
+    judge (anything with ``score(rows) -> Scores``) or None; ``compare`` gives P(a ≻ b) for
+    (conversation, a, b) items, both orders averaged, when the proxy is a preference model."""
+    from rlhf_workflow.data.io import read_rows, row_to_dict
+    from rlhf_workflow.data.schemas import GenerationRow
+    from rlhf_workflow.models.loading import load_tokenizer
+
+    rows = [row_to_dict(r) for r in read_rows(run_dir / name / EVAL_DIR / "scored.jsonl", GenerationRow)]
+    metrics: dict[str, Any] = {"id": name, "policy": policy.name_or_path, "prompts": len(rows),
+                               "responses": sum(len(r["responses"]) for r in rows)}
+    resamples = config.eval.bootstrap
+
+    def summarise(key: str, groups: list[list[float]]) -> None:
+        flat = [v for group in groups for v in group]
+        metrics[key] = mean(flat)
+        interval = bootstrap_interval(groups, resamples)
+        if interval is not None:
+            metrics[f"{key}_ci95"] = list(interval)
+
+    if compare is None:
+        summarise("proxy_reward", [[r for r in row["rewards"] if r is not None] for row in rows])
+    if gold is not None:
+        gold_scores = gold.score(rows)
+        summarise("gold", [[r for r in rewards if r is not None] for rewards in gold_scores.rewards])
+        metrics["gold_unscored"] = sum(r is None for rewards in gold_scores.rewards for r in rewards)
+    tokens = [t for row in rows for t in (row.get("response_tokens") or []) if isinstance(t, int)]
+    metrics["length_tokens"] = mean(tokens)
+    metrics["length_chars"] = mean([len(text) for row in rows for text in row["responses"]])
+    metrics["stopped"] = mean([1.0 if f == "stop" else 0.0 for row in rows for f in (row.get("finish_reasons") or [])])
+
+    if baseline is None or baseline == name:
+        return metrics
+    base_rows = {r["id"]: r for r in (row_to_dict(x) for x in read_rows(run_dir / baseline / EVAL_DIR / "scored.jsonl",
+                                                                         GenerationRow))}
+    if compare is None:
+        ours = {(row["id"], k): r for row in rows for k, r in enumerate(row["rewards"])}
+        theirs = {(i, k): r for i, row in base_rows.items() for k, r in enumerate(row["rewards"])}
+        outcomes = win_rates(ours, theirs)
+    else:
+        items, ids = [], []
+        for row in rows:
+            other = base_rows.get(row["id"])
+            for k, text in enumerate(row["responses"]):
+                if other is not None and k < len(other["responses"]):
+                    items.append((prompt_messages(row["prompt"]), text, other["responses"][k]))
+                    ids.append(row["id"])
+        outcomes = [(i, pair_outcome(p, 0.5)) for i, p in zip(ids, compare(items))]
+    by_prompt: dict[str, list[float]] = {}
+    for prompt_id, outcome in outcomes:
+        by_prompt.setdefault(prompt_id, []).append(outcome)
+    summarise("win_rate_vs_initial", list(by_prompt.values()))
+    if gold is not None:
+        base_list = list(base_rows.values())
+        base_gold = dict(zip((r["id"] for r in base_list), gold.score(base_list).rewards))
+        gains = []
+        for row, rewards in zip(rows, gold_scores.rewards):
+            mine, theirs_mean = mean([r for r in rewards if r is not None]), \
+                mean([r for r in base_gold.get(row["id"], []) if r is not None])
+            if mine is not None and theirs_mean is not None:
+                gains.append([mine - theirs_mean])
+        summarise("gold_gain_vs_initial", gains)
+    if config.eval.kl:
+        initial = config.policy
+        tokenizer = load_tokenizer(initial.tokenizer or initial.name_or_path, trust_remote_code=initial.trust_remote_code)
+        kwargs = dict(chat_template=config.apply_chat_template, device=device, chunk=config.dpo.logprob_chunk)
+        mine_logp = response_logps(policy, tokenizer, rows, **kwargs)
+        initial_logp = response_logps(initial, tokenizer, rows, **kwargs)
+        groups: dict[str, list[float]] = {}
+        for key, value in mine_logp.items():
+            groups.setdefault(key[0], []).append(value - initial_logp[key])
+        summarise("kl_vs_initial", list(groups.values()))
+    return metrics

@@ -1,0 +1,50 @@
+"""Small statistics shared by the evaluations: means, pairwise outcomes with ties, bootstrap
+intervals over prompts, correlation."""
+
+from __future__ import annotations
+
+import math
+import random
+from typing import Sequence
+
+
+def mean(values: Sequence[float]) -> float | None:
+    """The mean, or None for no values."""
+    return sum(values) / len(values) if values else None
+
+
+def pair_outcome(chosen_score: float, rejected_score: float) -> float:
+    """1 if chosen is preferred, 0 if rejected is, ½ on a tie."""
+    if chosen_score > rejected_score:
+        return 1.0
+    if chosen_score < rejected_score:
+        return 0.0
+    return 0.5
+
+
+def bootstrap_interval(groups: Sequence[Sequence[float]], resamples: int, seed: int = 0) -> tuple[float, float] | None:
+    """95 % percentile interval of the mean, resampling whole groups (the samples of one prompt
+    together, as they are not independent). None with fewer than two groups or no resamples."""
+    groups = [g for g in groups if g]
+    if len(groups) < 2 or resamples <= 0:
+        return None
+    rng = random.Random(seed)
+    means = []
+    for _ in range(resamples):
+        picked = [groups[rng.randrange(len(groups))] for _ in groups]
+        means.append(sum(sum(g) for g in picked) / sum(len(g) for g in picked))
+    means.sort()
+    return means[int(0.025 * (resamples - 1))], means[int(math.ceil(0.975 * (resamples - 1)))]
+
+
+def pearson(xs: list[float], ys: list[float]) -> float | None:
+    """Pearson's correlation; None with fewer than three points or a constant side."""
+    n = len(xs)
+    if n < 3:
+        return None
+    mx, my = sum(xs) / n, sum(ys) / n
+    sxx = sum((x - mx) ** 2 for x in xs)
+    syy = sum((y - my) ** 2 for y in ys)
+    if sxx == 0 or syy == 0:
+        return None
+    return sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / math.sqrt(sxx * syy)

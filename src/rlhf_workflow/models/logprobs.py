@@ -1,0 +1,113 @@
+"""Log-probabilities of responses: log π(y | x) summed over the response tokens of each sequence.
+
+DPO trains on them, its reference pass and the policy evaluation (KL to π0) read them. The
+transformer body runs on every token of a `models.layout` batch; the vocabulary projection runs
+only at response tokens, in chunks, so the ``[tokens, vocab]`` logits are never held whole.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from rlhf_workflow.errors import UserError
+from rlhf_workflow.models.forward import body_hidden_states
+from rlhf_workflow.models.lora import unwrap
+
+
+class _ChunkedTokenLogprobs(torch.autograd.Function):
+    """log softmax(h W^T + b)[y] for N rows of h, ``chunk`` rows at a time.
+
+    Forward keeps only the log-normaliser of each row; backward recomputes each chunk's logits.
+    With p = softmax(z) and upstream gradient g_n: ∂/∂z_n = g_n (onehot(y_n) − p_n), so
+    ∂/∂h = (∂/∂z) W, ∂/∂W = (∂/∂z)^T h, ∂/∂b = Σ_n ∂/∂z_n. Peak memory: chunk × vocab floats.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, targets, chunk):  # type: ignore[override]
+        out = torch.empty(hidden.size(0), dtype=torch.float32, device=hidden.device)
+        lse = torch.empty_like(out)
+        for start in range(0, hidden.size(0), chunk):
+            rows = slice(start, start + chunk)
+            logits = _logits(hidden[rows], weight, bias)
+            lse[rows] = torch.logsumexp(logits, -1)
+            out[rows] = logits.gather(1, targets[rows, None]).squeeze(1) - lse[rows]
+        ctx.save_for_backward(hidden, weight, bias, targets, lse)
+        ctx.chunk = chunk
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):  # type: ignore[override]
+        hidden, weight, bias, targets, lse = ctx.saved_tensors
+        grad_hidden = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
+        # accumulated in the weight's own dtype: an fp32 copy of a 128K-vocabulary bf16 head would cost GBs
+        grad_weight = torch.zeros_like(weight) if ctx.needs_input_grad[1] else None
+        grad_bias = torch.zeros_like(bias) if bias is not None and ctx.needs_input_grad[2] else None
+        for start in range(0, hidden.size(0), ctx.chunk):
+            rows = slice(start, start + ctx.chunk)
+            grad_logits = torch.exp(_logits(hidden[rows], weight, bias) - lse[rows, None]).mul_(-grad_out[rows, None])
+            grad_logits.scatter_add_(1, targets[rows, None], grad_out[rows, None])
+            if grad_hidden is not None:
+                grad_hidden[rows] = (grad_logits @ weight.float()).to(hidden.dtype)
+            if grad_weight is not None:
+                grad_weight += (grad_logits.t() @ hidden[rows].float()).to(weight.dtype)
+            if grad_bias is not None:
+                grad_bias += grad_logits.sum(0).to(bias.dtype)
+        return grad_hidden, grad_weight, grad_bias, None, None
+
+
+def _logits(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """fp32 logits of a chunk, also under autocast (log-probs of a bf16 projection are too coarse for DPO)."""
+    with torch.autocast(hidden.device.type, enabled=False):
+        logits = hidden.float() @ weight.float().t()
+        return logits + bias.float() if bias is not None else logits
+
+
+def token_logprobs(hidden: torch.Tensor, head: torch.nn.Linear, targets: torch.Tensor, chunk: int = 1024) -> torch.Tensor:
+    """log π(y_n | h_n) for hidden states ``[N, hidden]`` and target ids ``[N]``, in fp32.
+
+    With ``chunk > 0`` the vocabulary projection runs ``chunk`` rows at a time forward and
+    backward, so the ``[N, vocab]`` logits are never held whole (vocab is 49K for SmolLM2,
+    128K for Llama-3). ``chunk = 0`` computes them in one piece through ``head``.
+    """
+    if chunk <= 0:
+        return torch.log_softmax(head(hidden).float(), -1).gather(1, targets[:, None]).squeeze(1)
+    return _ChunkedTokenLogprobs.apply(hidden, head.weight, head.bias, targets, chunk)
+
+
+def sequence_logprobs(hidden: torch.Tensor, head: torch.nn.Linear, batch: dict[str, torch.Tensor],
+                      chunk: int = 1024) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed response log-probs and response lengths of every sequence of a `layout` batch.
+
+    ``hidden``: the body's last hidden states ``[rows, width, hidden]`` for the batch. Returns
+    ``(logp [S], tokens [S])`` in sequence order.
+    """
+    logp = token_logprobs(hidden[batch["target_row"], batch["target_col"]], head, batch["target_id"], chunk)
+    sequences = batch["last_row"].numel()
+    sums = torch.zeros(sequences, dtype=logp.dtype, device=logp.device).index_add(0, batch["target_seq"], logp)
+    counts = torch.bincount(batch["target_seq"], minlength=sequences)
+    return sums, counts
+
+
+class SequenceLogprobs(nn.Module):
+    """log π(response | prompt), summed over response tokens, of every sequence of a `layout` batch.
+
+    Wraps a (maybe LoRA-wrapped) causal LM; returns ``(logp [S], response_tokens [S])``.
+    """
+
+    def __init__(self, model: Any, chunk: int = 1024):
+        super().__init__()
+        self.model = model
+        self.chunk = chunk
+        config = unwrap(model).config
+        if getattr(config, "final_logit_softcapping", None) or getattr(config, "logit_scale", 1.0) not in (None, 1.0):
+            raise UserError(
+                f"{config.model_type} scales or soft-caps its logits after the vocabulary projection, which the "
+                "log-prob computation here does not reproduce; this model type is not supported for DPO yet"
+            )
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        hidden = body_hidden_states(self.model, batch["input_ids"], batch["attention_mask"], batch["position_ids"])
+        return sequence_logprobs(hidden, unwrap(self.model).get_output_embeddings(), batch, self.chunk)

@@ -1,0 +1,158 @@
+"""Simulated human feedback: the paper's start, from human preferences, with a gold judge as the human.
+
+With ``feedback.enabled`` a run begins here, in ``RUN/feedback/``:
+
+1. prompts: the first ``feedback.prompts`` of the task's train draw (`carve_prompts`), so the loop's
+   prompts are the ones after them and never these;
+2. generate: π0 samples ``feedback.sampling.n`` responses to each;
+3. annotate: the gold judge (``feedback.judge_function``, e.g. the `instructions` task's constraint
+   checker) labels every response;
+4. pairs: pairs of differently labelled responses (``feedback.strategy``), split by prompt into the
+   reward model's training pairs and ``heldout_pairs.jsonl`` (``feedback.heldout_share`` of the
+   prompts: no prompt on both sides);
+5. rm (and pm with ``feedback.train_pm``): a Bradley–Terry reward model (a pairwise preference
+   model) trained on those pairs, the held-out pairs as its eval split; eval-rm (eval-pm): its
+   held-out accuracy in ``rm_eval.json`` (``pm_eval.json``).
+
+The loop then judges with that reward model (`loop_judge`).
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+from typing import TYPE_CHECKING, Callable
+
+from rlhf_workflow.config import (AnnotateConfig, DataConfig, EvalRMConfig, GenerateConfig, JudgeConfig, PairsConfig,
+                                  PreferenceModelConfig, RewardModelConfig, RunConfig, stage_config)
+
+if TYPE_CHECKING:
+    from accelerate import PartialState
+
+FEEDBACK_DIR = "feedback"
+
+
+def prompt_count(config: RunConfig) -> int:
+    """How many of the task's train prompts the feedback takes (0 without feedback)."""
+    return config.feedback.prompts if config.feedback.enabled else 0
+
+
+def carve_prompts(config: RunConfig, train_rows: list[dict]) -> tuple[list[dict], list[dict]]:
+    """The task's train draw split into (the feedback prompts, the loop's prompts)."""
+    count = prompt_count(config)
+    return train_rows[:count], train_rows[count:]
+
+
+def prompts_path(run_dir: Path) -> Path:
+    return run_dir / FEEDBACK_DIR / "prompts.jsonl"
+
+
+def loop_judge(config: RunConfig, run_dir: Path) -> JudgeConfig:
+    """The loop's judge: the recipe's, or with feedback the reward model trained on it."""
+    if not config.feedback.enabled:
+        return config.judge
+    return config.judge.model_copy(update={"path": str(run_dir / FEEDBACK_DIR / "rm" / "model")})
+
+
+def split_by_prompt(rows: list[dict], share: float, seed: int) -> tuple[list[dict], list[dict], int, int]:
+    """(training rows, held-out rows, held-out prompts, prompts): a seeded ``share`` of the distinct
+    prompts is held out with all its rows, so that no prompt is on both sides."""
+    def key(row: dict) -> str:  # a prompt may be a list of messages
+        return row["prompt"] if isinstance(row["prompt"], str) else json.dumps(row["prompt"], sort_keys=True)
+
+    prompts = sorted({key(row) for row in rows})
+    random.Random(seed).shuffle(prompts)
+    held_prompts = set(prompts[: int(round(len(prompts) * share))])
+    held = [row for row in rows if key(row) in held_prompts]
+    return [row for row in rows if key(row) not in held_prompts], held, len(held_prompts), len(prompts)
+
+
+class Feedback:
+    """The feedback stages of one run directory (see the module docstring)."""
+
+    def __init__(self, config: RunConfig, run_dir: Path, state: "PartialState"):
+        self.config = config
+        self.dir = run_dir / FEEDBACK_DIR
+        self.state = state  # the processes of this run
+
+    def stages(self) -> list[tuple[str, Callable[[], None]]]:
+        """(stage name, work) in order, for `online.loop.Runner.stage`."""
+        stages: list[tuple[str, Callable[[], None]]] = [
+            ("feedback/generate", self.generate), ("feedback/annotate", self.annotate), ("feedback/pairs", self.pairs),
+            ("feedback/rm", lambda: self.train("rm")), ("feedback/eval-rm", lambda: self.evaluate("rm")),
+        ]
+        if self.config.feedback.train_pm:
+            stages += [("feedback/pm", lambda: self.train("pm")), ("feedback/eval-pm", lambda: self.evaluate("pm"))]
+        return stages
+
+    @property
+    def heldout(self) -> Path | None:
+        """The held-out pairs file, when there are held-out pairs."""
+        path = self.dir / "heldout_pairs.jsonl"
+        return path if path.exists() and path.stat().st_size > 0 else None
+
+    def generate(self) -> None:
+        from rlhf_workflow.generate.stage import run_generate
+
+        c = self.config
+        run_generate(stage_config(GenerateConfig, c.generation, prompts=str(self.dir / "prompts.jsonl"),
+                                  output=str(self.dir / "generations.jsonl"), model=c.policy,
+                                  sampling=c.feedback.sampling, apply_chat_template=c.apply_chat_template))
+
+    def annotate(self) -> None:
+        from rlhf_workflow.online.annotate import run_annotate
+
+        run_annotate(AnnotateConfig(input=str(self.dir / "generations.jsonl"), output=str(self.dir / "scored.jsonl"),
+                                    judge=JudgeConfig(type="function", function=self.config.feedback.judge_function),
+                                    apply_chat_template=self.config.apply_chat_template))
+
+    def pairs(self) -> None:
+        from rlhf_workflow.data.io import iter_jsonl, write_jsonl
+        from rlhf_workflow.online.pairs import run_pairs
+
+        if not self.state.is_main_process:
+            return
+        c = self.config
+        run_pairs(PairsConfig(input=str(self.dir / "scored.jsonl"), output=str(self.dir / "all_pairs.jsonl"),
+                              strategy=c.feedback.strategy, seed=c.prompts.seed))
+        rows = [row for _, row in iter_jsonl(self.dir / "all_pairs.jsonl")]
+        train, held, held_prompts, prompts = split_by_prompt(rows, c.feedback.heldout_share, c.prompts.seed)
+        write_jsonl(self.dir / "heldout_pairs.jsonl", held)
+        write_jsonl(self.dir / "pairs.jsonl", train)
+        print(f"feedback: {len(train)} pairs to train the reward model, {len(held)} held out "
+              f"({held_prompts} of {prompts} prompts)")
+
+    def train(self, kind: str) -> None:
+        """Train the reward model ("rm") or the preference model ("pm") on the pairs, the held-out
+        pairs as its eval split."""
+        from rlhf_workflow.train.checkpoint import latest_checkpoint
+
+        out = self.dir / kind
+        if (out / "model").is_dir():
+            return
+        c, f = self.config, self.config.feedback
+        model = (f.rm_model or c.policy).model_copy(update={"gradient_checkpointing": False})
+        held = self.heldout
+        data = DataConfig(train=str(self.dir / "pairs.jsonl"), eval=str(held) if held else None,
+                          max_length=f.rm_max_length, apply_chat_template=c.apply_chat_template)
+        resume = latest_checkpoint(out) is not None
+        if kind == "rm":
+            from rlhf_workflow.train.reward import run_train_rm
+
+            run_train_rm(RewardModelConfig(output_dir=str(out), model=model, train=f.rm_train, data=data,
+                                           group_by_prompt=f.rm_group_by_prompt), resume=resume)
+        else:
+            from rlhf_workflow.train.preference import run_train_pm
+
+            run_train_pm(PreferenceModelConfig(output_dir=str(out), model=model, train=f.pm_train, data=data),
+                         resume=resume)
+
+    def evaluate(self, kind: str) -> None:
+        from rlhf_workflow.eval.reward_eval import run_eval_rm
+
+        held = self.heldout
+        if self.state.is_main_process and held is not None:
+            run_eval_rm(EvalRMConfig(model=str(self.dir / kind / "model"), data=str(held), kind=kind,
+                                     output=str(self.dir / f"{kind}_eval.json"), max_length=self.config.feedback.rm_max_length,
+                                     apply_chat_template=self.config.apply_chat_template))
