@@ -1,15 +1,20 @@
 """What the benchmarks share: synthetic preference pairs, peak memory, the machine's matmul peak,
-and running each trainer in its own process, alternating, several times."""
+and running each trainer in its own process, alternating, several times (the worker protocol:
+`bench_parser` for the options, `dispatch` in a worker process, `run_selected` in the benchmark's own)."""
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import random
 import resource
 import subprocess
 import sys
+import tempfile
 import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
 
 WORDS = (
     "the of and to in is that for it as was with be by on not he this are or his from at which but have an they "
@@ -83,3 +88,73 @@ def run_workers(script: str, names: list[str], repeats: int, worker_args: list[s
             print(f"  {result['seconds']:.1f} s, {result['tokens']:.0f} tokens, {result['tokens_per_s']:.1f} tokens/s, "
                   f"peak RSS {result['peak_rss_mb']:.0f} MB", flush=True)
     return runs
+
+
+# ---------------------------------------------------------------- the worker protocol
+
+Worker = Callable[[argparse.Namespace], dict]
+
+
+def bench_parser(doc: str, workers: Sequence[str], what: str = "trainer") -> argparse.ArgumentParser:
+    """The parser of a benchmark that compares ``workers`` (names), each run in a process of its own.
+
+    Its description is the first paragraph of ``doc``. It has the options every such benchmark has:
+    --seed, --only NAME, --repeats, and the hidden --worker NAME --repeat K with which `run_workers`
+    starts one worker (``what`` names a worker in the help: trainer, generator).
+    """
+    parser = argparse.ArgumentParser(description=doc.split("\n\n")[0])
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--only", choices=list(workers), help=f"run one {what}")
+    parser.add_argument("--repeats", type=int, default=2, help=f"runs of each {what}, alternating; the best is reported")
+    parser.add_argument("--worker", choices=list(workers), help=argparse.SUPPRESS)
+    parser.add_argument("--repeat", type=int, default=0, help=argparse.SUPPRESS)
+    return parser
+
+
+def dispatch(args: argparse.Namespace, workers: dict[str, Worker]) -> bool:
+    """In a worker process (``--worker NAME``): run that worker and print its ``RESULT {json}`` line
+    for `run_workers`; returns True. In the benchmark's own process it does nothing and returns False."""
+    if not args.worker:
+        return False
+    print("RESULT " + json.dumps(workers[args.worker](args)), flush=True)
+    return True
+
+
+def run_selected(script: str, args: argparse.Namespace, workers: dict[str, Worker],
+                 worker_args: list[str]) -> dict[str, list[dict]]:
+    """`run_workers` for the workers --only selects (all, in the order of ``workers``), --repeats rounds."""
+    names = [name for name in workers if not args.only or name == args.only]
+    return run_workers(script, names, args.repeats, worker_args)
+
+
+# ---------------------------------------------------------------- trainers on synthetic pairs (rm_vs_trl, dpo_vs_trl)
+
+
+def add_pair_training_options(parser: argparse.ArgumentParser) -> None:
+    """The sizes of a training run on `make_pairs` pairs, our layout options both trainer benchmarks
+    have, and the hidden --data / --workdir that a worker gets."""
+    parser.add_argument("--steps", type=int, default=12, help="optimizer steps for each trainer")
+    parser.add_argument("--batch", type=int, default=8, help="pairs per step")
+    parser.add_argument("--pairs", type=int, default=512)
+    parser.add_argument("--max-length", type=int, default=256)
+    parser.add_argument("--no-share", action="store_true", help="ours without prompt sharing (chosen and rejected rows)")
+    parser.add_argument("--pack-length", type=int, default=0, help="ours: train.pack_length (0 = no packing)")
+    parser.add_argument("--max-tokens", type=int, default=1024,
+                        help="ours: train.max_tokens_per_forward (0 = one forward per micro-batch, as TRL)")
+    parser.add_argument("--data", help=argparse.SUPPRESS)
+    parser.add_argument("--workdir", help=argparse.SUPPRESS)
+
+
+def write_pairs(args: argparse.Namespace, prefix: str) -> tuple[str, Path]:
+    """A new temporary work directory (named ``prefix``...) and the --pairs pairs written in it."""
+    workdir = tempfile.mkdtemp(prefix=prefix)
+    data = Path(workdir) / "pairs.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in make_pairs(args.pairs, args.seed, args.max_length)))
+    return workdir, data
+
+
+def pair_training_worker_args(args: argparse.Namespace, workdir: str, data: Path) -> list[str]:
+    """The arguments that pass the options of `add_pair_training_options` (and --seed) on to a worker."""
+    return ["--data", str(data), "--workdir", workdir, "--steps", str(args.steps), "--batch", str(args.batch),
+            "--max-length", str(args.max_length), "--seed", str(args.seed), "--max-tokens", str(args.max_tokens),
+            "--pack-length", str(args.pack_length)] + (["--no-share"] if args.no_share else [])

@@ -31,12 +31,14 @@ import argparse
 import json
 import os
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import make_pairs, matmul_peak_flops, peak_rss_mb, run_workers  # noqa: E402
+from common import (  # noqa: E402
+    add_pair_training_options, bench_parser, dispatch, matmul_peak_flops, pair_training_worker_args, peak_rss_mb,
+    run_selected, write_pairs,
+)
 
 MODEL = "smollm2-135m-instruct"
 
@@ -52,8 +54,9 @@ def run_ours(args: argparse.Namespace) -> dict:
     from rlhf_workflow.data.schemas import PairRow
     from rlhf_workflow.models import load_tokenizer
     from rlhf_workflow.models.loading import load_model
-    from rlhf_workflow.train.batching import LayoutOptions
-    from rlhf_workflow.train.dpo import REF_FIELDS, DPOObjective, SequenceLogprobs, precompute_reference
+    from rlhf_workflow.models.layout import LayoutOptions
+    from rlhf_workflow.models.logprobs import SequenceLogprobs
+    from rlhf_workflow.train.dpo import REF_FIELDS, DPOObjective, precompute_reference
     from rlhf_workflow.train.loop import make_accelerator, train
     from rlhf_workflow.train.pairs import tokenize_pairs
 
@@ -134,44 +137,22 @@ def run_trl(args: argparse.Namespace) -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--steps", type=int, default=12, help="optimizer steps for each trainer")
-    parser.add_argument("--batch", type=int, default=8, help="pairs per step")
-    parser.add_argument("--pairs", type=int, default=512)
-    parser.add_argument("--max-length", type=int, default=256)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--no-share", action="store_true", help="ours without prompt sharing (chosen and rejected rows)")
-    parser.add_argument("--pack-length", type=int, default=0, help="ours: train.pack_length (0 = no packing)")
-    parser.add_argument("--max-tokens", type=int, default=1024,
-                        help="ours: train.max_tokens_per_forward (0 = one forward per micro-batch, as TRL)")
+    parser = bench_parser(__doc__, WORKERS)
+    add_pair_training_options(parser)
     parser.add_argument("--chunk", type=int, default=1024, help="ours: dpo.logprob_chunk (0 = full logits, as TRL)")
     parser.add_argument("--trl-precompute", action="store_true", help="TRL with precompute_ref_log_probs=True")
-    parser.add_argument("--only", choices=["ours", "trl"], help="run one trainer")
-    parser.add_argument("--repeats", type=int, default=2, help="runs of each trainer, alternating; the best is reported")
-    parser.add_argument("--worker", choices=["ours", "trl"], help=argparse.SUPPRESS)
-    parser.add_argument("--repeat", type=int, default=0, help=argparse.SUPPRESS)
-    parser.add_argument("--data", help=argparse.SUPPRESS)
-    parser.add_argument("--workdir", help=argparse.SUPPRESS)
     parser.add_argument("--response-share", type=float, default=0.5, help=argparse.SUPPRESS)
     args = parser.parse_args()
-
-    if args.worker:
-        result = run_ours(args) if args.worker == "ours" else run_trl(args)
-        print("RESULT " + json.dumps(result), flush=True)
+    if dispatch(args, WORKERS):
         return
 
-    workdir = tempfile.mkdtemp(prefix="bench-dpo-")
-    data = Path(workdir) / "pairs.jsonl"
-    data.write_text("".join(json.dumps(r) + "\n" for r in make_pairs(args.pairs, args.seed, args.max_length)))
+    workdir, data = write_pairs(args, "bench-dpo-")
     response_share = _response_share(data, args.max_length)
     peak = matmul_peak_flops()
-    names = [n for n in ("ours", "trl") if not args.only or n == args.only]
-    worker_args = ["--data", str(data), "--workdir", workdir, "--steps", str(args.steps), "--batch", str(args.batch),
-                   "--max-length", str(args.max_length), "--seed", str(args.seed), "--pack-length", str(args.pack_length),
-                   "--max-tokens", str(args.max_tokens), "--chunk", str(args.chunk),
-                   "--response-share", str(response_share)]
-    worker_args += (["--no-share"] if args.no_share else []) + (["--trl-precompute"] if args.trl_precompute else [])
-    runs = run_workers(__file__, names, args.repeats, worker_args)
+    worker_args = pair_training_worker_args(args, workdir, data) + [
+        "--chunk", str(args.chunk), "--response-share", str(response_share)]
+    worker_args += ["--trl-precompute"] if args.trl_precompute else []
+    runs = run_selected(__file__, args, WORKERS, worker_args)
 
     print(f"\nDPO, SmolLM2-135M-Instruct fp32 on CPU ({os.cpu_count()} cores): {args.steps} steps × {args.batch} pairs, "
           f"max_length {args.max_length}, β 0.1; best of {args.repeats} runs each")
@@ -215,6 +196,8 @@ def _response_share(data: Path, max_length: int) -> float:
     responses = sum(len(e["chosen_ids"]) + len(e["rejected_ids"]) for e in examples)
     return responses / (responses + sum(2 * len(e["prompt_ids"]) for e in examples))
 
+
+WORKERS = {"ours": run_ours, "trl": run_trl}
 
 if __name__ == "__main__":
     main()

@@ -40,7 +40,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))  # the tiny model builders, judge and words the loop tests use
 
-from test_online_loop import JUDGE, WORDS  # noqa: E402
+from conftest import LOOP_JUDGE, LOOP_WORDS  # noqa: E402
 
 TOLERANCE = 1e-4
 EVENTS = {  # moments worth a kill that a random draw rarely hits, as seen from the run directory
@@ -67,10 +67,10 @@ def setup(work: Path) -> list[str]:
         tokenizer = build_tokenizer("chatml")
         build_model(tokenizer).save_pretrained(model)
         tokenizer.save_pretrained(model)
-    (work / "task.py").write_text(JUDGE)
-    train = write_jsonl(work / "train.jsonl", [{"id": f"t{i}", "prompt": f"Write about the {WORDS[i % 12]} {i}."}
+    (work / "task.py").write_text(LOOP_JUDGE)
+    train = write_jsonl(work / "train.jsonl", [{"id": f"t{i}", "prompt": f"Write about the {LOOP_WORDS[i % 12]} {i}."}
                                                for i in range(24)])
-    heldout = write_jsonl(work / "eval.jsonl", [{"id": f"e{i}", "prompt": f"Tell me about {WORDS[i]}."}
+    heldout = write_jsonl(work / "eval.jsonl", [{"id": f"e{i}", "prompt": f"Tell me about {LOOP_WORDS[i]}."}
                                                 for i in range(6)])
     return [
         f"policy.name_or_path={model}", f"prompts.train={train}", f"prompts.eval={heldout}", "iterations=2",

@@ -29,7 +29,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import WORDS, peak_rss_mb, run_workers  # noqa: E402
+from common import WORDS, bench_parser, dispatch, peak_rss_mb, run_selected  # noqa: E402
 
 MODEL = "smollm2-135m-instruct"
 TASKS = ["Write a short note about {}.", "Explain in one paragraph why {} matters.", "List three facts about {}.",
@@ -99,22 +99,16 @@ def run_worker(args: argparse.Namespace) -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = bench_parser(__doc__, WORKERS, what="generator")
     parser.add_argument("--prompts-count", type=int, default=48)
     parser.add_argument("--n", type=int, default=4, help="samples per prompt")
     parser.add_argument("--batch", type=int, default=8, help="prompts per batch (× n rows)")
     parser.add_argument("--max-new-tokens", type=int, default=128)
     parser.add_argument("--temperature", type=float, default=1.0)
     parser.add_argument("--top-p", type=float, default=1.0)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--repeats", type=int, default=2)
-    parser.add_argument("--only", choices=["ours", "plain"])
-    parser.add_argument("--worker", choices=["ours", "plain"], help=argparse.SUPPRESS)
-    parser.add_argument("--repeat", type=int, default=0, help=argparse.SUPPRESS)
     parser.add_argument("--prompts", help=argparse.SUPPRESS)
     args = parser.parse_args()
-    if args.worker:
-        print("RESULT " + json.dumps(run_worker(args)), flush=True)
+    if dispatch(args, WORKERS):
         return
 
     import tempfile
@@ -122,11 +116,10 @@ def main() -> None:
     workdir = tempfile.mkdtemp(prefix="bench-generate-")
     prompts = Path(workdir) / "prompts.jsonl"
     prompts.write_text("".join(json.dumps(r) + "\n" for r in make_prompts(args.prompts_count, args.seed)))
-    names = [n for n in ("ours", "plain") if not args.only or n == args.only]
     worker_args = ["--prompts", str(prompts), "--n", str(args.n), "--batch", str(args.batch), "--max-new-tokens",
                    str(args.max_new_tokens), "--temperature", str(args.temperature), "--top-p", str(args.top_p),
                    "--seed", str(args.seed)]
-    runs = run_workers(__file__, names, args.repeats, worker_args)
+    runs = run_selected(__file__, args, WORKERS, worker_args)
     print(f"\nGeneration, SmolLM2-135M-Instruct fp32 on CPU ({os.cpu_count()} cores): {args.prompts_count} prompts × "
           f"n={args.n}, {args.batch} prompts per batch, max_new_tokens {args.max_new_tokens}, temperature "
           f"{args.temperature}, top_p {args.top_p}; best of {args.repeats} runs each")
@@ -141,6 +134,8 @@ def main() -> None:
         print(f"throughput ours/plain: {best['ours']['tokens_per_s'] / best['plain']['tokens_per_s']:.2f}x   "
               "(target >= 1.5x)")
 
+
+WORKERS = {"ours": run_worker, "plain": run_worker}  # one function; args.worker picks the generator
 
 if __name__ == "__main__":
     main()

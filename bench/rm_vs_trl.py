@@ -25,12 +25,13 @@ import argparse
 import json
 import os
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import make_pairs, peak_rss_mb, run_workers  # noqa: E402
+from common import (  # noqa: E402
+    add_pair_training_options, bench_parser, dispatch, pair_training_worker_args, peak_rss_mb, run_selected, write_pairs,
+)
 
 
 def run_ours(args: argparse.Namespace) -> dict:
@@ -39,7 +40,7 @@ def run_ours(args: argparse.Namespace) -> dict:
     from rlhf_workflow.data.schemas import PairRow
     from rlhf_workflow.models import load_tokenizer
     from rlhf_workflow.models.reward import load_reward_model, prepare_reward_tokenizer
-    from rlhf_workflow.train.batching import LayoutOptions
+    from rlhf_workflow.models.layout import LayoutOptions
     from rlhf_workflow.train.loop import make_accelerator, train
     from rlhf_workflow.train.pairs import tokenize_pairs
     from rlhf_workflow.train.reward import RewardObjective
@@ -94,39 +95,16 @@ def run_trl(args: argparse.Namespace) -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--steps", type=int, default=12, help="optimizer steps for each trainer")
-    parser.add_argument("--batch", type=int, default=8, help="pairs per step")
-    parser.add_argument("--pairs", type=int, default=512)
-    parser.add_argument("--max-length", type=int, default=256)
-    parser.add_argument("--seed", type=int, default=0)
+    parser = bench_parser(__doc__, WORKERS)
+    add_pair_training_options(parser)
     parser.add_argument("--no-grouping", action="store_true", help="ours without length-grouped batches")
-    parser.add_argument("--max-tokens", type=int, default=1024,
-                        help="ours: train.max_tokens_per_forward (0 = one forward per micro-batch, as TRL)")
-    parser.add_argument("--no-share", action="store_true", help="ours without prompt sharing (chosen and rejected rows)")
-    parser.add_argument("--pack-length", type=int, default=0, help="ours: train.pack_length (0 = no packing)")
-    parser.add_argument("--only", choices=["ours", "trl"], help="run one trainer")
-    parser.add_argument("--repeats", type=int, default=2, help="runs of each trainer, alternating; the best is reported")
-    parser.add_argument("--worker", choices=["ours", "trl"], help=argparse.SUPPRESS)
-    parser.add_argument("--repeat", type=int, default=0, help=argparse.SUPPRESS)
-    parser.add_argument("--data", help=argparse.SUPPRESS)
-    parser.add_argument("--workdir", help=argparse.SUPPRESS)
     args = parser.parse_args()
-
-    if args.worker:
-        result = run_ours(args) if args.worker == "ours" else run_trl(args)
-        print("RESULT " + json.dumps(result), flush=True)
+    if dispatch(args, WORKERS):
         return
 
-    workdir = tempfile.mkdtemp(prefix="bench-rm-")
-    data = Path(workdir) / "pairs.jsonl"
-    data.write_text("".join(json.dumps(r) + "\n" for r in make_pairs(args.pairs, args.seed, args.max_length)))
-    names = [n for n in ("ours", "trl") if not args.only or n == args.only]
-    worker_args = ["--data", str(data), "--workdir", workdir, "--steps", str(args.steps), "--batch", str(args.batch),
-                   "--max-length", str(args.max_length), "--seed", str(args.seed), "--max-tokens", str(args.max_tokens),
-                   "--pack-length", str(args.pack_length)]
-    worker_args += (["--no-grouping"] if args.no_grouping else []) + (["--no-share"] if args.no_share else [])
-    runs = run_workers(__file__, names, args.repeats, worker_args)
+    workdir, data = write_pairs(args, "bench-rm-")
+    worker_args = pair_training_worker_args(args, workdir, data) + (["--no-grouping"] if args.no_grouping else [])
+    runs = run_selected(__file__, args, WORKERS, worker_args)
 
     print(f"\nBT reward model, SmolLM2-135M-Instruct fp32 on CPU ({os.cpu_count()} cores): {args.steps} steps × "
           f"{args.batch} pairs, max_length {args.max_length}; best of {args.repeats} runs each")
@@ -144,6 +122,8 @@ def main() -> None:
               f"{best['ours']['pairs_per_s'] / best['trl']['pairs_per_s']:.2f}x in pairs/s   (target >= 1.5x)")
         print(f"peak memory ours/trl: {best['ours']['peak_rss_mb'] / best['trl']['peak_rss_mb']:.2f}x   (target <= 0.8x)")
 
+
+WORKERS = {"ours": run_ours, "trl": run_trl}
 
 if __name__ == "__main__":
     main()

@@ -1,9 +1,16 @@
-"""Shared fixtures: a tokenizer trained here and tiny random Llama models. Nothing is downloaded."""
+"""Shared fixtures and helpers: a tokenizer trained here and tiny random Llama models, the data and
+recipes several test modules train on, and running the CLI in subprocesses. Nothing is downloaded."""
 
 from __future__ import annotations
 
 import json
 import os
+import random
+import signal
+import socket
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -130,10 +137,163 @@ def write_jsonl(path: Path, rows) -> Path:
 
 @pytest.fixture
 def fresh_accelerate_state():
-    """Each in-process stage builds its own accelerate state; accelerate keeps one per process."""
+    """Each in-process stage builds its own accelerate state; accelerate keeps one per process.
+
+    Modules that run stages in-process use it with ``pytestmark = pytest.mark.usefixtures(...)``:
+    the state is reset before the test (nothing left by an earlier one) and after it (pass or fail).
+    """
     from accelerate.state import AcceleratorState, PartialState
 
     AcceleratorState._reset_state(reset_partial_state=True)
     yield
     AcceleratorState._reset_state(reset_partial_state=True)
     PartialState._reset_state()
+
+
+# ---------------------------------------------------------------- metrics and weights a run writes
+
+
+def read_metrics(out: Path, split: str = "train") -> list[dict]:
+    """The rows of ``out/metrics.jsonl`` of one split ("train" or "eval") of a training stage."""
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return [r for r in rows if r["split"] == split]
+
+
+def read_weights(path: Path) -> dict:
+    """The tensors of ``path/model.safetensors``."""
+    from safetensors.torch import load_file
+
+    return load_file(path / "model.safetensors")
+
+
+# ---------------------------------------------------------------- the CLI in subprocesses
+
+
+def cli_command(*args: str) -> list[str]:
+    """The command that runs ``python -m rlhf_workflow *args`` with this interpreter."""
+    return [sys.executable, "-m", "rlhf_workflow", *args]
+
+
+def cli_env() -> dict[str, str]:
+    """The environment for such a subprocess: offline, one thread, quiet tokenizers."""
+    return {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
+
+
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 now (for ``accelerate launch --main_process_port``)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def kill_after_checkpoints(command: list[str], out: Path, count: int) -> None:
+    """Start ``command`` and SIGKILL it once ``out`` holds ``count`` complete checkpoints."""
+    proc = subprocess.Popen(command, env=cli_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 300
+    while len(list((out / "checkpoints").glob("step-*/trainer_state.json"))) < count:
+        assert proc.poll() is None, f"the run ended before checkpoint {count}"
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    assert proc.wait() == -signal.SIGKILL, "the run finished before it could be killed"
+
+
+# ---------------------------------------------------------------- SFT: data and arguments
+
+SFT_QUESTIONS = [
+    ("What is two plus three?", "The answer is five."),
+    ("Say hello.", "hello world"),
+    ("Describe the fox.", "The quick brown fox jumps over the lazy dog."),
+    ("How are you today?", "I am a helpful assistant."),
+    ("Count to five.", "1 2 3 4 5"),
+    ("Write about the moon.", "Write a short poem about the moon."),
+    ("Give me a rule.", "Lowercase letters only, no commas."),
+    ("Name a colour.", "blue"),
+]
+
+
+@pytest.fixture
+def sft_data(tmp_path) -> Path:
+    """32 SFT rows (the questions above, 4 times) in both accepted forms: messages and prompt/completion."""
+    rows = []
+    for i in range(4):
+        for q, a in SFT_QUESTIONS:
+            if i % 2:  # both accepted forms: messages and prompt/completion
+                rows.append({"prompt": q, "completion": a})
+            else:
+                rows.append({"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]})
+    return write_jsonl(tmp_path / "sft.jsonl", rows)
+
+
+def sft_args(model_dir, data, out, *extra) -> list[str]:
+    """The `sft` command line of the tiny runs (batch 4, constant lr 3e-3, seed 1, a log line per step)."""
+    return [
+        "sft", f"model.name_or_path={model_dir}", f"data.train={data}", f"output_dir={out}",
+        "train.lr=3e-3", "train.per_device_batch_size=4", "train.seed=1", "train.log_every=1",
+        "train.scheduler=constant", *extra,
+    ]
+
+
+# ---------------------------------------------------------------- reward / preference models: a learnable rule
+
+RULE_WORDS = "the quick brown fox jumps over lazy dog moon poem answer question hello world today".split()
+
+
+def rule_pairs(n: int, seed: int) -> list[dict]:
+    """Chosen responses mention 'blue', rejected ones 'dog' (at a random place among random words)."""
+    rng = random.Random(seed)
+    rows = []
+    for i in range(n):
+        prompt = " ".join(rng.choices(RULE_WORDS, k=rng.randint(3, 6))) + "?"
+
+        def response(key: str) -> str:
+            words = rng.choices(RULE_WORDS[:-8], k=rng.randint(3, 6))
+            words.insert(rng.randrange(len(words) + 1), key)
+            return " ".join(words)
+
+        row = {"id": f"p{seed}-{i}", "prompt": prompt, "chosen": response("blue"), "rejected": response("dog")}
+        if i % 3 == 0:  # the conversational form too
+            row["prompt"] = [{"role": "user", "content": prompt}]
+            row["chosen"] = [{"role": "assistant", "content": row["chosen"]}]
+        rows.append(row)
+    return rows
+
+
+@pytest.fixture(scope="module")
+def rule_data(tmp_path_factory):
+    """(train, eval) files of 256 and 48 rule pairs."""
+    folder = tmp_path_factory.mktemp("pairs")
+    return write_jsonl(folder / "train.jsonl", rule_pairs(256, 1)), write_jsonl(folder / "eval.jsonl", rule_pairs(48, 2))
+
+
+# ---------------------------------------------------------------- the online loop: a tiny recipe
+
+LOOP_JUDGE = '''
+def judge(row, response):
+    """Share of vowels among the response's characters (a stand-in for a verifiable task)."""
+    return sum(c in "aeiou" for c in response) / (1 + len(response))
+
+def gold(row, response):
+    return float("e" in response)
+'''
+
+LOOP_WORDS = ["moon", "blue", "fox", "river", "two", "three", "poem", "dog", "world", "today", "answer", "lazy"]
+
+
+@pytest.fixture
+def recipe(tiny_model_dir, tmp_path):
+    """`run` arguments of a tiny online loop: 2 iterations on the tiny model, the judge above, 16 prompts."""
+    (tmp_path / "task.py").write_text(LOOP_JUDGE)
+    train = write_jsonl(tmp_path / "train.jsonl", [{"id": f"t{i}", "prompt": f"Write about the {LOOP_WORDS[i % 12]} {i}."}
+                                                   for i in range(16)])
+    heldout = write_jsonl(tmp_path / "eval.jsonl", [{"id": f"e{i}", "prompt": f"Tell me about {LOOP_WORDS[i]}."}
+                                                    for i in range(4)])
+    return [
+        f"policy.name_or_path={tiny_model_dir}", f"prompts.train={train}", f"prompts.eval={heldout}",
+        "iterations=2", "generation.sampling.n=4", "generation.sampling.max_new_tokens=8", "generation.hf.batch_size=2",
+        "judge.type=function", f"judge.function={tmp_path}/task.py:judge",
+        f"eval.gold_function={tmp_path}/task.py:gold", "eval.sampling.n=2", "eval.sampling.max_new_tokens=8",
+        "eval.bootstrap=200", "dpo.max_length=64", "dpo.train.lr=1e-3", "dpo.train.epochs=1",
+        "dpo.train.per_device_batch_size=2", "dpo.train.save_every=1", "dpo.train.warmup_ratio=0",
+    ]

@@ -1,4 +1,4 @@
-"""DPO: the loss family by hand, the reference pass, training on a tiny model, bad input, two processes."""
+"""DPO: the reference pass, training on a tiny model, bad input, two processes (its losses: test_losses.py)."""
 
 from __future__ import annotations
 
@@ -12,65 +12,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import write_jsonl
+from conftest import cli_command, cli_env, free_port, read_metrics, write_jsonl
 from rlhf_workflow.cli import main
-from rlhf_workflow.train.losses import PREFERENCE_LOSSES, dpo_loss, sigmoid_loss
 
 
-@pytest.fixture(autouse=True)
-def fresh_accelerate_state():
-    yield
-    from accelerate.state import AcceleratorState
-
-    AcceleratorState._reset_state(reset_partial_state=True)
-
-
-# ------------------------------------------------------------------------------------------- losses
-
-# policy chosen/rejected, reference chosen/rejected: h = (−1 − −2) − (−3 − −2) = 2
-LOGPS = [torch.tensor([-1.0]), torch.tensor([-3.0]), torch.tensor([-2.0]), torch.tensor([-2.0])]
-LOG_SIG_1, LOG_SIG_M1 = math.log(1 / (1 + math.exp(-1))), math.log(1 / (1 + math.exp(1)))
-
-
-@pytest.mark.parametrize("loss_type, beta, eps, expected", [
-    ("sigmoid", 0.5, 0.0, -LOG_SIG_1),                                   # −log σ(βh), βh = 1
-    ("sigmoid", 0.5, 0.1, -0.9 * LOG_SIG_1 - 0.1 * LOG_SIG_M1),          # cDPO
-    ("robust", 0.5, 0.1, (-0.9 * LOG_SIG_1 + 0.1 * LOG_SIG_M1) / 0.8),   # rDPO
-    ("ipo", 0.5, 0.0, (2 - 1 / (2 * 0.5)) ** 2),                         # (h − 1/2β)²
-    ("ipo", 0.25, 0.0, (2 - 2) ** 2),
-    ("hinge", 0.25, 0.0, 1 - 0.25 * 2),                                  # max(0, 1 − βh)
-    ("hinge", 0.5, 0.0, 0.0),
-])
-def test_loss_values_by_hand(loss_type, beta, eps, expected):
-    got = dpo_loss(*LOGPS, loss_type=loss_type, beta=beta, label_smoothing=eps)
-    assert got.item() == pytest.approx(expected, abs=1e-6)
-
-
-def test_rpo_adds_alpha_times_the_chosen_nll_and_losses_sum_over_pairs():
-    base = dpo_loss(*LOGPS, beta=0.5)
-    nll = torch.tensor([0.7])
-    assert dpo_loss(*LOGPS, beta=0.5, nll=nll, rpo_alpha=2.0).item() == pytest.approx(base.item() + 1.4, abs=1e-6)
-    two = [torch.cat([t, t]) for t in LOGPS]
-    assert dpo_loss(*two, beta=0.5).item() == pytest.approx(2 * base.item(), abs=1e-6)
-    with pytest.raises(ValueError, match="nll"):
-        dpo_loss(*LOGPS, rpo_alpha=1.0)
-
-
-def test_sigmoid_gradient_wrt_the_log_ratio_margin():
-    """d/dh [−log σ(βh)] = −β σ(−βh): the update weighs each pair by how wrong the implicit reward is."""
-    h = torch.tensor([-1.5, 0.0, 0.7, 4.0], requires_grad=True)
-    beta = 0.3
-    sigmoid_loss(h, beta).sum().backward()
-    torch.testing.assert_close(h.grad, -beta * torch.sigmoid(-beta * h.detach()))
-
-
-def test_every_loss_falls_as_the_chosen_response_gains_and_ipo_stops_at_its_target():
-    h = torch.linspace(-3, 3, 13)
-    for name in ("sigmoid", "robust", "hinge"):
-        values = PREFERENCE_LOSSES[name](h, 0.5, 0.1 if name != "hinge" else 0.0)
-        assert (values[1:] <= values[:-1] + 1e-7).all() and values[0] > values[-1], name
-    ipo = PREFERENCE_LOSSES["ipo"](h, 0.5)
-    assert ipo.argmin().item() == 8 and ipo.min().item() == 0.0  # h = 1 = 1/(2β)
+pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")
 
 
 # ------------------------------------------------------------------------------------------- training
@@ -105,25 +51,20 @@ def _args(model_dir, data, out, *extra):
             "loss.beta=0.5", *extra]
 
 
-def _metrics(out, split="train"):
-    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    return [r for r in rows if r["split"] == split]
-
-
 def test_dpo_raises_the_margin_and_writes_a_loadable_policy(tiny_model_dir, pairs, tmp_path):
     from transformers import AutoModelForCausalLM
 
     train, held_out = pairs
     out = tmp_path / "dpo"
     assert main(_args(tiny_model_dir, train, out, f"data.eval={held_out}", "train.epochs=3")) == 0
-    rows = _metrics(out)
+    rows = read_metrics(out)
     first, last = rows[0], rows[-1]
     assert first["loss"] == pytest.approx(math.log(2), abs=1e-4)  # the policy starts as its reference
     for key in ("rewards/chosen", "rewards/rejected", "rewards/margin", "accuracy", "logps/chosen", "logps/rejected",
                 "grad_norm", "tokens_per_s"):
         assert key in last, key
     assert last["rewards/margin"] > 1.0 and last["accuracy"] == 1.0, last
-    evals = _metrics(out, "eval")
+    evals = read_metrics(out, "eval")
     assert evals[0]["accuracy"] < evals[-1]["accuracy"] and evals[-1]["rewards/margin"] > 1.0, evals
     # the reference pass wrote the pairs with their log-probs
     ref_rows = [json.loads(line) for line in (out / "train_pairs.ref.jsonl").read_text().splitlines()]
@@ -141,7 +82,7 @@ def test_precomputed_and_on_the_fly_reference_give_the_same_first_step(tiny_mode
         out = tmp_path / name
         # batches are grouped by length, which depends on the layout: the same batches need no grouping
         assert main(_args(tiny_model_dir, train, out, "train.max_steps=2", "train.group_by_length=false", *extra)) == 0
-        runs[name] = _metrics(out)
+        runs[name] = read_metrics(out)
     for name, rows in runs.items():
         for step in (0, 1):  # the first step's loss, and the second's, after one identical update
             for key in ("loss", "logps/chosen", "logps/rejected"):
@@ -152,16 +93,16 @@ def test_a_different_reference_model_and_lora_with_adapters_off(tiny_model_dir, 
     train, _ = pairs
     out = tmp_path / "lora"
     assert main(_args(tiny_model_dir, train, out, "model.lora.r=4", "train.max_steps=3")) == 0
-    assert _metrics(out)[0]["loss"] == pytest.approx(math.log(2), abs=1e-5)  # LoRA starts as the identity
+    assert read_metrics(out)[0]["loss"] == pytest.approx(math.log(2), abs=1e-5)  # LoRA starts as the identity
     on_the_fly = tmp_path / "lora-otf"
     assert main(_args(tiny_model_dir, train, on_the_fly, "model.lora.r=4", "train.max_steps=3",
                       "reference.precompute=false")) == 0
-    for a, b in zip(_metrics(out), _metrics(on_the_fly)):
+    for a, b in zip(read_metrics(out), read_metrics(on_the_fly)):
         assert a["loss"] == pytest.approx(b["loss"], abs=1e-4)
     # a reference other than the starting policy: the first loss is no longer log 2
     other = tmp_path / "other"
     assert main(_args(tiny_model_dir, train, other, "train.max_steps=1", f"reference.name_or_path={out / 'model'}")) == 0
-    assert abs(_metrics(other)[0]["loss"] - math.log(2)) > 1e-4
+    assert abs(read_metrics(other)[0]["loss"] - math.log(2)) > 1e-4
 
 
 def test_loss_options_run_through_the_cli(tiny_model_dir, pairs, tmp_path):
@@ -170,7 +111,7 @@ def test_loss_options_run_through_the_cli(tiny_model_dir, pairs, tmp_path):
                   ["loss.type=robust", "loss.label_smoothing=0.2"]):
         out = tmp_path / extra[0].split("=")[1]
         assert main(_args(tiny_model_dir, train, out, "train.max_steps=2", *extra)) == 0
-        assert all(math.isfinite(r["loss"]) for r in _metrics(out))
+        assert all(math.isfinite(r["loss"]) for r in read_metrics(out))
 
 
 def test_reference_pass_resumes_and_pairs_with_log_probs_skip_it(tiny_model_dir, pairs, tmp_path, caplog):
@@ -196,7 +137,7 @@ def test_reference_pass_resumes_and_pairs_with_log_probs_skip_it(tiny_model_dir,
                              out3, "train.max_steps=1")], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-2000:]
     assert "reference pass" not in result.stdout + result.stderr
-    assert _metrics(out3)[0]["loss"] == pytest.approx(math.log(2), abs=1e-4)
+    assert read_metrics(out3)[0]["loss"] == pytest.approx(math.log(2), abs=1e-4)
 
 
 def test_bad_pairs_are_one_message(tiny_model_dir, tmp_path, capsys):
@@ -219,20 +160,18 @@ def test_bad_pairs_are_one_message(tiny_model_dir, tmp_path, capsys):
 
 def test_two_processes_match_one(tiny_model_dir, pairs, tmp_path):
     """Same global batch of 8 pairs: 1 process × 4 × 2 accumulation steps vs 2 processes × 4 (DDP on gloo)."""
-    from test_sft import _cli, _env, _free_port, _metrics as metrics
-
     train, _ = pairs
     base = _args(tiny_model_dir, train, "{out}", "train.max_steps=4", "train.per_device_batch_size=4")
     one = tmp_path / "one"
-    subprocess.run(_cli(*[a.format(out=one) for a in base], "train.gradient_accumulation_steps=2"),
-                   check=True, env=_env(), capture_output=True)
+    subprocess.run(cli_command(*[a.format(out=one) for a in base], "train.gradient_accumulation_steps=2"),
+                   check=True, env=cli_env(), capture_output=True)
     two = tmp_path / "two"
     launch = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2", "--num_machines", "1",
-              "--multi_gpu", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(_free_port()),
+              "--multi_gpu", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(free_port()),
               "-m", "rlhf_workflow", *[a.format(out=two) for a in base]]
-    result = subprocess.run(launch, env=_env(), capture_output=True, text=True)
+    result = subprocess.run(launch, env=cli_env(), capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-3000:]
-    a, b = metrics(one), metrics(two)
+    a, b = read_metrics(one), read_metrics(two)
     assert len(a) == len(b) == 4
     for x, y in zip(a, b):
         for key in ("loss", "rewards/margin", "logps/chosen"):

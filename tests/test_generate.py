@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import build_model, build_tokenizer, write_jsonl
+from conftest import build_model, build_tokenizer, cli_env, free_port, write_jsonl
 
 from rlhf_workflow.cli import main
 from rlhf_workflow.config import SamplingConfig
@@ -207,17 +207,15 @@ def test_bad_prompts_are_reported(tiny_model_dir, tmp_path, capsys):
 
 
 def test_two_processes_return_every_prompt_once(tiny_model_dir, prompts_file, tmp_path):
-    from test_sft import _env, _free_port
-
     one, two = tmp_path / "one.jsonl", tmp_path / "two.jsonl"
     assert main(_gen_args(tiny_model_dir, prompts_file, one)) == 0
     # a shard left by a killed 3-process run is merged too
     rows = _rows(one)
     write_jsonl(tmp_path / "two.rank2.jsonl", [rows[0]])
     launch = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2", "--num_machines", "1",
-              "--multi_gpu", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(_free_port()),
+              "--multi_gpu", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(free_port()),
               "-m", "rlhf_workflow", *_gen_args(tiny_model_dir, prompts_file, two, "hf.batch_size=2")]
-    result = subprocess.run(launch, env=_env(), capture_output=True, text=True)
+    result = subprocess.run(launch, env=cli_env(), capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-3000:]
     got = _rows(two)
     assert sorted(r["id"] for r in got) == sorted(r["id"] for r in rows)  # each exactly once

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import random
 
+import pytest
+
 from rlhf_workflow.config import TrainConfig
 from rlhf_workflow.train.loop import Schedule
 
@@ -67,10 +69,10 @@ def test_split_by_tokens_respects_the_budget_and_keeps_every_example():
     assert [4] in pieces  # 2 × 250 > 400: alone
 
 
+@pytest.mark.usefixtures("fresh_accelerate_state")
 def test_a_nonfinite_loss_stops_before_the_update_naming_step_and_examples(tmp_path):
     """Fault injection: one example's loss turns NaN at the third step. Training stops there with
     the step and that example's id, the weights are those after step 2, the step-2 checkpoint stays."""
-    import pytest
     import torch
 
     from conftest import build_model, build_tokenizer
@@ -107,6 +109,3 @@ def test_a_nonfinite_loss_stops_before_the_update_naming_step_and_examples(tmp_p
     assert len(state.keys() & current.keys()) >= 10
     for name in state.keys() & current.keys():
         assert torch.equal(state[name], current[name]), name  # no update happened after step 2
-    from accelerate.state import AcceleratorState
-
-    AcceleratorState._reset_state(reset_partial_state=True)

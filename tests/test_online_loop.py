@@ -13,39 +13,10 @@ from pathlib import Path
 
 import pytest
 
-from conftest import write_jsonl
+from conftest import free_port
 from rlhf_workflow.cli import main
 
-JUDGE = '''
-def judge(row, response):
-    """Share of vowels among the response's characters (a stand-in for a verifiable task)."""
-    return sum(c in "aeiou" for c in response) / (1 + len(response))
-
-def gold(row, response):
-    return float("e" in response)
-'''
-
-WORDS = ["moon", "blue", "fox", "river", "two", "three", "poem", "dog", "world", "today", "answer", "lazy"]
-
-
 pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")
-
-
-@pytest.fixture
-def recipe(tiny_model_dir, tmp_path):
-    (tmp_path / "task.py").write_text(JUDGE)
-    train = write_jsonl(tmp_path / "train.jsonl", [{"id": f"t{i}", "prompt": f"Write about the {WORDS[i % 12]} {i}."}
-                                                   for i in range(16)])
-    heldout = write_jsonl(tmp_path / "eval.jsonl", [{"id": f"e{i}", "prompt": f"Tell me about {WORDS[i]}."}
-                                                    for i in range(4)])
-    return [
-        f"policy.name_or_path={tiny_model_dir}", f"prompts.train={train}", f"prompts.eval={heldout}",
-        "iterations=2", "generation.sampling.n=4", "generation.sampling.max_new_tokens=8", "generation.hf.batch_size=2",
-        "judge.type=function", f"judge.function={tmp_path}/task.py:judge",
-        f"eval.gold_function={tmp_path}/task.py:gold", "eval.sampling.n=2", "eval.sampling.max_new_tokens=8",
-        "eval.bootstrap=200", "dpo.max_length=64", "dpo.train.lr=1e-3", "dpo.train.epochs=1",
-        "dpo.train.per_device_batch_size=2", "dpo.train.save_every=1", "dpo.train.warmup_ratio=0",
-    ]
 
 
 def _metrics(run_dir: Path) -> list[dict]:
@@ -195,14 +166,12 @@ def test_recipe_file_is_the_first_argument(tmp_path, capsys):
 
 def test_two_processes_run_the_loop_like_one(recipe, tmp_path):
     """Under accelerate launch every stage splits or waits correctly; rows and metrics match one process."""
-    from test_sft import _free_port
-
     args = [*recipe, "iterations=1", "prompts.per_iteration=8", "dpo.train.gradient_accumulation_steps=2"]
     one = tmp_path / "one"
     assert main(["run", *args, f"output_dir={one}"]) == 0
     two = tmp_path / "two"
     launch = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2", "--num_machines", "1",
-              "--multi_gpu", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(_free_port()),
+              "--multi_gpu", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(free_port()),
               "-m", "rlhf_workflow", "run", *[a.replace("gradient_accumulation_steps=2", "gradient_accumulation_steps=1")
                                               for a in args], f"output_dir={two}"]
     result = subprocess.run(launch, env=_env(), capture_output=True, text=True)

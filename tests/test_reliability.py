@@ -14,9 +14,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import cli_command, cli_env, kill_after_checkpoints, read_metrics, read_weights, sft_args
 from rlhf_workflow.cli import main
-from test_online_loop import recipe  # noqa: F401 - the tiny online-loop recipe fixture
-from test_sft import _args, _cli, _env, _kill_after_checkpoints, _metrics, _weights, sft_data  # noqa: F401 - sft_data is a fixture
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -52,7 +51,7 @@ def small_disk(tmp_path):
         subprocess.run(["umount", "-l", str(mount)], capture_output=True)
 
 
-def test_a_full_disk_is_a_clear_error_and_the_run_resumes(recipe, tmp_path, small_disk, capsys):  # noqa: F811
+def test_a_full_disk_is_a_clear_error_and_the_run_resumes(recipe, tmp_path, small_disk, capsys):
     args = [*recipe, "iterations=1", "prompts.per_iteration=8"]
     clean = tmp_path / "clean"
     assert main(["run", *args, f"output_dir={clean}"]) == 0
@@ -71,42 +70,43 @@ def test_a_full_disk_is_a_clear_error_and_the_run_resumes(recipe, tmp_path, smal
         assert len(ids) == len(set(ids)) == len((clean / "iter_1" / name).read_text().splitlines()), name
 
 
-def test_a_damaged_checkpoint_is_skipped_for_the_one_before(tiny_model_dir, sft_data, tmp_path):  # noqa: F811
+def test_a_damaged_checkpoint_is_skipped_for_the_one_before(tiny_model_dir, sft_data, tmp_path):
     steps = 400
-    common = _args(tiny_model_dir, sft_data, "{out}", f"train.max_steps={steps}", "train.save_every=20",
-                   "train.scheduler=cosine", "train.warmup_steps=10", "train.keep_checkpoints=2")
+    common = sft_args(tiny_model_dir, sft_data, "{out}", f"train.max_steps={steps}", "train.save_every=20",
+                      "train.scheduler=cosine", "train.warmup_steps=10", "train.keep_checkpoints=2")
     straight = tmp_path / "straight"
-    subprocess.run(_cli(*[a.format(out=straight) for a in common]), check=True, env=_env(), capture_output=True)
+    subprocess.run(cli_command(*[a.format(out=straight) for a in common]), check=True, env=cli_env(),
+                   capture_output=True)
 
     killed = tmp_path / "killed"
-    _kill_after_checkpoints(_cli(*[a.format(out=killed) for a in common]), killed, 2)
+    kill_after_checkpoints(cli_command(*[a.format(out=killed) for a in common]), killed, 2)
     older, newest = sorted((killed / "checkpoints").glob("step-*"))[-2:]
     weights = newest / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])  # torn by a crash or bit rot
 
-    resumed = subprocess.run(_cli(*[a.format(out=killed) for a in common], "--resume"), env=_env(),
+    resumed = subprocess.run(cli_command(*[a.format(out=killed) for a in common], "--resume"), env=cli_env(),
                              capture_output=True, text=True)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     output = resumed.stdout + resumed.stderr
     assert f"checkpoint {newest} could not be loaded" in output and f"resuming from {older}" in output
-    a, b = _weights(straight / "model"), _weights(killed / "model")
+    a, b = read_weights(straight / "model"), read_weights(killed / "model")
     for name in a:
         torch.testing.assert_close(a[name], b[name], rtol=1e-5, atol=1e-6)
-    assert [r["step"] for r in _metrics(killed)] == list(range(1, steps + 1))
+    assert [r["step"] for r in read_metrics(killed)] == list(range(1, steps + 1))
 
 
-def test_every_checkpoint_damaged_is_a_clear_error(tiny_model_dir, sft_data, tmp_path, capsys):  # noqa: F811
+def test_every_checkpoint_damaged_is_a_clear_error(tiny_model_dir, sft_data, tmp_path, capsys):
     out = tmp_path / "out"
     bad = out / "checkpoints" / "step-00000002"
     bad.mkdir(parents=True)
     (bad / "trainer_state.json").write_text('{"step": 2}')
     (bad / "model.safetensors").write_bytes(b"not a safetensors file")
-    assert main([*_args(tiny_model_dir, sft_data, str(out), "train.max_steps=4"), "--resume"]) == 2
+    assert main([*sft_args(tiny_model_dir, sft_data, str(out), "train.max_steps=4"), "--resume"]) == 2
     err = capsys.readouterr().err
     assert "no checkpoint in" in err and "step-00000002" in err and "delete that directory" in err
 
 
-def test_row_ids_that_look_like_paths_stay_data(recipe, tmp_path):  # noqa: F811
+def test_row_ids_that_look_like_paths_stay_data(recipe, tmp_path):
     """Ids and texts are never used to build paths: ids like '../../x' and '/tmp/x' write nothing
     outside the run directory."""
     marker = f"escape-{uuid.uuid4().hex}"
@@ -129,6 +129,6 @@ def test_fault_injection_script_with_a_few_kills(tmp_path):
     """bench/fault_injection.py (20 kills for the record; 3 here): kills at random moments, then the
     run ends with the same rows, loadable policies and the same metrics as an uninterrupted one."""
     result = subprocess.run([sys.executable, str(ROOT / "bench" / "fault_injection.py"), "--kills", "3", "--seed", "3",
-                             "--work", str(tmp_path / "fi")], capture_output=True, text=True, env=_env(), timeout=900)
+                             "--work", str(tmp_path / "fi")], capture_output=True, text=True, env=cli_env(), timeout=900)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert "OK: in all" in result.stdout and result.stdout.count("kill ") >= 3

@@ -1,55 +1,25 @@
-"""Reward modeling: BT and PM losses, last-token pooling, training on a learnable rule, ranking, eval-rm."""
+"""The Bradley–Terry reward model: last-token pooling and scoring, saving as a plain transformers
+sequence classifier, training through train-rm (rule pairs, prompt groups, LoRA, two processes).
+
+The tests that run train-rm and train-pm alike (LoRA heads, the built-in model, two processes) are
+here too; the pairwise preference model on its own is in test_preference_model.py, the loss
+functions in test_losses.py, eval-rm's RewardBench scores in test_rewardbench.py."""
 
 from __future__ import annotations
 
 import json
-import math
-import random
 
 import pytest
 import torch
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-from conftest import build_model, build_tokenizer, write_jsonl
+from conftest import build_model, build_tokenizer, cli_command, cli_env, free_port, read_metrics, write_jsonl
 from rlhf_workflow.cli import main
-from rlhf_workflow.eval.reward_eval import pair_outcome, section_scores, summarize
 from rlhf_workflow.data.schemas import PairRow
-from rlhf_workflow.models.ranking import compare_both_orders, knockout, round_robin
 from rlhf_workflow.models.forward import last_token_index, pad_batch
 from rlhf_workflow.models.reward import RewardModel, distinct_pad_token
-from rlhf_workflow.train.losses import bradley_terry_loss, label_token_loss
 
-WORDS = "the quick brown fox jumps over lazy dog moon poem answer question hello world today".split()
-
-
-@pytest.fixture(autouse=True)
-def fresh_accelerate_state():
-    yield
-    from accelerate.state import AcceleratorState
-
-    AcceleratorState._reset_state(reset_partial_state=True)
-
-
-# ------------------------------------------------------------------------------------------- losses
-
-
-def test_bradley_terry_loss_by_hand():
-    rc, rr = torch.tensor([2.0, 0.0]), torch.tensor([1.0, 1.0])
-    expected = -math.log(1 / (1 + math.exp(-1.0))) - math.log(1 / (1 + math.exp(1.0)))
-    assert bradley_terry_loss(rc, rr).item() == pytest.approx(expected, abs=1e-6)
-    # a margin of 1 moves both differences down by 1: -log σ(0) - log σ(-2)
-    with_margin = -math.log(0.5) - math.log(1 / (1 + math.exp(2.0)))
-    assert bradley_terry_loss(rc, rr, margin=1.0).item() == pytest.approx(with_margin, abs=1e-6)
-    # centering adds η Σ (r_c + r_r)² = 0.1 · (9 + 1)
-    assert bradley_terry_loss(rc, rr, center_coef=0.1).item() == pytest.approx(expected + 1.0, abs=1e-6)
-
-
-def test_label_token_loss_by_hand():
-    logits = torch.tensor([[2.0, 0.0, 1.0], [0.0, 0.0, 0.0]])
-    labels = torch.tensor([0, 2])
-    lse0 = math.log(math.exp(2) + 1 + math.exp(1))
-    expected = (lse0 - 2.0) + math.log(3)
-    assert label_token_loss(logits, labels).item() == pytest.approx(expected, abs=1e-6)
+pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")
 
 
 # ------------------------------------------------------------------------------------------- pooling
@@ -104,55 +74,13 @@ def test_saved_reward_model_scores_the_same_in_plain_transformers(tiny_rm, tmp_p
 # ------------------------------------------------------------------------------------------- training
 
 
-def rule_pairs(n: int, seed: int) -> list[dict]:
-    """Chosen responses mention 'blue', rejected ones 'dog' (at a random place among random words)."""
-    rng = random.Random(seed)
-    rows = []
-    for i in range(n):
-        prompt = " ".join(rng.choices(WORDS, k=rng.randint(3, 6))) + "?"
-
-        def response(key: str) -> str:
-            words = rng.choices(WORDS[:-8], k=rng.randint(3, 6))
-            words.insert(rng.randrange(len(words) + 1), key)
-            return " ".join(words)
-
-        row = {"id": f"p{seed}-{i}", "prompt": prompt, "chosen": response("blue"), "rejected": response("dog")}
-        if i % 3 == 0:  # the conversational form too
-            row["prompt"] = [{"role": "user", "content": prompt}]
-            row["chosen"] = [{"role": "assistant", "content": row["chosen"]}]
-        rows.append(row)
-    return rows
-
-
-@pytest.fixture(scope="module")
-def rule_data(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("pairs")
-    return write_jsonl(folder / "train.jsonl", rule_pairs(256, 1)), write_jsonl(folder / "eval.jsonl", rule_pairs(48, 2))
-
-
-@pytest.fixture(scope="module")
-def pm_model_dir(tmp_path_factory):
-    """A wider, deeper tiny model: telling which response holds the rule word takes some capacity
-    (with 2 layers of width 64 it learns the rule for some seeds only; with 4 for each seed tried)."""
-    path = tmp_path_factory.mktemp("pm-model")
-    tok = build_tokenizer("chatml")
-    build_model(tok, hidden_size=64, intermediate_size=128, num_hidden_layers=4).save_pretrained(path)
-    tok.save_pretrained(path)
-    return path
-
-
-def _eval_rows(out):
-    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    return [r for r in rows if r["split"] == "eval"]
-
-
 def test_reward_model_learns_the_rule_and_eval_rm_agrees(tiny_model_dir, rule_data, tmp_path):
     train, held_out = rule_data
     out = tmp_path / "rm"
     assert main(["train-rm", f"model.name_or_path={tiny_model_dir}", f"data.train={train}", f"data.eval={held_out}",
                  f"output_dir={out}", "train.lr=3e-3", "train.epochs=2", "train.per_device_batch_size=8",
                  "train.scheduler=constant", "train.log_every=8"]) == 0
-    evals = _eval_rows(out)
+    evals = read_metrics(out, "eval")
     assert evals[0]["step"] == 0 and evals[-1]["accuracy"] >= 0.85, evals
     # plain transformers loads the result as a sequence classifier
     assert AutoModelForSequenceClassification.from_pretrained(out / "model").config.num_labels == 1
@@ -169,7 +97,7 @@ def test_reward_model_learns_the_rule_and_eval_rm_agrees(tiny_model_dir, rule_da
 def test_pairs_grouped_by_prompt_give_the_same_loss_with_fewer_tokens(tiny_rm):
     """All pairs among 4 ranked responses of a prompt (and one lone pair): as one group each, the
     Bradley–Terry loss and metrics equal those of the pairs laid out one by one."""
-    from rlhf_workflow.train.batching import LayoutOptions
+    from rlhf_workflow.models.layout import LayoutOptions
     from rlhf_workflow.train.pairs import group_by_prompt
     from rlhf_workflow.train.reward import RewardObjective
 
@@ -207,33 +135,8 @@ def test_reward_model_trains_on_prompt_groups(tiny_model_dir, tmp_path):
     assert main(["train-rm", f"model.name_or_path={tiny_model_dir}", f"data.train={train}", f"data.eval={train}",
                  f"output_dir={out}", "group_by_prompt=true", "train.lr=3e-3", "train.epochs=3",
                  "train.per_device_batch_size=4", "train.scheduler=constant"]) == 0
-    evals = _eval_rows(out)
+    evals = read_metrics(out, "eval")
     assert evals[-1]["accuracy"] > evals[0]["accuracy"] and evals[-1]["accuracy"] >= 0.8, evals
-
-
-def test_preference_model_learns_the_rule_and_ranks(pm_model_dir, rule_data, tmp_path):
-    train, held_out = rule_data
-    out = tmp_path / "pm"
-    assert main(["train-pm", f"model.name_or_path={pm_model_dir}", f"data.train={train}", f"data.eval={held_out}",
-                 f"output_dir={out}", "train.lr=3e-3", "train.epochs=10", "train.per_device_batch_size=8",
-                 "train.scheduler=cosine", "train.warmup_ratio=0.1", "train.log_every=64"]) == 0
-    evals = _eval_rows(out)
-    assert evals[-1]["accuracy"] >= 0.75, evals
-    assert (out / "model" / "preference_model.json").is_file()
-
-    result_file = tmp_path / "pm-eval.json"
-    assert main(["eval-rm", f"model={out / 'model'}", f"data={held_out}", f"output={result_file}"]) == 0
-    result = json.loads(result_file.read_text())
-    assert result["kind"] == "pm" and result["accuracy"] >= 0.75
-    assert result["preference"]["forward_passes"] == 2 * 48  # both orders of every pair
-
-    from rlhf_workflow.models.preference import load_preference_judge
-
-    judge = load_preference_judge(str(out / "model"))
-    responses = ["fox jumps dog over", "the quick blue fox", "lazy dog today", "moon blue poem"]
-    for method in ("knockout", "copeland", "borda"):
-        ranking = judge.rank([{"role": "user", "content": "hello world?"}], responses, method=method)
-        assert "blue" in responses[ranking.best] and "dog" in responses[ranking.worst]
 
 
 def test_prompts_are_cut_from_the_left_and_long_responses_dropped(tiny_model_dir, caplog):
@@ -254,93 +157,7 @@ def test_prompts_are_cut_from_the_left_and_long_responses_dropped(tiny_model_dir
     assert "1 pairs had their prompt cut" in caplog.text and "1 dropped" in caplog.text
 
 
-# ------------------------------------------------------------------------------------------- ranking
-
-
-def _recording(values):
-    calls = []
-
-    def prefer(ordered):
-        calls.extend(ordered)
-        return [1.0 if values[i] > values[j] else 0.0 for i, j in ordered]
-
-    return prefer, calls
-
-
-@pytest.mark.parametrize("n", [1, 2, 3, 4, 5, 7, 8, 9])
-def test_knockout_finds_best_and_worst_with_n_minus_one_comparisons_for_the_best(n):
-    values = random.Random(n).sample(range(100), n)
-    prefer, calls = _recording(values)
-    ranking = knockout(n, prefer)
-    assert values[ranking.best] == max(values) and values[ranking.worst] == min(values)
-    best_bracket = n - 1
-    worst_bracket = max(math.ceil(n / 2) - 1, 0) if n > 1 else 0
-    assert ranking.comparisons == best_bracket + worst_bracket
-    assert len(calls) == 2 * ranking.comparisons
-    assert {(j, i) for i, j in calls} == set(calls)  # every comparison asked in both orders
-
-
-@pytest.mark.parametrize("method", ["copeland", "borda"])
-@pytest.mark.parametrize("n", [2, 5, 8])
-def test_round_robin_uses_every_pair_in_both_orders(n, method):
-    values = random.Random(10 + n).sample(range(100), n)
-    prefer, calls = _recording(values)
-    ranking = round_robin(n, prefer, method=method)
-    assert ranking.comparisons == n * (n - 1) // 2 and len(calls) == n * (n - 1)
-    assert values[ranking.best] == max(values) and values[ranking.worst] == min(values)
-    order = sorted(range(n), key=lambda k: values[k])
-    assert [ranking.scores[k] for k in order] == sorted(ranking.scores)
-
-
-def test_both_orders_cancel_a_position_bias():
-    values = [3.0, 1.0]
-
-    def biased(ordered):  # the true preference plus +0.3 for whatever is shown first
-        return [min(1.0, 1 / (1 + math.exp(values[j] - values[i])) + 0.3) * 0.7 + 0.15 for i, j in ordered]
-
-    unbiased_p = compare_both_orders(biased, [(0, 1), (1, 0)])
-    assert unbiased_p[0] > 0.5 > unbiased_p[1] and unbiased_p[0] + unbiased_p[1] == pytest.approx(1.0)
-
-
-# ------------------------------------------------------------------------------------------- eval-rm
-
-
-def test_rewardbench_sections_on_a_hand_built_example():
-    rows, outcomes = [], []
-    plan = {  # subset -> outcomes
-        "alpacaeval-easy": [1, 1, 1, 0], "mt-bench-easy": [1, 0],           # Chat
-        "mt-bench-hard": [0, 0, 1],                                           # Chat Hard
-        "refusals-dangerous": [1, 1], "xstest-should-respond": [0.5, 1],      # Safety
-        "math-prm": [1, 0], "hep-python": [1, 1, 1, 1],                       # Reasoning
-    }
-    for subset, results in plan.items():
-        for k, outcome in enumerate(results):
-            rows.append(PairRow(id=f"{subset}-{k}", prompt="q", chosen="a", rejected="b", subset=subset))
-            outcomes.append(float(outcome))
-    result = summarize(rows, outcomes)
-    assert result["subsets"]["alpacaeval-easy"]["accuracy"] == 0.75
-    assert result["subsets"]["xstest-should-respond"]["accuracy"] == 0.75
-    sections = result["rewardbench"]
-    assert sections["Chat"] == pytest.approx((0.75 * 100 + 0.5 * 28) / 128)
-    assert sections["Chat Hard"] == pytest.approx(1 / 3)
-    assert sections["Safety"] == pytest.approx((1.0 * 100 + 0.75 * 154) / 254)
-    assert sections["Reasoning"] == pytest.approx((0.5 * 984 + 1.0 * 164) / (984 + 164))
-    assert sections["Score"] == pytest.approx(sum(sections[s] for s in ("Chat", "Chat Hard", "Safety", "Reasoning")) / 4)
-    assert result["accuracy"] == pytest.approx(sum(outcomes) / len(outcomes))
-
-
-def test_full_reasoning_is_half_math_half_code():
-    acc = {"math-prm": 1.0, **{f"hep-{x}": 0.0 for x in ("cpp", "go", "java", "js", "python", "rust")}}
-    assert section_scores(acc)["Reasoning"] == pytest.approx(0.5)
-
-
-def test_ties_count_half():
-    assert [pair_outcome(2, 1), pair_outcome(1, 1), pair_outcome(0, 1)] == [1.0, 0.5, 0.0]
-
-
-def test_eval_rm_refuses_a_directory_that_is_no_judge(tiny_model_dir, rule_data, capsys):
-    assert main(["eval-rm", f"model={tiny_model_dir}", f"data={rule_data[1]}"]) == 2
-    assert "neither a reward model" in capsys.readouterr().err
+# ------------------------------------------------------------------------------------------- train-rm and train-pm
 
 
 def test_lora_reward_and_preference_models_train_their_heads_and_save_plain_models(tiny_model_dir, rule_data, tmp_path):
@@ -392,7 +209,6 @@ def test_two_processes_match_one(stage, extra, tiny_model_dir, tmp_path):
     import sys
 
     from safetensors.torch import load_file
-    from test_sft import _cli, _env, _free_port
 
     rows = []
     for i in range(16):  # prompts with 3 ranked answers each: pairs that group_by_prompt can merge
@@ -403,12 +219,12 @@ def test_two_processes_match_one(stage, extra, tiny_model_dir, tmp_path):
     base = [stage, f"model.name_or_path={tiny_model_dir}", f"data.train={train}", "data.max_length=64",
             "train.lr=1e-3", "train.max_steps=4", "train.per_device_batch_size=4", "train.log_every=1", *extra]
     one, two = tmp_path / "one", tmp_path / "two"
-    subprocess.run(_cli(*base, f"output_dir={one}", "train.gradient_accumulation_steps=2"), check=True, env=_env(),
+    subprocess.run(cli_command(*base, f"output_dir={one}", "train.gradient_accumulation_steps=2"), check=True, env=cli_env(),
                    capture_output=True)
     launch = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2", "--num_machines", "1",
-              "--multi_gpu", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(_free_port()),
+              "--multi_gpu", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(free_port()),
               "-m", "rlhf_workflow", *base, f"output_dir={two}"]
-    result = subprocess.run(launch, env=_env(), capture_output=True, text=True)
+    result = subprocess.run(launch, env=cli_env(), capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-3000:]
 
     def train_rows(out):
