@@ -126,7 +126,7 @@ def test_reference_pass_resumes_and_pairs_with_log_probs_skip_it(tiny_model_dir,
     out2 = tmp_path / "ref2"
     out2.mkdir()
     (out2 / "train_pairs.ref.jsonl").write_text(ref_file.read_text())
-    assert main(_args(tiny_model_dir, train, out2, "train.max_steps=1")) == 0
+    assert main(_args(tiny_model_dir, train, out2, "train.max_steps=1", "--resume")) == 0  # after a crash: resume
     again = {json.loads(l)["id"]: json.loads(l) for l in (out2 / "train_pairs.ref.jsonl").read_text().splitlines()}
     assert set(again) == set(full)
     for key, row in full.items():

@@ -14,15 +14,16 @@ PACKAGE = Path(__file__).resolve().parents[1] / "src" / "rlhf_workflow"
 
 # lowest first; a part may import the parts of lower layers and the files of its own folder
 LAYERS: dict[str, int] = {
-    "__init__": 0, "errors": 0, "processes": 0,
-    "data": 1,
-    "config": 2, "tasks": 2,
-    "models": 3,
-    "train": 4, "generate": 4, "eval": 4,
-    "online": 5,
-    "workflow": 6,
-    "cli": 7,
-    "__main__": 8,
+    "__init__": 0, "errors": 0,
+    "processes": 1,
+    "data": 2,
+    "config": 3, "tasks": 3,
+    "models": 4,
+    "train": 5, "generate": 5, "eval": 5,
+    "online": 6,
+    "workflow": 7,
+    "cli": 8,
+    "__main__": 9,
 }
 
 
@@ -125,5 +126,5 @@ def test_the_checks_see_an_upward_import_and_a_circle(tmp_path):
     graph = import_graph(fake)
     assert graph["rlhf_workflow.models.a"] == {"rlhf_workflow.train.b"}
     assert graph["rlhf_workflow.train.b"] == {"rlhf_workflow.train.c"}
-    assert upward_imports(graph) == ["rlhf_workflow.models.a (layer 3) imports rlhf_workflow.train.b (layer 4)"]
+    assert upward_imports(graph) == ["rlhf_workflow.models.a (layer 4) imports rlhf_workflow.train.b (layer 5)"]
     assert circles(graph) == ["rlhf_workflow.train.b -> rlhf_workflow.train.c -> rlhf_workflow.train.b"]

@@ -78,14 +78,22 @@ def test_existing_checkpoints_need_resume(tiny_model_dir, sft_data, tmp_path, ca
     (checkpoints_dir(out) / "step-00000002").mkdir(parents=True)
     (checkpoints_dir(out) / "step-00000002" / "trainer_state.json").write_text('{"step": 2}')
     assert main(sft_args(tiny_model_dir, sft_data, out, "train.max_steps=4", "train.save_every=2")) == 2
-    assert "pass --resume" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert f"output_dir {out} already holds a `sft` run" in err and "--resume to continue it" in err
 
 
-def test_rerun_without_checkpoints_starts_afresh(tiny_model_dir, sft_data, tmp_path):
+def test_a_rerun_is_refused_and_force_starts_afresh_keeping_the_earlier_files(tiny_model_dir, sft_data, tmp_path,
+                                                                               capsys):
     out = tmp_path / "twice"
-    for _ in range(2):
-        assert main(sft_args(tiny_model_dir, sft_data, out, "train.max_steps=3")) == 0
+    assert main(sft_args(tiny_model_dir, sft_data, out, "train.max_steps=3")) == 0
+    first = (out / "metrics.jsonl").read_text()
+    assert main(sft_args(tiny_model_dir, sft_data, out, "train.max_steps=3")) == 2
+    assert "already holds a `sft` run" in capsys.readouterr().err
+    assert (out / "metrics.jsonl").read_text() == first  # nothing touched
+    assert main(sft_args(tiny_model_dir, sft_data, out, "train.max_steps=3", "--force")) == 0
     assert [r["step"] for r in read_metrics(out)] == [1, 2, 3]
+    assert (out / "replaced-1" / "metrics.jsonl").read_text() == first  # the earlier run's files, moved aside
+    assert (out / "replaced-1" / "model" / "config.json").is_file()
 
 
 def test_bad_data_is_one_message_and_exit_2(tiny_model_dir, tmp_path, capsys):

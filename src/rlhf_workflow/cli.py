@@ -27,7 +27,7 @@ Values are parsed as YAML. Unknown keys and wrong types are errors that name the
 
 def _stage_parser(
     sub: argparse._SubParsersAction, name: str, help_text: str, description: str, runner: tuple[str, str], *,
-    resumable: bool = True,
+    resumable: bool = True, appends: bool = False,
 ) -> argparse.ArgumentParser:
     parser = sub.add_parser(
         name, help=help_text, description=description, epilog=EPILOG,
@@ -37,7 +37,13 @@ def _stage_parser(
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="dotted config overrides")
     parser.add_argument("--print-config", action="store_true", help="print the resolved config as YAML (every key, with what it means) and exit")
     if resumable:
-        parser.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in output_dir")
+        parser.add_argument("--resume", action="store_true", help="continue this stage's run in output_dir (from its "
+                            "latest checkpoint)")
+        parser.add_argument("--force", action="store_true", help="write into an output_dir that holds another run: its "
+                            "files are moved aside into output_dir/replaced-<k>/ (nothing is deleted)")
+    elif appends:
+        parser.add_argument("--force", action="store_true", help="start afresh an output whose rows were made with other "
+                            "settings (the old file is kept as a backup)")
     parser.set_defaults(run=_stage_runner(name, *runner))
     return parser
 
@@ -100,7 +106,7 @@ def build_parser() -> argparse.ArgumentParser:
         "and a rerun skips prompts already in the output. Under `accelerate launch` the prompts are split over "
         "the processes and merged. Prompts that cannot be answered are listed in OUTPUT.errors.jsonl.\n\n"
         "  rlhf-workflow generate prompts=prompts.jsonl output=gen.jsonl sampling.n=4 sampling.max_new_tokens=64",
-        ("rlhf_workflow.generate.stage", "run_generate"), resumable=False,
+        ("rlhf_workflow.generate.stage", "run_generate"), resumable=False, appends=True,
     )
 
     _stage_parser(
@@ -112,7 +118,7 @@ def build_parser() -> argparse.ArgumentParser:
         "the judge cannot score gets null and a reason in `reward_errors`. length_penalty.coef=λ writes "
         "r - λ·len (raw scores kept in `raw_rewards`). Resumable; splits rows over processes under accelerate launch."
         "\n\n  rlhf-workflow annotate input=gen.jsonl output=scored.jsonl judge.type=reward_model judge.path=runs/rm/model",
-        ("rlhf_workflow.online.annotate", "run_annotate"), resumable=False,
+        ("rlhf_workflow.online.annotate", "run_annotate"), resumable=False, appends=True,
     )
 
     _stage_parser(
@@ -150,7 +156,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--config", "-c", metavar="FILE", help="the recipe (same as giving it first)")
     run.add_argument("--print-config", action="store_true", help="print the resolved config as YAML (every key, with what it means) and exit")
     run.add_argument("--resume", action="store_true", help="continue the run in output_dir (the default anyway)")
-    run.add_argument("--force", action="store_true", help="continue an existing run even though its config changed")
+    run.add_argument("--force", action="store_true", help="continue an existing run even though its config changed; "
+                     "or write into an output_dir of another stage (its files are moved aside into replaced-<k>/)")
     run.set_defaults(run=_run_workflow)
 
     demo = sub.add_parser(
@@ -196,10 +203,8 @@ def _stage_runner(stage: str, module: str, function: str) -> Callable[[argparse.
             print(annotated_yaml(config), end="")
             return
         runner = getattr(importlib.import_module(module), function)
-        if hasattr(args, "resume"):
-            runner(config, resume=args.resume)
-        else:
-            runner(config)
+        options = {name: getattr(args, name) for name in ("resume", "force") if hasattr(args, name)}
+        runner(config, **options)
 
     return run
 

@@ -25,11 +25,18 @@ from rlhf_workflow.errors import UserError
 
 class Strict(BaseModel):
     """Base for every config section: unknown keys are errors, defaults are validated, and the
-    fields named in ``required`` (a stage's files) must be given; ``required_what`` says what they are."""
+    fields named in ``required`` (a stage's files) must be given; ``required_what`` says what they are.
+
+    A stage's config names the keys of its inputs (``input_keys``: files, model directories,
+    'file.py:name' functions) and of its outputs (``output_keys``: a file, or a directory when the
+    key ends in ``output_dir``); an output that would overwrite an input is refused
+    (`data.outputs.path_conflicts`)."""
 
     model_config = ConfigDict(extra="forbid", validate_default=True, validate_assignment=True)
     required: ClassVar[tuple[str, ...]] = ()
     required_what: ClassVar[str] = ""
+    input_keys: ClassVar[tuple[str, ...]] = ()
+    output_keys: ClassVar[tuple[str, ...]] = ()
 
     @model_validator(mode="after")
     def _required_given(self) -> "Strict":
@@ -37,6 +44,39 @@ class Strict(BaseModel):
             verb = "is" if len(self.required) == 1 else "are"
             raise ValueError(f"{' and '.join(self.required)} {verb} required: {self.required_what}")
         return self
+
+    @model_validator(mode="after")
+    def _outputs_are_not_inputs(self) -> "Strict":
+        if self.output_keys:
+            from rlhf_workflow.data.outputs import path_conflicts
+
+            found = path_conflicts({key: self.paths_at(key) for key in self.input_keys},
+                                   {key: str(self.output_at(key) or "") for key in self.output_keys})
+            if found:
+                raise ValueError("; ".join(found))
+        return self
+
+    def value_at(self, key: str) -> Any:
+        """The value of a dotted key (None where a section on the way is None)."""
+        value: Any = self
+        for part in key.split("."):
+            value = getattr(value, part, None)
+        return value
+
+    def output_at(self, key: str) -> Any:
+        """The path an output key writes (a stage may fill in a default)."""
+        return self.value_at(key)
+
+    def paths_at(self, key: str) -> list[str]:
+        """The paths a dotted key names: a string, a list of strings, or a 'path/file.py:name' function."""
+        value = self.value_at(key)
+        values = value if isinstance(value, list) else [value]
+        paths = []
+        for item in values:
+            if isinstance(item, str) and item:
+                location, colon, name = item.rpartition(":")
+                paths.append(location if colon and location.endswith(".py") else item)
+        return paths
 
 
 # --------------------------------------------------------------------------- settings declared once
@@ -53,6 +93,14 @@ GroupByPrompt = Annotated[bool, Field(
     description="train on all pairs of a prompt as one example (InstructGPT's K-wise comparisons): the prompt and "
     "each distinct response are computed once, however many pairs they are in; per_device_batch_size then counts "
     "prompts. For pairs made with `pairs strategy=all`")]
+
+
+def source_identity(name_or_path: str | None) -> str | None:
+    """A model or file source as it identifies what it holds: an existing path made absolute (so a
+    rerun from another directory or through a link names the same thing), any other name as given."""
+    if name_or_path and os.path.exists(os.path.expanduser(name_or_path)):
+        return os.path.realpath(os.path.expanduser(name_or_path))
+    return name_or_path
 
 
 # --------------------------------------------------------------------------- sections
@@ -149,6 +197,8 @@ class TrainingStageConfig(Strict):
     """What every training stage has: an output directory, a model, data and the loop's settings."""
 
     data_kind: ClassVar[str] = "training rows"
+    input_keys = ("data.train", "data.eval", "model.name_or_path", "model.tokenizer")
+    output_keys = ("output_dir",)
     output_dir: str = "runs/train"
     model: ModelConfig = ModelConfig()
     data: DataConfig = DataConfig()
@@ -247,6 +297,7 @@ class DPOConfig(TrainingStageConfig, DPOOptions):
     """`rlhf-workflow dpo`: direct preference optimisation of a policy on preference pairs."""
 
     data_kind: ClassVar[str] = "preference pairs"
+    input_keys = TrainingStageConfig.input_keys + ("reference.name_or_path",)
     output_dir: str = "runs/dpo"
     reference: ReferenceConfig = ReferenceConfig()
 
@@ -256,6 +307,8 @@ class EvalRMConfig(Strict):
 
     required = ("model", "data")
     required_what = "the saved reward/preference model and a pairs file"
+    input_keys = ("model", "data")
+    output_keys = ("output",)
 
     model: str = Field("", description="directory of a model saved by train-rm or train-pm")
     data: str = Field("", description="pairs: prompt, chosen, rejected (and `subset` for RewardBench files)")
@@ -266,6 +319,13 @@ class EvalRMConfig(Strict):
     dtype: Dtype = "float32"
     apply_chat_template: ApplyChatTemplate = True
 
+    @property
+    def results_path(self) -> str:
+        """Where the results go: ``output``, or next to the data as ``*.eval.json``."""
+        return self.output or (str(Path(self.data).with_suffix(".eval.json")) if self.data else "")
+
+    def output_at(self, key: str) -> Any:
+        return self.results_path if key == "output" else super().output_at(key)
 
 
 class SamplingConfig(Strict):
@@ -328,12 +388,24 @@ class GenerateConfig(GenerationOptions):
 
     required = ("prompts", "output")
     required_what = "the prompts file to read and the generations file to write"
+    input_keys = ("prompts", "model.name_or_path", "model.tokenizer")
+    output_keys = ("output",)
 
     prompts: str = Field("", description="prompts file: {id, prompt, ...metadata}")
     output: str = Field("", description="generations file (JSON Lines); resumable: prompts already in it are skipped")
     model: ModelConfig = ModelConfig()
     apply_chat_template: ApplyChatTemplate = True
 
+    def row_settings(self) -> dict[str, Any]:
+        """What determines the generated rows (recorded beside the output; `data.outputs`). Batch
+        sizes do not: a prompt gets the same samples whatever the batching."""
+        settings: dict[str, Any] = {
+            "model": source_identity(self.model.name_or_path), "tokenizer": source_identity(self.model.tokenizer),
+            "dtype": self.model.dtype, "backend": self.backend, "sampling": self.sampling.model_dump(mode="json"),
+            "apply_chat_template": self.apply_chat_template}
+        if self.backend == "openai":
+            settings.update(server_model=self.openai.model, endpoint=self.openai.endpoint)
+        return settings
 
 
 class JudgeConfig(Strict):
@@ -371,6 +443,8 @@ class AnnotateConfig(Strict):
 
     required = ("input", "output")
     required_what = "the generations file to read and the file to write"
+    input_keys = ("input", "judge.path", "judge.function")
+    output_keys = ("output",)
 
     input: str = Field("", description="generations file: {id, prompt, responses, ...}")
     output: str = Field("", description="annotated generations (adds rewards); resumable")
@@ -383,6 +457,14 @@ class AnnotateConfig(Strict):
     def _judge_given(self) -> "AnnotateConfig":
         self.judge.check()
         return self
+
+    def row_settings(self) -> dict[str, Any]:
+        """What determines the annotated rows (recorded beside the output; `data.outputs`)."""
+        j = self.judge
+        return {"judge": {"type": j.type, "path": source_identity(j.path), "function": j.function, "ranking": j.ranking,
+                          "max_length": j.max_length, "dtype": j.dtype},
+                "length_penalty": self.length_penalty.model_dump(mode="json"),
+                "apply_chat_template": self.apply_chat_template}
 
 
 class PairOptions(Strict):
@@ -401,6 +483,8 @@ class PairsConfig(PairOptions):
 
     required = ("input", "output")
     required_what = "the annotated generations and the pairs file to write"
+    input_keys = ("input",)
+    output_keys = ("output",)
 
     input: str = Field("", description="annotated generations: {id, prompt, responses, rewards}")
     output: str = Field("", description="pairs file: {id, prompt, chosen, rejected, chosen_reward, rejected_reward}")
@@ -493,6 +577,11 @@ class FeedbackConfig(Strict):
 class RunConfig(Strict):
     """`rlhf-workflow run`: online iterative DPO (or its offline baseline) from one recipe."""
 
+    input_keys = ("prompts.train", "prompts.train_per_iteration", "prompts.eval", "policy.name_or_path",
+                  "policy.tokenizer", "judge.path", "judge.function", "eval.gold_function", "feedback.judge_function",
+                  "feedback.rm_model.name_or_path")
+    output_keys = ("output_dir",)
+
     output_dir: str = Field("runs/online", description="the run directory: config.yaml, state.json, iter_<t>/, "
                             "metrics.jsonl, report/")
     mode: Literal["online", "offline"] = Field(
@@ -545,6 +634,7 @@ class MakePromptsConfig(Strict):
 
     required = ("output",)
     required_what = "the prompts file to write"
+    output_keys = ("output",)
 
     task: TaskName = "instructions"
     split: Literal["train", "dev", "eval"] = "train"
@@ -568,6 +658,17 @@ STAGE_CONFIGS: dict[str, type[Strict]] = {
     "run": RunConfig,
     "prompts": MakePromptsConfig,
 }
+
+
+def stage_name(config: Strict) -> str:
+    """The command of a stage config: `SFTConfig` -> "sft" (a subclass counts as its stage)."""
+    for name, model in STAGE_CONFIGS.items():
+        if type(config) is model:
+            return name
+    for name, model in STAGE_CONFIGS.items():
+        if isinstance(config, model):
+            return name
+    raise ValueError(f"{type(config).__name__} is not a stage's config")
 
 
 StageT = TypeVar("StageT", bound=Strict)

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable, TypeVar
+
+from rlhf_workflow.errors import UserError
+
+T = TypeVar("T")
 
 
 def no_accelerator() -> bool:
@@ -36,3 +40,23 @@ def release_memory() -> None:
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
+
+
+def on_main(state: Any, work: Callable[[], T]) -> T | None:
+    """Run ``work`` on the main process only, and make a `UserError` it raises the error of every
+    process: the others would otherwise wait for it at the next barrier for hours. Returns what
+    ``work`` returned on the main process, None on the others. ``state`` None: one process."""
+    if state is None or state.num_processes == 1:
+        return work()
+    from accelerate.utils import broadcast_object_list
+
+    result, message = None, [None]
+    if state.is_main_process:
+        try:
+            result = work()
+        except UserError as exc:
+            message = [str(exc)]
+    broadcast_object_list(message, from_process=0)
+    if message[0] is not None:
+        raise UserError(message[0])
+    return result

@@ -21,17 +21,17 @@ def run_workflow(config: RunConfig, *, force: bool = False) -> Path:
     from rlhf_workflow.online.feedback import Feedback
     from rlhf_workflow.online.loop import Runner
 
-    runner = Runner(config, force=force)
-    if config.feedback.enabled:
-        runner.stage("prompts", runner.write_prompts)
-        for name, work in Feedback(config, runner.run_dir, runner.state).stages():
-            runner.stage(name, work)
-    run_dir = runner.run()
-    report = run_dir / "report" / "report.md"
-    if runner.state.is_main_process:
-        report = write_report(run_dir)
-        print(f"run finished: {run_dir}; report: {report} (and report.html)")
-    runner.state.wait_for_everyone()
+    with Runner(config, force=force) as runner:
+        if config.feedback.enabled:
+            runner.stage("prompts", runner.write_prompts)
+            for name, work in Feedback(config, runner.run_dir, runner.state).stages():
+                runner.stage(name, work)
+        run_dir = runner.run()
+        report = run_dir / "report" / "report.md"
+        if runner.state.is_main_process:
+            report = write_report(run_dir)
+            print(f"run finished: {run_dir}; report: {report} (and report.html)")
+        runner.state.wait_for_everyone()
     return report
 
 

@@ -16,20 +16,9 @@ from pathlib import Path
 from typing import Any, Callable, Sequence, TypeVar
 
 from rlhf_workflow.data.io import JsonlAppender, iter_jsonl
+from rlhf_workflow.data.outputs import OutputLock, check_fingerprint, shard_path, shard_paths
 
 log = logging.getLogger(__name__)
-
-
-def shard_path(output: Path, rank: int) -> Path:
-    """Process ``rank``'s shard of ``output``: ``gen.jsonl`` -> ``gen.rank3.jsonl``."""
-    return output.with_name(f"{output.stem}.rank{rank}{output.suffix}")
-
-
-def shard_paths(output: Path) -> list[Path]:
-    """Shard files of any earlier run of this output (whatever its number of processes)."""
-    stem, suffix = output.stem, output.suffix
-    return sorted(p for p in output.parent.glob(f"{stem}.rank*{suffix}")
-                  if p.name[len(stem) + len(".rank") : len(p.name) - len(suffix)].isdigit())
 
 
 def merge_shards(output: Path) -> int:
@@ -84,16 +73,28 @@ StatsT = TypeVar("StatsT")
 
 
 def run_sharded(name: str, state: Any, output: Path, rows: Sequence[RowT],
-                work: Callable[[list[RowT], JsonlAppender], StatsT], *, main_only: bool = False,
-                ) -> tuple[list[RowT], list[StatsT]] | None:
+                work: Callable[[list[RowT], JsonlAppender], StatsT], *, settings: dict[str, Any], force: bool = False,
+                main_only: bool = False) -> tuple[list[RowT], list[StatsT]] | None:
     """Run a resumable, sharded stage over ``rows`` (objects with an ``id``) into ``output``.
 
+    The output is locked for the stage's life, and ``settings`` (what determines the rows) must be
+    those its rows were made with (`data.outputs.check_fingerprint`; ``force`` starts afresh).
     ``work(mine, sink)`` handles this process's share of the rows not yet in ``output`` (every W-th;
     all of them on the main process and none elsewhere with ``main_only``, for a backend that spreads
     itself over the GPUs), appends its output rows to ``sink`` as they finish, and returns its
     statistics (it is called with an empty share too). Returns, on the main process once the merged
     output is complete, the rows that were still to do and every process's statistics; None on the others.
     """
+    from rlhf_workflow.processes import on_main
+
+    with OutputLock(output, directory=False).acquire(state):
+        on_main(state, lambda: check_fingerprint(output, settings, force=force, what=f"the rows of `{name}`"))
+        return _run_shards(name, state, output, rows, work, main_only)
+
+
+def _run_shards(name: str, state: Any, output: Path, rows: Sequence[RowT],
+                work: Callable[[list[RowT], JsonlAppender], StatsT], main_only: bool,
+                ) -> tuple[list[RowT], list[StatsT]] | None:
     sink, done = open_shard(state, output)
     todo = [row for row in rows if row.id not in done]  # type: ignore[attr-defined]
     if state.is_main_process:

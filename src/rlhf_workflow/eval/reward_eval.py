@@ -22,6 +22,7 @@ from typing import Any
 
 from rlhf_workflow.config import EvalRMConfig
 from rlhf_workflow.data.io import atomic_write_text, read_rows
+from rlhf_workflow.data.outputs import OutputLock
 from rlhf_workflow.data.schemas import PairRow, response_text
 from rlhf_workflow.errors import UserError
 from rlhf_workflow.eval.stats import pair_outcome, pearson
@@ -155,8 +156,9 @@ def run_eval_rm(config: EvalRMConfig) -> dict[str, Any]:
     rows = read_rows(config.data, PairRow)
     result = evaluate_reward_model(config, rows) if kind == "rm" else evaluate_preference_model(config, rows)
     result = {"model": config.model, "data": config.data, "kind": kind, **result}
-    output = Path(config.output) if config.output else Path(config.data).with_suffix(".eval.json")
-    atomic_write_text(output, json.dumps(result, indent=2) + "\n")
+    output = Path(config.results_path)
+    with OutputLock(output, directory=False).acquire():
+        atomic_write_text(output, json.dumps(result, indent=2) + "\n")
     print(format_table(result))
     print(f"results written to {output}")
     return result

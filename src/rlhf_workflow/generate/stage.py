@@ -7,6 +7,9 @@ Each output row is the prompt row (id, prompt and any metadata, untouched) plus 
 model ended its turn or hit a stop string; "length": max_new_tokens or the context ran out).
 
 * Resumable: rows are appended as each batch finishes; a rerun skips prompts already in the file.
+  The settings that determine the rows (model, sampling, template) are recorded in
+  ``<output>.settings.json``: a rerun with other settings is refused (``--force`` starts afresh).
+  One process (or one launch) writes an output at a time (`data.outputs.OutputLock`).
 * Several processes (``accelerate launch`` / ``torchrun``): process r takes every W-th prompt still
   to do and appends to ``<output>.rank<r>.jsonl``; at the end the main process appends those rows
   to the output and deletes the shards, so every prompt is in the output exactly once. Shards
@@ -30,10 +33,6 @@ from rlhf_workflow.errors import UserError, model_source
 from rlhf_workflow.generate.base import GenerationRequest, GenerationResult, Generator
 
 logger = logging.getLogger(__name__)
-
-
-def errors_path(output: Path) -> Path:
-    return output.with_name(f"{output.stem}.errors{output.suffix}")
 
 
 def make_generator(config: GenerateConfig, device: Any) -> Generator:
@@ -85,9 +84,11 @@ def generation_row(prompt_row: Any, result: GenerationResult) -> dict[str, Any]:
             "finish_reasons": [s.finish_reason for s in result.samples]}
 
 
-def run_generate(config: GenerateConfig, *, progress: bool = True) -> Path:
-    """The `generate` stage (see the module docstring); returns the output path."""
+def run_generate(config: GenerateConfig, *, force: bool = False, progress: bool = True) -> Path:
+    """The `generate` stage (see the module docstring); returns the output path. ``force``: start an
+    output whose rows were made with other settings afresh (the old file kept as a backup)."""
     from rlhf_workflow.data.io import read_rows, write_jsonl
+    from rlhf_workflow.data.outputs import errors_path
     from rlhf_workflow.data.schemas import PromptRow
     from rlhf_workflow.data.shards import run_sharded
     from rlhf_workflow.processes import process_state
@@ -127,7 +128,8 @@ def run_generate(config: GenerateConfig, *, progress: bool = True) -> Path:
 
     # vLLM spreads one engine over vllm.tensor_parallel_size GPUs itself: under several processes
     # the main process generates everything while the others wait
-    result = run_sharded(f"generate ({config.backend})", state, output, prompts, work, main_only=config.backend == "vllm")
+    result = run_sharded(f"generate ({config.backend})", state, output, prompts, work, settings=config.row_settings(),
+                         force=force, main_only=config.backend == "vllm")
     if result is None:  # not the main process
         return output
     todo, everything = result

@@ -5,7 +5,8 @@
 Each output row is the input row plus ``rewards`` (one per response; null where the judge could
 not score it, with the reason in ``reward_errors``: response index -> message). With a length
 penalty the raw judge scores are kept in ``raw_rewards`` and ``rewards`` holds r − λ·len.
-Rows are appended as they are scored and a rerun skips rows already in the output; under
+Rows are appended as they are scored and a rerun skips rows already in the output (when the
+judge, length penalty and template are those recorded in ``<output>.settings.json``); under
 several processes each scores every W-th row and the shards are merged (`data.shards`).
 A judge that fails on every one of the first responses stops the stage with its first error
 instead of writing a file of nulls.
@@ -46,8 +47,9 @@ def response_lengths(row: dict[str, Any], unit: str, where: str) -> list[float]:
     return [float(t) for t in tokens]
 
 
-def run_annotate(config: AnnotateConfig, *, progress: bool = True) -> Path:
-    """The `annotate` stage (see the module docstring); returns the output path."""
+def run_annotate(config: AnnotateConfig, *, force: bool = False, progress: bool = True) -> Path:
+    """The `annotate` stage (see the module docstring); returns the output path. ``force``: start an
+    output whose rows were made with other settings afresh (the old file kept as a backup)."""
     from rlhf_workflow.data.io import read_rows, row_to_dict
     from rlhf_workflow.data.schemas import GenerationRow
     from rlhf_workflow.data.shards import run_sharded
@@ -99,7 +101,7 @@ def run_annotate(config: AnnotateConfig, *, progress: bool = True) -> Path:
             bar.close()
         return scored, unscored, total, judge.comparisons, first_error
 
-    result = run_sharded("annotate", state, output, rows, work)
+    result = run_sharded("annotate", state, output, rows, work, settings=config.row_settings(), force=force)
     if result is None:  # not the main process
         return output
     todo, everything = result

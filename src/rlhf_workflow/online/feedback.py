@@ -126,8 +126,6 @@ class Feedback:
     def train(self, kind: str) -> None:
         """Train the reward model ("rm") or the preference model ("pm") on the pairs, the held-out
         pairs as its eval split."""
-        from rlhf_workflow.train.checkpoint import latest_checkpoint
-
         out = self.dir / kind
         if (out / "model").is_dir():
             return
@@ -136,7 +134,7 @@ class Feedback:
         held = self.heldout
         data = DataConfig(train=str(self.dir / "pairs.jsonl"), eval=str(held) if held else None,
                           max_length=f.rm_max_length, apply_chat_template=c.apply_chat_template)
-        resume = latest_checkpoint(out) is not None
+        resume = True  # continues from the last checkpoint, if any
         if kind == "rm":
             from rlhf_workflow.train.reward import run_train_rm
 

@@ -122,15 +122,32 @@ class Runner:
     """Runs the stages of one run directory in order, skipping those already done."""
 
     def __init__(self, config: RunConfig, *, force: bool = False):
+        from rlhf_workflow.data.outputs import OutputLock, claim_directory
+        from rlhf_workflow.processes import on_main
+
         self.config = config
         self.run_dir = Path(config.output_dir)
         self.judge: JudgeConfig = feedback.loop_judge(config, self.run_dir)
         self.state: PartialState = process_state()
-        if self.state.is_main_process:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
+        # one run at a time in a run directory (released by `close`, or by the OS when the process ends)
+        self.lock = OutputLock(self.run_dir, directory=True).acquire(self.state)
+
+        def claim() -> None:
+            claim_directory(self.run_dir, "run", force=force, resume=True)  # rerunning a run continues it
             check_config(self.run_dir, config, force=force)
+
+        on_main(self.state, claim)
         self.state.wait_for_everyone()
         self.progress = RunState(self.run_dir)
+
+    def close(self) -> None:
+        self.lock.release()
+
+    def __enter__(self) -> "Runner":
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
 
     def stage(self, name: str, work: Callable[[], Any]) -> None:
         """Run ``work`` unless ``name`` is done; mark it done (main process) once every process finished."""
@@ -259,12 +276,15 @@ class Runner:
                 and first.exists() and not target.exists()):
             import shutil
 
+            from rlhf_workflow.data.outputs import settings_path
+
+            if settings_path(first).exists():  # the settings that made them, which are offline's too
+                shutil.copyfile(settings_path(first), settings_path(target))
             shutil.copyfile(first, target)
             print(f"offline: reusing iteration 1's {name} (π0's samples of its prompts, same seeds)")
         self.state.wait_for_everyone()
 
     def dpo(self, directory: Path, start: ModelConfig, reference: str | None, seed_offset: int) -> None:
-        from rlhf_workflow.train.checkpoint import latest_checkpoint
         from rlhf_workflow.train.dpo import run_dpo
 
         d = self.config.dpo
@@ -278,7 +298,7 @@ class Runner:
         )
         target = directory / "policy"
         if not (out / "model").is_dir():
-            run_dpo(config, resume=latest_checkpoint(out) is not None)
+            run_dpo(config, resume=True)  # continues from the last checkpoint, if any
         if self.state.is_main_process:
             if target.exists():  # a move cut short by a crash: the saved model is complete, replace it
                 import shutil

@@ -133,20 +133,18 @@ def make_pairs(rows: Sequence[dict[str, Any]], strategy: str, *, seed: int = 0,
     return pairs, stats
 
 
-def stats_path(output: Path) -> Path:
-    return output.with_name(f"{output.stem}.stats.json")
-
-
 def run_pairs(config: PairsConfig) -> Path:
     """The `pairs` stage (see the module docstring); returns the output path."""
     from rlhf_workflow.data.io import atomic_write_text, read_rows, row_to_dict, write_jsonl
+    from rlhf_workflow.data.outputs import OutputLock, stats_path
     from rlhf_workflow.data.schemas import ScoredRow
 
     rows = [row_to_dict(r) for r in read_rows(config.input, ScoredRow)]  # a row without rewards: file:line error
     pairs, stats = make_pairs(rows, config.strategy, seed=config.seed, min_margin=config.min_margin)
     output = Path(config.output)
-    write_jsonl(output, pairs)
-    atomic_write_text(stats_path(output), json.dumps(stats, indent=2) + "\n")
+    with OutputLock(output, directory=False).acquire():
+        write_jsonl(output, pairs)
+        atomic_write_text(stats_path(output), json.dumps(stats, indent=2) + "\n")
     print(format_stats(stats) + f" -> {output}")
     if not pairs:
         raise UserError(f"no pairs from {config.input}: every row was dropped ({_drops(stats)}); with a "

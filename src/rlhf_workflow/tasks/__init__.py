@@ -74,11 +74,13 @@ def get_task(name: str) -> ModuleType:
 def run_make_prompts(config: object) -> None:
     """The `prompts` command: write a task's prompts of one split to a JSON Lines file."""
     from rlhf_workflow.data.io import write_jsonl
+    from rlhf_workflow.data.outputs import OutputLock
 
     task = get_task(config.task)  # type: ignore[attr-defined]
     try:
         rows = task.prompts(config.split, config.count, config.seed, **config.options)  # type: ignore[attr-defined]
     except (TypeError, ValueError) as exc:
         raise UserError(f"task {config.task}: {exc}") from None  # type: ignore[attr-defined]
-    count = write_jsonl(config.output, rows)  # type: ignore[attr-defined]
+    with OutputLock(config.output, directory=False).acquire():  # type: ignore[attr-defined]
+        count = write_jsonl(config.output, rows)  # type: ignore[attr-defined]
     print(f"prompts: {count} {config.split} prompts of task {config.task} -> {config.output}")  # type: ignore[attr-defined]

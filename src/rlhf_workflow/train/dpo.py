@@ -191,7 +191,7 @@ def precompute_reference(reference: SequenceLogprobs, examples: list[dict], rows
 # --------------------------------------------------------------------------- the stage
 
 
-def run_dpo(config: DPOConfig, *, resume: bool = False) -> Path:
+def run_dpo(config: DPOConfig, *, resume: bool = False, force: bool = False) -> Path:
     """The `dpo` stage: preference pairs in, a policy out (HF causal LM, safetensors)."""
     from rlhf_workflow.config import ModelConfig
     from rlhf_workflow.models.loading import load_model
@@ -200,7 +200,7 @@ def run_dpo(config: DPOConfig, *, resume: bool = False) -> Path:
     from rlhf_workflow.train.loop import train
     from rlhf_workflow.train.stage import finish_stage, read_splits, start_stage
 
-    stage = start_stage(config)
+    stage = start_stage(config, resume=resume, force=force)
     accelerator, output_dir, tokenizer = stage.accelerator, stage.output_dir, stage.tokenizer
     options = LayoutOptions.from_config(config.train)
 
@@ -247,5 +247,5 @@ def run_dpo(config: DPOConfig, *, resume: bool = False) -> Path:
     trained = train(objective, policy, train_split.examples, config.train, output_dir, accelerator,
                     eval_examples=eval_split.examples if eval_split else None, resume=resume,
                     run_config=config.model_dump(mode="json"))
-    return finish_stage(accelerator, output_dir, lambda target: save_model(trained.model, tokenizer, target), "policy")
+    return finish_stage(stage, lambda target: save_model(trained.model, tokenizer, target), "policy")
 

@@ -14,12 +14,14 @@ def _truncate_after(path: Path, step: int) -> None:
     """Drop rows logged after ``step`` (a resumed run logs them again) and any torn last line.
 
     Rows of ``step`` itself were written before its checkpoint and are kept; a fresh run
-    (``step`` 0) starts an empty log.
+    (``step`` 0) starts an empty log, the old one kept beside it as a backup (``.bak-<k>``).
     """
     if not path.is_file():
         return
     if step == 0:
-        path.unlink()
+        from rlhf_workflow.data.outputs import backup_path
+
+        path.replace(backup_path(path))
         return
     keep = []
     for line in path.read_text(encoding="utf-8").splitlines():

@@ -78,14 +78,14 @@ def tokenize_comparisons(rows: list[PairRow], tokenizer: Any, fmt: PreferenceFor
     return examples
 
 
-def run_train_pm(config: PreferenceModelConfig, *, resume: bool = False) -> Path:
+def run_train_pm(config: PreferenceModelConfig, *, resume: bool = False, force: bool = False) -> Path:
     """The `train-pm` stage: preference pairs in, a causal LM that answers "A" or "B" out."""
     from rlhf_workflow.models import save_model
     from rlhf_workflow.models.preference import load_preference_model
     from rlhf_workflow.train.loop import train
     from rlhf_workflow.train.stage import finish_stage, read_splits, start_stage
 
-    stage = start_stage(config)
+    stage = start_stage(config, resume=resume, force=force)
     tokenizer = stage.tokenizer
     fmt = PreferenceFormat(
         template=config.format.template, label_a=config.format.label_a, label_b=config.format.label_b,
@@ -109,4 +109,4 @@ def run_train_pm(config: PreferenceModelConfig, *, resume: bool = False) -> Path
     def save(target: Path) -> None:
         save_model(model.model, tokenizer, target, extra_files={FORMAT_FILE: fmt.to_json()})
 
-    return finish_stage(stage.accelerator, stage.output_dir, save, "preference model")
+    return finish_stage(stage, save, "preference model")

@@ -90,13 +90,13 @@ def pair_margin(row: PairRow, field: str | None, source: str) -> float:
     return float(value)
 
 
-def run_train_rm(config: RewardModelConfig, *, resume: bool = False) -> Path:
+def run_train_rm(config: RewardModelConfig, *, resume: bool = False, force: bool = False) -> Path:
     """The `train-rm` stage: preference pairs in, a sequence-classification reward model out."""
     from rlhf_workflow.models.reward import load_reward_model, prepare_reward_tokenizer, save_reward_model
     from rlhf_workflow.train.loop import train
     from rlhf_workflow.train.stage import finish_stage, read_splits, start_stage
 
-    stage = start_stage(config, prepare_tokenizer=prepare_reward_tokenizer)
+    stage = start_stage(config, resume=resume, force=force, prepare_tokenizer=prepare_reward_tokenizer)
     tokenizer = stage.tokenizer
 
     def tokenize(rows: list[PairRow], source: str, dropped: list) -> list[dict]:
@@ -125,5 +125,5 @@ def run_train_rm(config: RewardModelConfig, *, resume: bool = False) -> Path:
         config.train, stage.output_dir, stage.accelerator, eval_examples=eval_examples, resume=resume,
         run_config=config.model_dump(mode="json"),
     )
-    return finish_stage(stage.accelerator, stage.output_dir, lambda target: save_reward_model(model, tokenizer, target),
+    return finish_stage(stage, lambda target: save_reward_model(model, tokenizer, target),
                         "reward model")

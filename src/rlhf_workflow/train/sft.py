@@ -82,13 +82,13 @@ def tokenize_sft(rows: list[SFTRow], tokenizer: Any, *, max_length: int, chat_te
     return examples
 
 
-def run_sft(config: SFTConfig, *, resume: bool = False) -> Path:
+def run_sft(config: SFTConfig, *, resume: bool = False, force: bool = False) -> Path:
     """The `sft` stage: load model and data, train, save ``output_dir/model``. Returns that path."""
     from rlhf_workflow.models import load_model, save_model
     from rlhf_workflow.train.loop import train
     from rlhf_workflow.train.stage import finish_stage, read_splits, start_stage
 
-    stage = start_stage(config)
+    stage = start_stage(config, resume=resume, force=force)
     tokenizer = stage.tokenizer
 
     def tokenize(rows: list[SFTRow], source: str, dropped: list) -> list[dict]:
@@ -103,5 +103,5 @@ def run_sft(config: SFTConfig, *, resume: bool = False) -> Path:
         stage.accelerator, eval_examples=eval_split.examples if eval_split else None, resume=resume,
         run_config=config.model_dump(mode="json"),
     )
-    return finish_stage(stage.accelerator, stage.output_dir, lambda target: save_model(model, tokenizer, target),
+    return finish_stage(stage, lambda target: save_model(model, tokenizer, target),
                         "fine-tuned model")

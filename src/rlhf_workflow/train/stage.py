@@ -1,10 +1,11 @@
 """What every training stage (sft, train-rm, train-pm, dpo) does around the loop.
 
-    stage = start_stage(config)                        # output dir, config.yaml, seed, tokenizer, length limit
+    stage = start_stage(config, resume=..., force=...)  # output dir locked and claimed, config.yaml, seed,
+                                                        # tokenizer, length limit
     train_split, eval_split = read_splits(config, PairRow, tokenize)
     ... load the model, build the objective ...
-    model = train(objective, model, train_split.examples, ...)     # the one loop
-    finish_stage(stage.accelerator, stage.output_dir, save, what)  # main process saves, checkpoints removed
+    model = train(objective, model, train_split.examples, ...)  # the one loop
+    finish_stage(stage, save, what)                     # main process saves, checkpoints removed, unlocked
 """
 
 from __future__ import annotations
@@ -15,7 +16,9 @@ from pathlib import Path
 from typing import Any, Callable
 
 from rlhf_workflow.config import TrainingStageConfig, save_config
+from rlhf_workflow.data.outputs import OutputLock, claim_directory
 from rlhf_workflow.errors import UserError, model_source
+from rlhf_workflow.train.checkpoint import latest_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -29,21 +32,33 @@ class Stage:
     tokenizer: Any
     max_length: int  # tokens a training sequence may have (`length_limit`)
     limit: str  # how to name that limit in messages
+    lock: OutputLock  # on output_dir, released by `finish_stage`
 
 
-def start_stage(config: TrainingStageConfig, *, prepare_tokenizer: Callable[[Any], Any] | None = None) -> Stage:
-    """Make the output directory, write the resolved config, seed, load the tokenizer (passed through
-    ``prepare_tokenizer`` when given) and find the length limit."""
+def start_stage(config: TrainingStageConfig, *, resume: bool, force: bool,
+                prepare_tokenizer: Callable[[Any], Any] | None = None) -> Stage:
+    """Lock and claim the output directory (`data.outputs`: ``resume`` continues this stage's run
+    there, ``force`` moves what is there aside), write the resolved config, seed, load the tokenizer
+    (passed through ``prepare_tokenizer`` when given) and find the length limit."""
     from transformers import set_seed
 
+    from rlhf_workflow.config import stage_name
     from rlhf_workflow.models.loading import load_tokenizer
+    from rlhf_workflow.processes import on_main
     from rlhf_workflow.train.loop import make_accelerator
 
     output_dir = Path(config.output_dir)
     accelerator = make_accelerator(config.train, output_dir)
-    if accelerator.is_main_process:
-        output_dir.mkdir(parents=True, exist_ok=True)
+    lock = OutputLock(output_dir, directory=True).acquire(accelerator)
+
+    def claim() -> None:
+        claim_directory(output_dir, stage_name(config), force=force, resume=resume)
+        if resume and (output_dir / "model").is_dir() and latest_checkpoint(output_dir) is None:
+            raise UserError(f"{output_dir} holds a finished run (its model is in {output_dir / 'model'}): nothing to "
+                            "resume; --force to train again (the old files are moved aside), or another output_dir")
         save_config(config, output_dir / "config.yaml")
+
+    on_main(accelerator, claim)
     # the same seed everywhere: new heads and LoRA adapters start from the same weights every run
     set_seed(config.train.seed)
     with model_source("model.name_or_path"):
@@ -52,7 +67,7 @@ def start_stage(config: TrainingStageConfig, *, prepare_tokenizer: Callable[[Any
         if prepare_tokenizer is not None:
             tokenizer = prepare_tokenizer(tokenizer)
         max_length, limit = length_limit(config)
-    return Stage(accelerator, output_dir, tokenizer, max_length, limit)
+    return Stage(accelerator, output_dir, tokenizer, max_length, limit, lock)
 
 
 class Dropped(list):
@@ -115,14 +130,16 @@ def length_limit(config: TrainingStageConfig) -> tuple[int, str]:
     return config.data.max_length, f"data.max_length {config.data.max_length}"
 
 
-def finish_stage(accelerator: Any, output_dir: Path, save: Callable[[Path], None], what: str) -> Path:
-    """Save the trained model on the main process, then drop the checkpoints it no longer needs."""
+def finish_stage(stage: Stage, save: Callable[[Path], None], what: str) -> Path:
+    """Save the trained model on the main process, drop the checkpoints it no longer needs, and
+    release the output directory."""
     from rlhf_workflow.train.checkpoint import remove_checkpoints
 
-    target = output_dir / "model"
-    if accelerator.is_main_process:
+    target = stage.output_dir / "model"
+    if stage.accelerator.is_main_process:
         save(target)
-        remove_checkpoints(output_dir)
-        accelerator.print(f"saved the {what} to {target}")
-    accelerator.wait_for_everyone()
+        remove_checkpoints(stage.output_dir)
+        stage.accelerator.print(f"saved the {what} to {target}")
+    stage.accelerator.wait_for_everyone()
+    stage.lock.release()
     return target
