@@ -284,3 +284,44 @@ def test_preference_model_judge_ranks_with_a_knockout(judge_dirs, plain_generati
     assert "18 pairwise comparisons" in capsys.readouterr().out  # n(n − 1)/2 = 6 per prompt
     for row in _rows(rr):
         assert sum(row["rewards"]) == pytest.approx(2.0)  # Borda: the n(n−1)/2 points shared out, / (n − 1)
+
+
+SCALAR_JUDGE = '''
+import time
+
+import numpy as np
+import torch
+
+
+def judge(row, response):
+    kinds = {"np32": np.float32(0.5), "np64": np.int64(3), "tensor": torch.tensor(0.25), "array1": np.array([2.0]),
+             "huge": 10 ** 400, "bool": True, "vector": torch.tensor([1.0, 2.0])}
+    if response == "slow":
+        while True:
+            time.sleep(0.01)
+    if response == "swallows":  # a judge whose own `except Exception` must not swallow the time limit
+        try:
+            while True:
+                pass
+        except Exception:
+            return 1.0
+    return kinds[response]
+'''
+
+
+def test_function_judges_may_return_any_real_scalar_and_may_be_limited_in_time(tmp_path):
+    (tmp_path / "scalars.py").write_text(SCALAR_JUDGE)
+    inp = write_jsonl(tmp_path / "gen.jsonl", [
+        {"id": "a", "prompt": "x", "responses": ["np32", "np64", "tensor", "array1"]},
+        {"id": "b", "prompt": "y", "responses": ["huge", "bool", "vector", "slow", "swallows"]},
+    ])
+    out = tmp_path / "scored.jsonl"
+    assert _annotate(inp, out, "judge.type=function", f"judge.function={tmp_path}/scalars.py:judge",
+                     "judge.timeout=0.3") == 0
+    rows = {r["id"]: r for r in _rows(out)}
+    assert rows["a"]["rewards"] == [0.5, 3.0, 0.25, 2.0]
+    assert rows["b"]["rewards"] == [None] * 5
+    errors = rows["b"]["reward_errors"]
+    assert "returned a number too large for a float" in errors["0"]
+    assert "returned a bool" in errors["1"] and "returned Tensor" in errors["2"]
+    assert "took longer than judge.timeout (0.3 s)" in errors["3"] and "took longer" in errors["4"]

@@ -18,6 +18,7 @@ noticed when it gets fixed) and the gap says what is missing.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -143,6 +144,14 @@ CASES: list[Case] = [
          ("{corpus}/config_invalid_yaml.yaml:4: invalid YAML: mapping values are not allowed here",)),
     Case("yaml-not-a-mapping", "sft --config {corpus}/config_not_a_mapping.yaml " + TINY,
          ("{corpus}/config_not_a_mapping.yaml: the top level must be a mapping of keys, not list",)),
+    Case("yaml-duplicate-key", "sft --config {corpus}/config_duplicate_key.yaml " + TINY,
+         ("{corpus}/config_duplicate_key.yaml:7: key 'lr' is given twice (lines 5 and 7)",)),
+    Case("yaml-alias-bomb", "sft --config {corpus}/config_alias_bomb.yaml " + TINY,
+         ("{corpus}/config_alias_bomb.yaml: the YAML expands to more than 100,000 values",)),
+    Case("yaml-5000-digit-integer", "sft --config {corpus}/config_huge_integer.yaml " + TINY,
+         ("{corpus}/config_huge_integer.yaml: a value YAML cannot read (Exceeds the limit (4300 digits)",)),
+    Case("override-refers-to-itself", "sft data.train={good_sft} 'train.lr=&a [*a]' " + TINY,
+         ("override 'train.lr': a value contains itself",)),
     # ---------------------------------------------------------------- wrong value types
     Case("wrong-type-in-yaml", "sft --config {corpus}/config_wrong_type.yaml " + TINY,
          ("{corpus}/config_wrong_type.yaml with overrides: 'train.epochs': Input should be a valid integer",
@@ -151,6 +160,10 @@ CASES: list[Case] = [
          ("config (command-line overrides): 'train.lr': Input should be a valid number", "(got 'fast')")),
     Case("list-for-a-number", "generate prompts={good_prompts} " + GEN + " sampling.n=[1,2]",
          ("config (command-line overrides): 'sampling.n': Input should be a valid integer (got [1, 2])",)),
+    Case("infinite-learning-rate", "train-rm data.train={good_pairs} train.lr=.inf " + TINY,
+         ("config (command-line overrides): 'train.lr': Input should be a finite number (got inf)",)),
+    Case("infinite-length-penalty", "annotate input={good_generations} length_penalty.coef=.inf " + FUNCTION_JUDGE,
+         ("config (command-line overrides): 'length_penalty.coef': Input should be a finite number (got inf)",)),
     # ---------------------------------------------------------------- negative sizes
     Case("negative-batch-size-in-yaml", "sft --config {corpus}/config_negative_size.yaml " + TINY,
          (("{corpus}/config_negative_size.yaml with overrides: 'train.per_device_batch_size': Input should be "
@@ -182,6 +195,59 @@ CASES: list[Case] = [
     Case("tokenizer-without-chat-template-sft",
          "sft data.train={good_sft} model.name_or_path={model_without_template} output_dir={tmp}/out",
          ("{model_without_template}", "chat template", "data.apply_chat_template")),
+    # ---------------------------------------------------------------- JSON that json.loads does not refuse cleanly
+    Case("json-5000-digit-number", "generate prompts={corpus}/prompts_huge_number.jsonl " + GEN,
+         ("{corpus}/prompts_huge_number.jsonl:1: a number too long to read",)),
+    Case("json-nested-100k-deep", "generate prompts={deep_json} " + GEN,
+         ("{deep_json}:1: JSON nested too deeply to read",)),
+    Case("json-lone-surrogate", "generate prompts={corpus}/prompts_lone_surrogate.jsonl " + GEN,
+         ("{corpus}/prompts_lone_surrogate.jsonl:2: field 'prompt': a lone surrogate",)),
+    # ---------------------------------------------------------------- paths the OS refuses
+    Case("output-is-a-directory", "prompts output={empty_dir}", ("output={empty_dir} is a directory; give a file name",)),
+    Case("output-through-a-file", "prompts output={good_prompts}/more.jsonl",
+         ("output={good_prompts}/more.jsonl goes through {good_prompts}, which is a file",)),
+    Case("state-json-cut-short", "run prompts.train={good_prompts} prompts.eval={good_prompts} judge.type=function "
+         "judge.function=rlhf_workflow.tasks.arithmetic:judge policy.name_or_path={model} output_dir={run_with_bad_state}",
+         ("{run_with_bad_state}/state.json:1: invalid JSON",)),
+    # ---------------------------------------------------------------- models that would load wrong
+    Case("device-is-not-a-device", "generate prompts={good_prompts} model.device=banana " + GEN,
+         ("'model.device': 'banana' is not a device",)),
+    Case("cuda-without-cuda", "generate prompts={good_prompts} model.device=cuda:0 " + GEN,
+         ("model.device=cuda:0, but this machine has no CUDA device",)),
+    Case("flash-attention-without-the-package",
+         "generate prompts={good_prompts} model.attn_implementation=flash_attention_2 " + GEN,
+         ("flash_attention_2 needs the flash-attn package",)),
+    Case("lora-targets-nothing", "sft data.train={good_sft} model.lora.r=4 model.lora.target_modules=[nothing] " + TINY,
+         ("model.lora: Target modules {'nothing'} not found", "model.lora.target_modules=['nothing']")),
+    Case("vocabulary-smaller-than-tokenizer", "generate prompts={good_prompts} output={tmp}/generations.jsonl "
+         "model.name_or_path={model_with_small_vocabulary} sampling.n=1 sampling.max_new_tokens=4",
+         ("has 400 tokens, but the model {model_with_small_vocabulary} has only 300 embeddings",)),
+    Case("reward-model-as-policy", "generate prompts={good_prompts} output={tmp}/generations.jsonl "
+         "model.name_or_path={reward_model_without_weights}",
+         ("{reward_model_without_weights} is a LlamaForSequenceClassification (a reward model?), not a causal",)),
+    Case("eval-rm-kind-rm-on-a-causal-lm", "eval-rm model={model} data={good_pairs} kind=rm output={tmp}/e.json",
+         ("{model} is neither a reward model",)),
+    Case("judge-config-json-cut-short", "annotate input={good_generations} output={tmp}/scored.jsonl "
+         "judge.path={judge_with_bad_config}",
+         ("{judge_with_bad_config}/config.json:3: invalid JSON (Unterminated string",)),
+    Case("judge-config-json-a-list", "annotate input={good_generations} output={tmp}/scored.jsonl "
+         "judge.path={judge_with_list_config}",
+         ("{judge_with_list_config}/config.json: expected a JSON object (a model's config), got list",)),
+    Case("preference-format-unknown-key", "eval-rm model={pm_with_bad_format} data={good_pairs} output={tmp}/e.json",
+         ("{pm_with_bad_format}/preference_model.json: not a preference model's format", "unknown keys ['colour']")),
+    # ---------------------------------------------------------------- outputs that would cost data
+    Case("pairs-output-is-its-input", "pairs input={good_scored} output={good_scored}",
+         ("output={good_scored} would overwrite the input input={good_scored}",)),
+    Case("generate-output-is-its-prompts", "generate prompts={good_prompts} output={good_prompts} "
+         "model.name_or_path={model}",
+         ("output={good_prompts} would overwrite the input prompts={good_prompts}",)),
+    Case("training-into-another-stages-directory", "sft data.train={good_sft} model.name_or_path={model} "
+         "output_dir={run_directory}",
+         ("output_dir {run_directory} holds the outputs of `run`", "not of `sft`")),
+    # ---------------------------------------------------------------- judges
+    Case("judge-ends-the-program", "annotate input={good_generations} output={tmp}/scored.jsonl judge.type=function "
+         "judge.function={exiting_judge}:judge",
+         ("the judge {exiting_judge}:judge raised SystemExit(0) on row 'a'",)),
     Case("tokenizer-without-chat-template-generate", "generate prompts={good_prompts} output={tmp}/generations.jsonl "
          "model.name_or_path={model_without_template} sampling.n=1 sampling.max_new_tokens=4",
          ("{model_without_template}", "chat template", "apply_chat_template=false"),
@@ -206,6 +272,36 @@ def _ten_mb_unterminated_line(tmp: Path) -> Path:
     return path
 
 
+def _run_directory(tmp: Path) -> Path:
+    """The output directory of an online run (its owner file names the stage)."""
+    path = tmp / "runs" / "online"
+    path.mkdir(parents=True)
+    (path / ".rlhf-workflow.json").write_text('{"stage": "run"}\n')
+    write_jsonl(path / "metrics.jsonl", [{"id": "iter_0", "gold": 0.3}])
+    (path / "config.yaml").write_text("mode: online\n")
+    return path
+
+
+def _exiting_judge(tmp: Path) -> Path:
+    path = tmp / "exiting_judge.py"
+    path.write_text("import sys\n\n\ndef judge(row, response):\n    sys.exit(0)\n")
+    return path
+
+
+def _deep_json(tmp: Path) -> Path:
+    path = tmp / "deep.jsonl"
+    path.write_text('{"id": "a", "prompt": ' + "[" * 100_000 + "]" * 100_000 + "}\n")
+    return path
+
+
+def _run_with_bad_state(tmp: Path) -> Path:
+    path = tmp / "runs" / "cut"
+    path.mkdir(parents=True)
+    (path / ".rlhf-workflow.json").write_text('{"stage": "run"}\n')
+    (path / "state.json").write_text('{"completed": ["prompts", "iter_0/ev')
+    return path
+
+
 def _empty_dir(tmp: Path) -> Path:
     path = tmp / "empty-model-dir"
     path.mkdir()
@@ -225,6 +321,13 @@ BUILDERS: dict[str, Callable[[Path], Path]] = {
     "good_generations": lambda tmp: write_jsonl(tmp / "good_generations.jsonl", [
         {"id": "a", "prompt": "What is two plus three?", "responses": ["5", "six"]},
     ]),
+    "good_scored": lambda tmp: write_jsonl(tmp / "good_scored.jsonl", [
+        {"id": "a", "prompt": "What is two plus three?", "responses": ["5", "six"], "rewards": [1.0, 0.0]},
+    ]),
+    "run_directory": _run_directory,
+    "deep_json": _deep_json,
+    "run_with_bad_state": _run_with_bad_state,
+    "exiting_judge": _exiting_judge,
     "ten_mb_line": _ten_mb_line,
     "ten_mb_unterminated_line": _ten_mb_unterminated_line,
     "empty_dir": _empty_dir,
@@ -244,16 +347,42 @@ def broken_models(tiny_model_dir, tmp_path_factory) -> dict[str, Path]:
     config["architectures"] = ["LlamaForSequenceClassification"]
     (reward_model / "config.json").write_text(json.dumps(config))
 
+    bad_config = root / "judge-with-cut-config"
+    shutil.copytree(without_weights, bad_config)
+    (bad_config / "config.json").write_text((bad_config / "config.json").read_text()[:40])
+    list_config = root / "judge-with-list-config"
+    shutil.copytree(without_weights, list_config)
+    (list_config / "config.json").write_text("[1, 2, 3]")
+    bad_format = root / "pm-with-bad-format"
+    shutil.copytree(without_weights, bad_format)
+    (bad_format / "preference_model.json").write_text('{"template": "{context} {response_a} {response_b}", "colour": 1}')
+    small_vocabulary = root / "model-with-small-vocabulary"
+    small_tokenizer = build_tokenizer()
+    build_model(small_tokenizer, vocab_size=300).save_pretrained(small_vocabulary)
+    small_tokenizer.save_pretrained(small_vocabulary)
+
     without_template = root / "model-without-chat-template"
     tokenizer = build_tokenizer("none")
     build_model(tokenizer).save_pretrained(without_template)
     tokenizer.save_pretrained(without_template)
     assert getattr(tokenizer, "chat_template", None) is None
     return {"model_without_weights": without_weights, "reward_model_without_weights": reward_model,
-            "model_without_template": without_template}
+            "model_without_template": without_template, "judge_with_bad_config": bad_config,
+            "judge_with_list_config": list_config, "pm_with_bad_format": bad_format,
+            "model_with_small_vocabulary": small_vocabulary}
 
 
 # ---------------------------------------------------------------- the test
+
+
+def _digests(roots: list[Path]) -> dict[Path, str]:
+    """sha256 of every file under ``roots``: what a failing stage must leave as it was."""
+    found = {}
+    for root in roots:
+        for path in [root] if root.is_file() else root.rglob("*"):
+            if path.is_file() and not path.name.endswith(".lock"):
+                found[path] = hashlib.sha256(path.read_bytes()).hexdigest()
+    return found
 
 
 def _fill(text: str, places: dict[str, Path]) -> str:
@@ -282,6 +411,8 @@ def test_bad_input_is_one_clear_error(case, tmp_path, monkeypatch, capsys, caplo
     for name in sorted(wanted & BUILDERS.keys()):
         places[name] = BUILDERS[name](tmp_path)
     argv = [_fill(arg, places) for arg in shlex.split(case.command)]
+    inputs = [CORPUS, tmp_path, *(path for path in places.values() if path.is_dir())]
+    before = _digests(inputs)
 
     escaped = None
     try:
@@ -306,6 +437,9 @@ def test_bad_input_is_one_clear_error(case, tmp_path, monkeypatch, capsys, caplo
         assert _fill(fragment, places) in message, f"{_fill(fragment, places)!r} is not in\n{message}"
     for fragment in case.unexpected:
         assert _fill(fragment, places) not in message, f"{_fill(fragment, places)!r} misleads here:\n{message}"
+    after = _digests(inputs)
+    changed = [path for path, digest in before.items() if after.get(path) != digest]
+    assert not changed, f"files that existed before were changed or removed: {changed[:5]}"
     record = os.environ.get("BAD_INPUTS_RECORD")  # the README's table: BAD_INPUTS_RECORD=FILE pytest this file
     if record:
         shown = message

@@ -7,6 +7,7 @@ import json
 import subprocess
 import sys
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
@@ -234,6 +235,9 @@ class FakeServer:
         self.fail: dict[str, list[int]] = {}  # prompt text -> HTTP statuses to answer before succeeding
         self.max_choices = 2  # like a server that caps n
         self.delay: dict[str, float] = {}
+        self.drip: dict[str, float] = {}  # prompt text -> seconds between the bytes of the next answer
+        self.greedy = False  # ignore temperature: every choice the same text
+        self.odd: dict[str, list[bytes]] = {}  # prompt text -> bodies to answer with before a proper one
         server = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -260,16 +264,25 @@ class FakeServer:
                 n = min(body.get("n", 1), server.max_choices)
                 seen = sum(1 for r in server.requests if (r.get("messages") or [{}])[-1].get("content") == text)
                 if "messages" in body:
-                    choices = [{"index": i, "message": {"role": "assistant", "content": f"reply {seen}.{i} to {text}"},
+                    choices = [{"index": i, "message": {"role": "assistant", "content": f"reply {seen}.{i} to {text}"
+                                                        if not server.greedy else f"the one reply to {text}"},
                                 "finish_reason": "stop"} for i in range(n)]
                 else:
                     choices = [{"index": i, "text": f"completion {i} STOP tail", "finish_reason": "stop"} for i in range(n)]
                 payload = json.dumps({"choices": choices, "usage": {"completion_tokens": 5}}).encode()
+                if server.odd.get(key):
+                    payload = server.odd[key].pop(0)
                 self.send_response(200)
                 self.send_header("Content-Type", "application/json")
                 self.send_header("Content-Length", str(len(payload)))
                 self.end_headers()
-                self.wfile.write(payload)
+                pause = server.drip.pop(key, 0.0)
+                try:
+                    for start in range(0, len(payload), 1 if pause else len(payload)):
+                        self.wfile.write(payload[start : start + (1 if pause else len(payload))])
+                        time.sleep(pause)
+                except (BrokenPipeError, ConnectionResetError):  # the client gave up: what the test wants
+                    pass
 
         self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
@@ -381,3 +394,34 @@ def test_vllm_backend_generates_n_samples_and_resumes(tiny_model_dir, prompts_fi
     out.write_text("".join(lines[:4]))
     assert main(args) == 0
     assert sorted(r["id"] for r in _rows(out)) == sorted(r["id"] for r in rows)
+
+
+def test_openai_timeout_bounds_the_whole_request(tiny_model_dir, prompts_file, tmp_path, server):
+    """A server that sends its answer a byte at a time never lets one read time out; the request's
+    deadline still ends it, and the retry gets the answer."""
+    server.drip["hello world"] = 0.05  # about 10 s for the whole answer
+    out = tmp_path / "gen.jsonl"
+    start = time.monotonic()
+    assert main(_openai_args(tiny_model_dir, prompts_file, out, server.url, "openai.timeout=1", "sampling.n=2")) == 0
+    assert time.monotonic() - start < 8
+    asked = [r for r in server.requests if (r.get("messages") or [{}])[-1].get("content") == "hello world"]
+    assert len(asked) == 2  # the dripping answer was given up on, the retry answered
+    assert len(_rows(out)) == len(PROMPTS) + 1
+
+
+def test_a_server_that_ignores_temperature_is_noticed(tiny_model_dir, prompts_file, tmp_path, server, caplog):
+    server.greedy = True
+    assert main(_openai_args(tiny_model_dir, prompts_file, tmp_path / "gen.jsonl", server.url, "sampling.n=2")) == 0
+    assert "prompts got 2 identical samples at temperature 1: the backend seems to sample greedily" in caplog.text
+    caplog.clear()
+    server.greedy = False
+    assert main(_openai_args(tiny_model_dir, prompts_file, tmp_path / "gen2.jsonl", server.url, "sampling.n=2")) == 0
+    assert "greedily" not in caplog.text
+
+
+def test_answers_that_are_not_openai_responses_are_retried(tiny_model_dir, prompts_file, tmp_path, server):
+    server.odd["hello world"] = [b"[1, 2, 3]", b'{"choices": [{"message": {"content": 5}}]}', b'{"choices": [7]}']
+    out = tmp_path / "gen.jsonl"
+    assert main(_openai_args(tiny_model_dir, prompts_file, out, server.url, "openai.max_retries=3")) == 0
+    rows = {r["id"]: r for r in _rows(out)}
+    assert rows["q0"]["responses"][0].endswith("to hello world") and server.odd["hello world"] == []

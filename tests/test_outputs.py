@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import cli_command, cli_env, sft_args, write_jsonl
+from conftest import cli_env, sft_args, write_jsonl
 from rlhf_workflow.cli import main
 from rlhf_workflow.data.outputs import OutputLock, path_conflicts
 

@@ -267,11 +267,15 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     except (OSError, RuntimeError) as exc:
         full = _disk_full(exc)
-        if full is None:
+        if full is not None:
+            print(f"error: no space left on the device{full}; free some space and run the same command again "
+                  "(files are written atomically or appended row by row, so it continues where it stopped)",
+                  file=sys.stderr)
+            return 2
+        path_error = _path_error(exc)
+        if path_error is None:
             raise
-        print(f"error: no space left on the device{full}; free some space and run the same command again "
-              "(files are written atomically or appended row by row, so it continues where it stopped)",
-              file=sys.stderr)
+        print(f"error: {path_error}", file=sys.stderr)
         return 2
     finally:
         _leave_process_group()
@@ -287,6 +291,20 @@ def _disk_full(exc: BaseException) -> str | None:
             return f" (writing {seen.filename})" if seen.filename else ""
         if "No space left on device" in str(seen):
             return ""
+        seen = seen.__cause__ or seen.__context__
+    return None
+
+
+def _path_error(exc: BaseException) -> str | None:
+    """One line for an operating-system error about a path (a read-only or missing directory, an output
+    that is a directory, a path through a file, a name too long, ...), found in ``exc`` or what caused
+    it; None for any other error, which keeps its traceback (a bug)."""
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, OSError) and seen.filename is not None and seen.errno is not None:
+            name = errno.errorcode.get(seen.errno, str(seen.errno))
+            paths = f"{seen.filename}" + (f" -> {seen.filename2}" if seen.filename2 is not None else "")
+            return f"{paths}: {seen.strerror or os.strerror(seen.errno)} ({name}); check the path and its permissions"
         seen = seen.__cause__ or seen.__context__
     return None
 

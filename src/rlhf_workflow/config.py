@@ -13,12 +13,13 @@ from __future__ import annotations
 
 import difflib
 import os
+import reprlib
 import textwrap
 from pathlib import Path
 from typing import Annotated, Any, ClassVar, Literal, TypeVar
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from rlhf_workflow.errors import UserError
 
@@ -32,7 +33,8 @@ class Strict(BaseModel):
     key ends in ``output_dir``); an output that would overwrite an input is refused
     (`data.outputs.path_conflicts`)."""
 
-    model_config = ConfigDict(extra="forbid", validate_default=True, validate_assignment=True)
+    # inf and nan are refused for every number (an lr or a penalty coefficient of inf is never meant)
+    model_config = ConfigDict(extra="forbid", validate_default=True, validate_assignment=True, allow_inf_nan=False)
     required: ClassVar[tuple[str, ...]] = ()
     required_what: ClassVar[str] = ""
     input_keys: ClassVar[tuple[str, ...]] = ()
@@ -48,10 +50,10 @@ class Strict(BaseModel):
     @model_validator(mode="after")
     def _outputs_are_not_inputs(self) -> "Strict":
         if self.output_keys:
-            from rlhf_workflow.data.outputs import path_conflicts
+            from rlhf_workflow.data.outputs import path_conflicts, unwritable
 
-            found = path_conflicts({key: self.paths_at(key) for key in self.input_keys},
-                                   {key: str(self.output_at(key) or "") for key in self.output_keys})
+            outputs = {key: str(self.output_at(key) or "") for key in self.output_keys}
+            found = unwritable(outputs) or path_conflicts({key: self.paths_at(key) for key in self.input_keys}, outputs)
             if found:
                 raise ValueError("; ".join(found))
         return self
@@ -136,6 +138,18 @@ class ModelConfig(Strict):
         0, ge=0, description="train only the top N transformer layers (with the final norm and a new head); "
         "the embeddings (and a head tied to them) and the layers below stay frozen, so the backward pass "
         "stops early and a step costs less; 0 = train everything")
+
+    @field_validator("device")
+    @classmethod
+    def _a_device(cls, value: str | None) -> str | None:
+        if value:
+            import torch
+
+            try:
+                torch.device(value)
+            except (RuntimeError, ValueError):
+                raise ValueError(f"{value!r} is not a device (e.g. cpu, cuda, cuda:0)") from None
+        return value
 
     @model_validator(mode="after")
     def _one_way_to_freeze(self) -> "ModelConfig":
@@ -368,7 +382,7 @@ class OpenAIBackendConfig(Strict):
         "chat", description="chat: the server applies the chat template; completions: we render it with the "
         "model's tokenizer and send text")
     concurrency: int = Field(8, ge=1, description="requests in flight at once")
-    timeout: float = Field(300.0, gt=0, description="seconds per request")
+    timeout: float = Field(300.0, gt=0, description="seconds per request, from sending it to the last byte of the answer")
     max_retries: int = Field(4, ge=0, description="retries of a failed request (connection errors, timeouts, 429, 5xx)")
     backoff: float = Field(1.0, ge=0, description="seconds before the first retry; doubles with each retry")
 
@@ -421,6 +435,8 @@ class JudgeConfig(Strict):
     batch_size: int = Field(16, ge=1, description="sequences per forward pass of a model judge")
     max_length: int = Field(1024, gt=0, description="model judges: tokens per sequence (prompts cut from the left)")
     dtype: Dtype = "float32"
+    timeout: float = Field(0.0, ge=0, description="function judges: seconds one response may take; one that takes "
+                           "longer gets no reward (null, with the reason); 0 = no limit")
 
     def check(self, prefix: str = "judge") -> None:
         """Raise ValueError when the judge's source is missing (called by the configs that hold one)."""
@@ -695,9 +711,12 @@ def parse_overrides(items: list[str]) -> dict[str, Any]:
         if not sep or not key:
             raise UserError(f"override '{item}' is not of the form key=value (e.g. train.lr=1e-6)")
         try:
-            value = yaml.safe_load(raw) if raw.strip() else ""
+            value = yaml.load(raw, Loader=ConfigLoader) if raw.strip() else ""  # noqa: S506 - a SafeLoader subclass
         except yaml.YAMLError:
             value = raw
+        except ValueError as exc:  # e.g. an integer of more digits than Python converts
+            raise UserError(f"override '{key}': a value YAML cannot read ({str(exc).split(':')[0][:100]})") from None
+        check_yaml_size(value, f"override '{key}'")
         node = tree
         parts = key.split(".")
         for part in parts[:-1]:
@@ -720,19 +739,92 @@ def deep_merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+MAX_CONFIG_BYTES = 4 * 1024 * 1024  # a recipe is a few KB
+MAX_YAML_VALUES = 100_000  # values after aliases are expanded
+MAX_YAML_DEPTH = 64
+
+
+class _DuplicateKey(yaml.YAMLError):
+    def __init__(self, key: Any, first: int, second: int):
+        super().__init__(f"key {key!r} is given twice")
+        self.key, self.first, self.second = key, first, second
+
+
+class ConfigLoader(yaml.SafeLoader):
+    """YAML's safe loader, but a key given twice in one mapping is an error, not a silent replacement."""
+
+
+def _mapping_without_duplicates(loader: ConfigLoader, node: yaml.MappingNode, deep: bool = False) -> Any:
+    seen: dict[Any, int] = {}
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node, deep=True)
+        line = key_node.start_mark.line + 1
+        if key != "<<" and isinstance(key, (str, int, float, bool)) and key in seen:
+            raise _DuplicateKey(key, seen[key], line)
+        seen.setdefault(key, line)
+    return loader.construct_mapping(node, deep=deep)
+
+
+ConfigLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _mapping_without_duplicates)
+
+
+def check_yaml_size(data: Any, where: str) -> None:
+    """Refuse YAML that expands (through aliases) to more than `MAX_YAML_VALUES` values, nests deeper
+    than `MAX_YAML_DEPTH`, or contains itself: such a value would hang whatever prints or copies it."""
+    counted: dict[int, int] = {}
+    open_: set[int] = set()
+
+    def size(value: Any, depth: int) -> int:
+        if not isinstance(value, (dict, list)):
+            return 1
+        if depth > MAX_YAML_DEPTH:
+            raise UserError(f"{where}: values nested more than {MAX_YAML_DEPTH} levels deep; a config is far flatter")
+        if id(value) in open_:
+            raise UserError(f"{where}: a value contains itself (a YAML alias inside its own anchor)")
+        if id(value) not in counted:
+            open_.add(id(value))
+            children = [*value.keys(), *value.values()] if isinstance(value, dict) else value
+            total = 1 + sum(size(child, depth + 1) for child in children)
+            open_.discard(id(value))
+            if total > MAX_YAML_VALUES:
+                raise UserError(f"{where}: the YAML expands to more than {MAX_YAML_VALUES:,} values (aliases of aliases?); "
+                                "a config is far smaller")
+            counted[id(value)] = total
+        return counted[id(value)]
+
+    size(data, 0)
+
+
+def load_yaml_text(text: str, where: str) -> Any:
+    """Parse config YAML (`ConfigLoader`, then `check_yaml_size`); errors name ``where`` and the line."""
+    try:
+        data = yaml.load(text, Loader=ConfigLoader)  # noqa: S506 - a SafeLoader subclass
+    except _DuplicateKey as exc:
+        raise UserError(f"{where}:{exc.second}: key {exc.key!r} is given twice (lines {exc.first} and {exc.second}); "
+                        "YAML would silently keep only the second: keep one") from None
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        line = f":{mark.line + 1}" if mark is not None else ""
+        problem = getattr(exc, "problem", None) or str(exc)
+        raise UserError(f"{where}{line}: invalid YAML: {problem}") from None
+    except ValueError as exc:  # e.g. an integer of more digits than Python converts
+        raise UserError(f"{where}: a value YAML cannot read ({str(exc).split(':')[0][:100]})") from None
+    check_yaml_size(data, where)
+    return data
+
+
 def read_yaml(path: str | os.PathLike) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise UserError(f"config file {path} does not exist")
+    if path.stat().st_size > MAX_CONFIG_BYTES:
+        raise UserError(f"config file {path} is {path.stat().st_size:,} bytes; a config is a few KB "
+                        f"(at most {MAX_CONFIG_BYTES:,})")
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError:
         raise UserError(f"{path}: not valid UTF-8 text") from None
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f"{path}:{mark.line + 1}" if mark is not None else str(path)
-        problem = getattr(exc, "problem", None) or str(exc)
-        raise UserError(f"{where}: invalid YAML: {problem}") from None
+    data = load_yaml_text(text, str(path))
     if data is None:
         return {}
     if not isinstance(data, dict):
@@ -749,6 +841,11 @@ def _section_model(model: type[BaseModel], loc: tuple) -> type[BaseModel] | None
         annotation = current.model_fields[part].annotation
         current = annotation if isinstance(annotation, type) and issubclass(annotation, BaseModel) else None
     return current
+
+
+_SHORT = reprlib.Repr()
+_SHORT.maxstring = _SHORT.maxother = 60
+_SHORT.maxlong = 40  # a 5,000-digit integer is shown by its first digits
 
 
 def format_validation_error(exc: ValidationError, model: type[BaseModel], source: str) -> str:
@@ -769,10 +866,10 @@ def format_validation_error(exc: ValidationError, model: type[BaseModel], source
             lines.append(str(err["msg"]).removeprefix("Value error, "))
         else:
             got = err.get("input")
-            shown = repr(got) if not isinstance(got, dict) else "a mapping"
+            shown = _SHORT.repr(got) if not isinstance(got, dict) else "a mapping"  # bounded, whatever its size
             if len(shown) > 60:
                 shown = shown[:57] + "..."
-            lines.append(f"'{key}': {err['msg']} (got {shown})")
+            lines.append(f"'{key}': {str(err['msg']).removeprefix('Value error, ')} (got {shown})")
     return f"{source}: " + "; ".join(lines)
 
 

@@ -56,6 +56,45 @@ def _json_error(exc: json.JSONDecodeError) -> str:
     return f"{exc.msg.removesuffix(' at')} at column {exc.colno}"
 
 
+def not_text(value: Any, field: str = "") -> str | None:
+    """The field (dotted path) of the first string in ``value`` that is not text: one holding a lone
+    surrogate (JSON's ``"\\ud800"`` escape decodes to it, and no file, tokenizer or server can take it)."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            return field or "(the value)"
+        return None
+    items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
+    for key, item in items:
+        where = f"{field}.{key}" if field else str(key)
+        found = not_text(key, where) if isinstance(key, str) else None
+        found = found or not_text(item, where)
+        if found:
+            return found
+    return None
+
+
+def decode_json(text: str, where: str, *, whole_file: bool = False) -> Any:
+    """``json.loads`` whose every failure is a `UserError` naming ``where`` (file:line, or a file whose
+    line is then found): invalid JSON, a number of more than 4300 digits, nesting too deep to read, a
+    string that is not text."""
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        where = f"{where}:{exc.lineno}" if whole_file else where
+        raise UserError(f"{where}: invalid JSON ({_json_error(exc)})") from None
+    except RecursionError:
+        raise UserError(f"{where}: JSON nested too deeply to read (about a thousand levels or more)") from None
+    except ValueError as exc:  # int() refuses more than sys.get_int_max_str_digits() digits
+        raise UserError(f"{where}: a number too long to read ({str(exc).split(':')[0][:100]})") from None
+    field = not_text(value)
+    if field is not None:
+        raise UserError(f"{where}: field '{field}': a lone surrogate (an escape such as \\ud800 without its pair) "
+                        "is not text")
+    return value
+
+
 def _parse_line(raw: bytes, path: str, line_number: int) -> dict[str, Any] | None:
     """Decode one line of a JSON Lines file; None for a blank line."""
     try:
@@ -67,10 +106,7 @@ def _parse_line(raw: bytes, path: str, line_number: int) -> dict[str, Any] | Non
     text = text.rstrip("\r\n")  # else an error at the end of the line is placed on a line after it
     if not text.strip():
         return None
-    try:
-        value = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise UserError(f"{path}:{line_number}: invalid JSON ({_json_error(exc)})") from None
+    value = decode_json(text, f"{path}:{line_number}")
     if not isinstance(value, dict):
         raise UserError(f"{path}:{line_number}: expected a JSON object, got {_json_type(value)}")
     return value
@@ -114,10 +150,17 @@ def _read_json(path: str | os.PathLike[str]) -> list[tuple[str, dict[str, Any]]]
         value = json.loads(text)
     except json.JSONDecodeError as exc:
         raise UserError(f"{shown}:{exc.lineno}: invalid JSON ({_json_error(exc)})") from None
+    except (RecursionError, ValueError):
+        value = decode_json(text, shown, whole_file=True)  # raises the same error with its message
+    if not isinstance(value, list):
+        raise UserError(f"{shown}: expected a JSON array of objects, got {_json_type(value)}")
     rows: list[tuple[str, dict[str, Any]]] = []
     for index, item in enumerate(value, start=1):
         if not isinstance(item, dict):
             raise UserError(f"{shown}: row {index}: expected a JSON object, got {_json_type(item)}")
+        field = not_text(item)
+        if field is not None:
+            raise UserError(f"{shown}: row {index}: field '{field}': a lone surrogate is not text")
         rows.append((f"{shown}: row {index}", item))
     if not rows:
         raise UserError(f"{shown}: no rows")

@@ -94,6 +94,26 @@ def _real(path: str | os.PathLike[str]) -> Path:
     return Path(os.path.realpath(os.path.expanduser(os.fspath(path))))
 
 
+def unwritable(outputs: Mapping[str, str]) -> list[str]:
+    """One message per output that cannot be written as the kind it is: a file output that is a
+    directory, a directory output that is a file, or a path through a file."""
+    found = []
+    for key, value in outputs.items():
+        if not value:
+            continue
+        path = Path(os.path.expanduser(value))
+        is_dir = key.endswith("output_dir")
+        if is_dir and path.exists() and not path.is_dir():
+            found.append(f"{key}={value} is a file; give a directory")
+        elif not is_dir and path.is_dir():
+            found.append(f"{key}={value} is a directory; give a file name")
+        else:
+            blocking = next((p for p in path.parents if p.exists() and not p.is_dir()), None)
+            if blocking is not None:
+                found.append(f"{key}={value} goes through {blocking}, which is a file, not a directory")
+    return found
+
+
 def path_conflicts(inputs: Mapping[str, Iterable[str]], outputs: Mapping[str, str]) -> list[str]:
     """One message per (output, input) pair where writing the output would overwrite or hide the input.
 
@@ -149,8 +169,11 @@ class OutputLock:
 
     def try_acquire(self) -> str | None:
         """Take the lock in this process; None when taken, else the reason (who holds it)."""
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as exc:
+            raise UserError(f"cannot write to {self.output}: {exc.strerror} (making {self.path})") from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as exc:

@@ -152,7 +152,11 @@ def format_table(result: dict[str, Any]) -> str:
 
 def run_eval_rm(config: EvalRMConfig) -> dict[str, Any]:
     """Evaluate, print a table, write the JSON results; returns them."""
-    kind = detect_kind(config.model) if config.kind == "auto" else config.kind
+    found = detect_kind(config.model)  # a plain causal LM is neither, whatever kind= says
+    if config.kind != "auto" and config.kind != found:
+        raise UserError(f"kind={config.kind}, but {config.model} holds a {'preference' if found == 'pm' else 'reward'} "
+                        f"model (kind={found})")
+    kind = found
     rows = read_rows(config.data, PairRow)
     result = evaluate_reward_model(config, rows) if kind == "rm" else evaluate_preference_model(config, rows)
     result = {"model": config.model, "data": config.data, "kind": kind, **result}

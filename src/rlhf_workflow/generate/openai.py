@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import random
 import socket
@@ -87,7 +88,7 @@ class OpenAIGenerator:
         http_request = urllib.request.Request(self.url, data=data, headers=self._headers, method="POST")
         try:
             with urllib.request.urlopen(http_request, timeout=self.config.timeout) as response:
-                payload = response.read()
+                payload = self._read_by(response, time.monotonic() + self.config.timeout)
         except urllib.error.HTTPError as exc:
             text = exc.read().decode("utf-8", "replace")[:300]
             if exc.code in RETRYABLE_STATUS:
@@ -104,16 +105,38 @@ class OpenAIGenerator:
         except json.JSONDecodeError:
             raise RetryableError(f"the server answered with invalid JSON: {payload[:200]!r}") from None
 
-    def _choices(self, response: dict[str, Any], sampling: Any) -> list[Sample]:
-        choices = response.get("choices")
+    def _read_by(self, response: Any, deadline: float) -> bytes:
+        """The response body, read by ``deadline``: ``openai.timeout`` bounds the whole request, not each
+        read (a server sending a byte a second would otherwise never time out)."""
+        sock = getattr(getattr(getattr(response, "fp", None), "raw", None), "_sock", None)
+        chunks = []
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise TimeoutError(f"no complete answer within openai.timeout ({self.config.timeout:g} s)")
+            if sock is not None:
+                sock.settimeout(remaining)
+            chunk = response.read1(1 << 16)
+            if not chunk:
+                return b"".join(chunks)
+            chunks.append(chunk)
+
+    def _choices(self, response: Any, sampling: Any) -> list[Sample]:
+        choices = response.get("choices") if isinstance(response, dict) else None
         if not isinstance(choices, list):
             raise RetryableError(f"the response has no 'choices': {json.dumps(response)[:200]}")
         samples = []
         for choice in choices:
+            if not isinstance(choice, dict):
+                raise RetryableError(f"a choice of the response is not an object: {json.dumps(choice)[:200]}")
+            message = choice.get("message")
             if self.config.endpoint == "chat":
-                text = (choice.get("message") or {}).get("content") or ""
+                text = message.get("content") if isinstance(message, dict) else None
             else:
-                text = choice.get("text") or ""
+                text = choice.get("text")
+            text = "" if text is None else text
+            if not isinstance(text, str):
+                raise RetryableError(f"a choice of the response holds no text: {json.dumps(choice)[:200]}")
             text, stopped = cut_at_stop(text, sampling.stop) if sampling.stop else (text, False)
             finish = "length" if choice.get("finish_reason") == "length" and not stopped else "stop"
             samples.append(Sample(text, self._count_tokens(text, response, len(choices)), finish))  # type: ignore[arg-type]
@@ -171,8 +194,15 @@ class OpenAIGenerator:
                     future.cancel()
 
 
+MAX_RETRY_AFTER = 600.0  # seconds: a server asking for longer (or for inf) is waited on this long
+
+
 def _seconds(value: str | None) -> float | None:
+    """A ``Retry-After`` header in seconds, within [0, MAX_RETRY_AFTER]; None when it is not a number."""
     try:
-        return max(0.0, float(value)) if value is not None else None
+        seconds = float(value) if value is not None else None
     except ValueError:
         return None
+    if seconds is None or math.isnan(seconds):
+        return None
+    return min(max(0.0, seconds), MAX_RETRY_AFTER)

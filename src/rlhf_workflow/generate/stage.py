@@ -98,11 +98,11 @@ def run_generate(config: GenerateConfig, *, force: bool = False, progress: bool 
     prompts = read_rows(config.prompts, PromptRow)
     start = time.perf_counter()
 
-    def work(mine: list[PromptRow], sink: Any) -> tuple[int, int, list[tuple[str, str, bool]]]:
+    def work(mine: list[PromptRow], sink: Any) -> tuple[int, int, list[tuple[str, str, bool]], int]:
         errors: list[GenerationResult] = []
-        tokens = finished = 0
+        tokens = finished = identical = 0
         if not mine:
-            return tokens, finished, []
+            return tokens, finished, [], identical
         with model_source("model.name_or_path"):
             generator = make_generator(config, state.device)
         by_id = {p.id: p for p in mine}
@@ -116,6 +116,7 @@ def run_generate(config: GenerateConfig, *, force: bool = False, progress: bool 
                         errors.append(result)
                         continue
                     rows.append(generation_row(by_id[result.id], result))
+                    identical += len(result.samples) > 1 and len({s.text for s in result.samples}) == 1
                     tokens += sum(s.num_tokens or 0 for s in result.samples)
                     finished += sum(s.finish_reason == "stop" for s in result.samples)
                 sink.append(rows)
@@ -124,7 +125,7 @@ def run_generate(config: GenerateConfig, *, force: bool = False, progress: bool 
         finally:
             bar.close()
             generator.close()
-        return tokens, finished, [(e.id, e.error, e.retryable) for e in errors]
+        return tokens, finished, [(e.id, e.error, e.retryable) for e in errors], identical
 
     # vLLM spreads one engine over vllm.tensor_parallel_size GPUs itself: under several processes
     # the main process generates everything while the others wait
@@ -134,9 +135,15 @@ def run_generate(config: GenerateConfig, *, force: bool = False, progress: bool 
         return output
     todo, everything = result
     seconds = time.perf_counter() - start
-    tokens = sum(t for t, _, _ in everything)
-    finished = sum(f for _, f, _ in everything)
-    failed = [e for _, _, errs in everything for e in errs]
+    tokens = sum(s[0] for s in everything)
+    finished = sum(s[1] for s in everything)
+    failed = [e for s in everything for e in s[2]]
+    identical = sum(s[3] for s in everything)
+    answered = len(todo) - len(failed)
+    if config.sampling.n > 1 and config.sampling.temperature > 0 and answered >= 4 and identical > answered / 2:
+        logger.warning("generate: %d of %d prompts got %d identical samples at temperature %g: the backend seems to "
+                       "sample greedily (some servers ignore temperature), and the pairs stage drops identical "
+                       "responses as ties", identical, answered, config.sampling.n, config.sampling.temperature)
     error_file = errors_path(output)
     if failed:
         write_jsonl(error_file, [{"id": i, "error": message, "retryable": retry} for i, message, retry in failed])

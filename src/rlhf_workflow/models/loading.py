@@ -225,6 +225,7 @@ def load_model(config: "ModelConfig", *, model_class: Any = None, **extra: Any) 
 
     model_class = model_class or AutoModelForCausalLM
     location = local_directory(config.name_or_path)
+    check_loadable(config, location, causal_lm=model_class is AutoModelForCausalLM)
     model = _from_pretrained(
         model_class,
         location,
@@ -236,6 +237,7 @@ def load_model(config: "ModelConfig", *, model_class: Any = None, **extra: Any) 
         weights_only=True,  # a pickle is unpickled with tensors only: no code runs
         **extra,
     )
+    check_vocabulary(model, config)
     if config.device:
         model.to(config.device)
     if config.gradient_checkpointing:
@@ -246,6 +248,60 @@ def load_model(config: "ModelConfig", *, model_class: Any = None, **extra: Any) 
     if config.train_layers:
         train_top_layers(model, config.train_layers)
     return model
+
+
+def saved_architectures(location: str) -> list[str] | None:
+    """The ``architectures`` of a local model directory's config.json (None for a Hub id or when it
+    does not say); a config.json that is not a JSON object is a `ModelSourceError` naming it."""
+    from rlhf_workflow.data.io import decode_json
+
+    path = Path(location) / "config.json"
+    if not path.is_file():
+        return None
+    try:
+        data = decode_json(path.read_text(encoding="utf-8"), str(path), whole_file=True)
+    except UnicodeDecodeError:
+        raise ModelSourceError(f"{path}: not valid UTF-8") from None
+    except UserError as exc:
+        raise ModelSourceError(str(exc)) from None
+    if not isinstance(data, dict):
+        raise ModelSourceError(f"{path}: expected a JSON object (a model's config), got {type(data).__name__}")
+    architectures = data.get("architectures")
+    return [a for a in architectures if isinstance(a, str)] if isinstance(architectures, list) else None
+
+
+def check_loadable(config: "ModelConfig", location: str, *, causal_lm: bool) -> None:
+    """What would load a model wrong, or fail deep inside transformers, told before loading: a reward
+    or classification model where a causal LM (a policy) is expected, a CUDA device without CUDA,
+    flash attention without its package."""
+    import importlib.util
+
+    import torch
+
+    architectures = saved_architectures(location) or []
+    if causal_lm and any(a.endswith(("ForSequenceClassification", "ForTokenClassification")) for a in architectures):
+        raise ModelSourceError(f"{config.name_or_path} is a {architectures[0]} (a reward model?), not a causal language "
+                               "model: a policy or a preference model must be a causal LM")
+    if config.device and config.device.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"model.device={config.device}, but this machine has no CUDA device (torch "
+                        f"{torch.__version__}); use cpu or leave model.device empty")
+    if config.attn_implementation == "flash_attention_2" and importlib.util.find_spec("flash_attn") is None:
+        raise UserError("model.attn_implementation=flash_attention_2 needs the flash-attn package (pip install "
+                        "flash-attn, on a CUDA machine); or use sdpa")
+
+
+def check_vocabulary(model: Any, config: "ModelConfig") -> None:
+    """Refuse a tokenizer with more tokens than the model has embeddings: its highest ids would index
+    past the embedding table (an error deep in a forward pass, or on some devices a silent wrong value)."""
+    embeddings = model.get_input_embeddings()
+    size = getattr(embeddings, "num_embeddings", None)
+    if size is None:
+        return
+    tokenizer = load_tokenizer(config.tokenizer or config.name_or_path, trust_remote_code=config.trust_remote_code)
+    if len(tokenizer) > size:
+        raise ModelSourceError(f"the tokenizer of {config.tokenizer or config.name_or_path} has {len(tokenizer)} tokens, "
+                               f"but the model {config.name_or_path} has only {size} embeddings: they do not belong "
+                               "together")
 
 
 def model_context(config: "ModelConfig") -> int | None:

@@ -15,7 +15,7 @@ so the model's position bias cancels. The template and label tokens are part of 
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -53,10 +53,21 @@ class PreferenceFormat:
 
     @classmethod
     def load(cls, directory: str | Path) -> "PreferenceFormat | None":
+        from rlhf_workflow.data.io import decode_json
+
         path = Path(directory, FORMAT_FILE)
         if not path.is_file():
             return None
-        return cls(**json.loads(path.read_text(encoding="utf-8")))
+        data = decode_json(path.read_text(encoding="utf-8", errors="replace"), str(path), whole_file=True)
+        known = {f.name for f in fields(cls)}
+        if not isinstance(data, dict) or set(data) - known or not all(isinstance(v, (str, bool)) for v in data.values()):
+            unknown = sorted(set(data) - known) if isinstance(data, dict) else []
+            raise UserError(f"{path}: not a preference model's format ({', '.join(sorted(known))})"
+                            + (f"; unknown keys {unknown}" if unknown else ""))
+        fmt = cls(**data)
+        if any(name not in fmt.template for name in ("{context}", "{response_a}", "{response_b}")):
+            raise UserError(f"{path}: the template must hold {{context}}, {{response_a}} and {{response_b}}")
+        return fmt
 
 
 def label_token_ids(tokenizer: Any, fmt: PreferenceFormat) -> tuple[int, int]:
@@ -165,12 +176,14 @@ class PreferenceJudge:
 def detect_kind(path: str, *, hint: str = "set kind=rm or kind=pm to force one") -> str:
     """'pm' for a directory saved by train-pm, 'rm' for a sequence classifier; else a `UserError`
     (ending with ``hint``)."""
+    from rlhf_workflow.models.loading import saved_architectures
+
     directory = Path(path)
     if not (directory / "config.json").is_file():
         raise UserError(f"{path} is not a saved model directory (no config.json)")
+    architectures = saved_architectures(str(directory)) or []  # a config.json that is not JSON: an error naming it
     if (directory / FORMAT_FILE).is_file():
         return "pm"
-    architectures = json.loads((directory / "config.json").read_text()).get("architectures") or []
     if any(a.endswith("ForSequenceClassification") for a in architectures):
         return "rm"
     raise UserError(

@@ -16,7 +16,11 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import math
+import numbers
+import reprlib
+import signal
 import sys
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Protocol
@@ -90,14 +94,80 @@ class PreferenceModelJudge:
         return out
 
 
+class _TimedOut(BaseException):
+    """Raised into a judge function that ran past its time (a BaseException: its own `except
+    Exception` cannot swallow it)."""
+
+
+def as_reward(value: Any) -> float | str:
+    """A judge's return value as a finite float, or why it is not one. Real scalars of any kind count
+    (int, float, numpy scalars, a one-element numpy array or torch tensor); bool does not."""
+    if isinstance(value, (bool, np_bool_types())):
+        return f"returned a bool ({value}), expected a number"
+    if not isinstance(value, numbers.Real):
+        item, numel = getattr(value, "item", None), getattr(value, "numel", None)
+        count = numel() if callable(numel) else getattr(value, "size", None)  # torch: numel(); numpy: .size
+        if callable(item) and getattr(value, "shape", None) is not None and count == 1:
+            return as_reward(item())
+        return f"returned {type(value).__name__} {reprlib.repr(value)}, expected a number"
+    try:
+        number = float(value)
+    except OverflowError:
+        return f"returned a number too large for a float ({reprlib.repr(value)})"
+    return number if math.isfinite(number) else f"returned {number}"
+
+
+def _text(exc: BaseException, limit: int = 300) -> str:
+    text = str(exc)
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+def np_bool_types() -> tuple[type, ...]:
+    numpy = sys.modules.get("numpy")  # a judge returning numpy values has imported it
+    return (numpy.bool_,) if numpy is not None else ()
+
+
 class FunctionJudge:
-    """Calls ``function(row, response)`` for every response; it must return a finite number."""
+    """Calls ``function(row, response)`` for every response; it must return a finite number.
+
+    A function that raises is recorded as no reward for that response, with the reason; one that
+    runs past ``timeout`` seconds (0 = no limit) too. One that ends the program (``sys.exit``, any
+    `BaseException` but KeyboardInterrupt) stops the stage with an error naming it.
+    """
 
     comparisons = 0
 
-    def __init__(self, function: Callable[[dict[str, Any], str], Any], name: str):
+    def __init__(self, function: Callable[[dict[str, Any], str], Any], name: str, timeout: float = 0.0):
         self.function = function
         self.name = name
+        self.timeout = timeout
+
+    def call(self, row: dict[str, Any], response: str) -> float | str:
+        """The reward, or why there is none."""
+        limited = self.timeout > 0 and threading.current_thread() is threading.main_thread()
+        if limited:
+            def stop(signum: int, frame: Any) -> None:
+                raise _TimedOut()
+
+            previous = signal.signal(signal.SIGALRM, stop)
+            signal.setitimer(signal.ITIMER_REAL, self.timeout)
+        try:
+            value = self.function(row, response)
+        except KeyboardInterrupt:
+            raise
+        except _TimedOut:
+            return f"{self.name} took longer than judge.timeout ({self.timeout:g} s)"
+        except Exception as exc:  # a user's function: any failure is reported with the row
+            return f"{self.name} raised {type(exc).__name__}: {_text(exc)}"
+        except BaseException as exc:  # SystemExit and the like: it tried to end the program
+            raise UserError(f"the judge {self.name} raised {type(exc).__name__}({_text(exc)}) on "
+                            f"row {row.get('id')!r}: a judge must return a number, not end the program") from None
+        finally:
+            if limited:
+                signal.setitimer(signal.ITIMER_REAL, 0)
+                signal.signal(signal.SIGALRM, previous)
+        reward = as_reward(value)
+        return reward if isinstance(reward, float) else f"{self.name} {reward}"
 
     def score(self, rows: list[dict[str, Any]]) -> Scores:
         out = Scores()
@@ -105,20 +175,12 @@ class FunctionJudge:
             rewards: list[float | None] = []
             errors: dict[int, str] = {}
             for index, response in enumerate(row["responses"]):
-                try:
-                    value = self.function(row, response)
-                except Exception as exc:  # a user's function: any failure is reported with the row
+                value = self.call(row, response)
+                if isinstance(value, str):
                     rewards.append(None)
-                    errors[index] = f"{self.name} raised {type(exc).__name__}: {exc}"
-                    continue
-                if isinstance(value, bool) or not isinstance(value, (int, float)):
-                    rewards.append(None)
-                    errors[index] = f"{self.name} returned {type(value).__name__} {value!r:.60}, expected a number"
-                elif not math.isfinite(value):
-                    rewards.append(None)
-                    errors[index] = f"{self.name} returned {value}"
+                    errors[index] = value
                 else:
-                    rewards.append(float(value))
+                    rewards.append(value)
             out.rewards.append(rewards)
             out.errors.append(errors)
         return out
@@ -157,7 +219,7 @@ def load_function(spec: str) -> Callable[..., Any]:
 def make_judge(config: Any, *, device: Any = None, chat_template: bool = True) -> Judge:
     """The judge a `JudgeConfig` describes, with its model (if any) on ``device``."""
     if config.type == "function":
-        return FunctionJudge(load_function(config.function), config.function)
+        return FunctionJudge(load_function(config.function), config.function, timeout=config.timeout)
     from rlhf_workflow.models.preference import detect_kind
 
     if not Path(config.path).is_dir():

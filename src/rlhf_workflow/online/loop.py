@@ -49,10 +49,18 @@ class RunState:
     """The completed stages of a run directory (state.json, rewritten atomically after each stage)."""
 
     def __init__(self, run_dir: Path):
+        from rlhf_workflow.data.io import decode_json
+
         self.path = run_dir / STATE_FILE
-        data = json.loads(self.path.read_text()) if self.path.exists() else {}
-        self.completed: list[str] = list(data.get("completed", []))
-        self.seconds: dict[str, float] = dict(data.get("seconds", {}))
+        data: Any = {}
+        if self.path.exists():
+            data = decode_json(self.path.read_text(encoding="utf-8", errors="replace"), str(self.path), whole_file=True)
+        completed, seconds = (data.get("completed", []), data.get("seconds", {})) if isinstance(data, dict) else (0, 0)
+        if not (isinstance(completed, list) and all(isinstance(s, str) for s in completed) and isinstance(seconds, dict)):
+            raise UserError(f"{self.path} is not a run's state ({{\"completed\": [stage, ...], ...}}): it was changed by "
+                            "hand or cut short; delete it to redo every stage whose outputs are not complete")
+        self.completed: list[str] = list(completed)
+        self.seconds: dict[str, float] = dict(seconds)
 
     def done(self, stage: str) -> bool:
         return stage in self.completed
