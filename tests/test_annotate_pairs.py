@@ -13,7 +13,7 @@ import torch
 
 from conftest import build_model, build_tokenizer, write_jsonl
 from rlhf_workflow.cli import main
-from rlhf_workflow.online.pairs import choose_all, choose_pair, make_pairs
+from rlhf_workflow.online.pairs import choose_all, choose_pair, format_stats, make_pairs
 
 
 pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")
@@ -78,6 +78,24 @@ def test_all_strategy_takes_every_pair_with_different_rewards():
         ("a/1-2", "x", "y"), ("a/1-3", "x", "z"), ("a/1-0", "x", "w"), ("a/2-0", "y", "w"), ("a/3-0", "z", "w")]
     assert stats["pairs"] == 5 and stats["rows_used"] == 1 and stats["dropped"]["tie"] == 1
 
+
+
+def test_a_pair_budget_keeps_a_seeded_sample_and_its_statistics_describe_it():
+    rng = random.Random(1)
+    rows = [{"id": f"r{i}", "prompt": f"p{i}", "responses": ["a" * (i + 1), "b", "cc"], "response_tokens": [i + 1, 1, 2],
+             "rewards": [rng.random() for _ in range(3)]} for i in range(30)]
+    everything, all_stats = make_pairs(rows, "max_min", seed=5)
+    kept, stats = make_pairs(rows, "max_min", seed=5, max_pairs=10)
+    assert len(kept) == stats["pairs"] == 10 and stats["sampled_from"] == all_stats["pairs"] == 30
+    assert kept == [p for p in everything if p in kept]  # file order kept
+    assert kept == make_pairs(rows, "max_min", seed=5, max_pairs=10)[0]  # the same sample every time
+    assert stats["rows_used"] == 10
+    assert stats["mean_chosen_reward"] == pytest.approx(sum(p["chosen_reward"] for p in kept) / 10)
+    assert stats["mean_chosen_chars"] == pytest.approx(sum(len(p["chosen"]) for p in kept) / 10)
+    by_id = {r["id"]: r for r in rows}
+    chosen_tokens = [by_id[p["id"]]["response_tokens"][p["chosen_index"]] for p in kept]
+    assert stats["mean_chosen_tokens"] == pytest.approx(sum(chosen_tokens) / 10)
+    assert "a seeded sample of 10 of the 30 pairs made" in format_stats(stats)
 
 
 def test_empty_answers_are_never_paired():

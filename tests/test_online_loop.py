@@ -15,6 +15,7 @@ import pytest
 
 from conftest import free_port
 from rlhf_workflow.cli import main
+from rlhf_workflow.errors import UserError
 
 pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")
 
@@ -125,6 +126,13 @@ def test_offline_after_online_reuses_iteration_1_samples_exactly(recipe, tmp_pat
         assert row["responses"] == fresh[key]["responses"] and row["rewards"] == pytest.approx(fresh[key]["rewards"])
         if key in first:
             assert row == first[key]
+    # the budget's sample: the statistics (and the metrics row) describe the pairs trained on
+    kept = rows(alone / "offline" / "pairs.jsonl")
+    stats = json.loads((alone / "offline" / "pairs.stats.json").read_text())
+    assert len(kept) == stats["pairs"] <= 8
+    assert stats["mean_chosen_reward"] == pytest.approx(sum(p["chosen_reward"] for p in kept.values()) / len(kept))
+    offline_metrics = [json.loads(line) for line in (alone / "metrics.jsonl").read_text().splitlines()][-1]
+    assert offline_metrics["pairs"] == len(kept)
 
 
 @pytest.mark.parametrize("moment", ["generation", "dpo", "between"])
@@ -185,3 +193,24 @@ def test_two_processes_run_the_loop_like_one(recipe, tmp_path):
         for key in ("proxy_reward", "gold", "win_rate_vs_initial", "kl_vs_initial"):
             if key in x:
                 assert y[key] == pytest.approx(x[key], abs=1e-4), (key, x, y)
+
+
+def test_feedback_can_make_the_preference_model_the_loops_judge(tmp_path):
+    from rlhf_workflow.config import RunConfig, load_config
+    from rlhf_workflow.online.feedback import Feedback, loop_judge
+
+    base = ["prompts.task=instructions", "prompts.per_iteration=4", "feedback.enabled=true",
+            "feedback.judge_function=rlhf_workflow.tasks.instructions:judge", f"output_dir={tmp_path / 'run'}"]
+    rm = load_config(RunConfig, None, base)
+    assert loop_judge(rm, tmp_path / "run").type == "reward_model"
+    assert loop_judge(rm, tmp_path / "run").path == str(tmp_path / "run" / "feedback" / "rm" / "model")
+    assert "feedback/pm" not in [name for name, _ in Feedback(rm, tmp_path / "run", None).stages()]
+    pm = load_config(RunConfig, None, base + ["feedback.judge=pm", "judge.ranking=copeland"])
+    judge = loop_judge(pm, tmp_path / "run")
+    assert (judge.type, judge.ranking) == ("preference_model", "copeland")
+    assert judge.path == str(tmp_path / "run" / "feedback" / "pm" / "model")
+    assert "feedback/pm" in [name for name, _ in Feedback(pm, tmp_path / "run", None).stages()]
+    with pytest.raises(UserError, match="set feedback.judge=pm"):
+        load_config(RunConfig, None, base + ["judge.type=preference_model"])
+    with pytest.raises(UserError, match="not judge.type=function"):
+        load_config(RunConfig, None, base + ["judge.type=function", "judge.function=m:f"])

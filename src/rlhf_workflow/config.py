@@ -504,7 +504,9 @@ class PairsConfig(PairOptions):
 
     input: str = Field("", description="annotated generations: {id, prompt, responses, rewards}")
     output: str = Field("", description="pairs file: {id, prompt, chosen, rejected, chosen_reward, rejected_reward}")
-    seed: int = Field(0, description="seeds the random draws of max_random and random")
+    seed: int = Field(0, description="seeds the random draws of max_random and random, and the sample of max_pairs")
+    max_pairs: int = Field(0, ge=0, description="keep a seeded sample of at most this many pairs (statistics are of "
+                           "the pairs kept); 0 = all")
 
 
 
@@ -584,8 +586,11 @@ class FeedbackConfig(Strict):
     rm_train: TrainConfig = TrainConfig(epochs=2, lr=1e-5, per_device_batch_size=8)
     rm_max_length: SequenceLength = 512
     train_pm: bool = Field(False, description="also train the pairwise preference model on the same pairs and "
-                           "report its held-out accuracy (feedback/pm_eval.json); the loop still judges with the "
-                           "reward model unless judge.type=preference_model")
+                           "report its held-out accuracy (feedback/pm_eval.json)")
+    judge: Literal["rm", "pm"] = Field(
+        "rm", description="the loop's judge: rm, the Bradley-Terry reward model trained on the feedback, or pm, the "
+        "pairwise preference model trained on it (then trained whatever train_pm says; it ranks the n samples by "
+        "judge.ranking)")
     pm_train: TrainConfig = TrainConfig(epochs=1, lr=1e-5, per_device_batch_size=8)
     rm_group_by_prompt: GroupByPrompt = True
 
@@ -636,8 +641,12 @@ class RunConfig(Strict):
         if self.feedback.enabled:
             if p.task is None or ":" not in self.feedback.judge_function:
                 raise ValueError("feedback needs prompts.task and feedback.judge_function (the simulated human)")
-            if self.judge.type != "reward_model":
-                raise ValueError("with feedback enabled the judge is the reward model trained on it: judge.type=reward_model")
+            if self.judge.type == "function":
+                raise ValueError("with feedback enabled the loop's judge is a model trained on it (feedback.judge: rm "
+                                 "or pm), not judge.type=function")
+            if self.judge.type == "preference_model" and self.feedback.judge == "rm":
+                raise ValueError("judge.type=preference_model with feedback: set feedback.judge=pm to judge with the "
+                                 "preference model trained on the feedback")
         else:
             self.judge.check()
         if self.offline.after_online and self.mode != "online":

@@ -14,7 +14,8 @@ With ``feedback.enabled`` a run begins here, in ``RUN/feedback/``:
    model) trained on those pairs, the held-out pairs as its eval split; eval-rm (eval-pm): its
    held-out accuracy in ``rm_eval.json`` (``pm_eval.json``).
 
-The loop then judges with that reward model (`loop_judge`).
+The loop then judges with that reward model, or with ``feedback.judge=pm`` with the preference
+model (`loop_judge`).
 """
 
 from __future__ import annotations
@@ -49,10 +50,13 @@ def prompts_path(run_dir: Path) -> Path:
 
 
 def loop_judge(config: RunConfig, run_dir: Path) -> JudgeConfig:
-    """The loop's judge: the recipe's, or with feedback the reward model trained on it."""
+    """The loop's judge: the recipe's, or with feedback the model trained on it (``feedback.judge``:
+    the reward model or the preference model)."""
     if not config.feedback.enabled:
         return config.judge
-    return config.judge.model_copy(update={"path": str(run_dir / FEEDBACK_DIR / "rm" / "model")})
+    kind = config.feedback.judge
+    return config.judge.model_copy(update={"type": "reward_model" if kind == "rm" else "preference_model",
+                                           "path": str(run_dir / FEEDBACK_DIR / kind / "model")})
 
 
 def split_by_prompt(rows: list[dict], share: float, seed: int) -> tuple[list[dict], list[dict], int, int]:
@@ -82,7 +86,7 @@ class Feedback:
             ("feedback/generate", self.generate), ("feedback/annotate", self.annotate), ("feedback/pairs", self.pairs),
             ("feedback/rm", lambda: self.train("rm")), ("feedback/eval-rm", lambda: self.evaluate("rm")),
         ]
-        if self.config.feedback.train_pm:
+        if self.config.feedback.train_pm or self.config.feedback.judge == "pm":
             stages += [("feedback/pm", lambda: self.train("pm")), ("feedback/eval-pm", lambda: self.evaluate("pm"))]
         return stages
 

@@ -255,22 +255,18 @@ class Runner:
                                     apply_chat_template=self.config.apply_chat_template))
 
     def pairs(self, directory: Path, budget: int = 0) -> None:
-        from rlhf_workflow.data.io import iter_jsonl, write_jsonl
+        """The pairs of this iteration (of the offline baseline: at most ``budget``, a seeded sample)."""
         from rlhf_workflow.online.pairs import run_pairs
 
         if not self.state.is_main_process:
             return
         output = directory / "pairs.jsonl"
         run_pairs(stage_config(PairsConfig, self.config.pairs, input=str(directory / "scored.jsonl"), output=str(output),
-                               seed=self.config.prompts.seed))
+                               seed=self.config.prompts.seed, max_pairs=budget))
         if budget:
-            rows = [row for _, row in iter_jsonl(output)]
-            if len(rows) > budget:
-                keep = set(random.Random(self.config.prompts.seed).sample(range(len(rows)), budget))
-                write_jsonl(output, [row for i, row in enumerate(rows) if i in keep])
-                print(f"pairs: kept a seeded sample of {budget} of {len(rows)} pairs (the pair budget)")
-            elif len(rows) < budget:
-                logger.warning("offline: %d pairs, fewer than the budget of %d", len(rows), budget)
+            made = sum(1 for line in output.read_text().splitlines() if line.strip())
+            if made < budget:
+                logger.warning("offline: %d pairs, fewer than the budget of %d", made, budget)
 
     def reuse_first_iteration(self, directory: Path, name: str) -> None:
         """Before the offline baseline samples (or scores) π0's responses to every loop prompt, copy

@@ -75,13 +75,14 @@ def choose_pair(rewards: Sequence[float | None], strategy: str, rng: random.Rand
     return chosen, rejected
 
 
-def make_pairs(rows: Sequence[dict[str, Any]], strategy: str, *, seed: int = 0,
-               min_margin: float = 0.0) -> tuple[list[dict[str, Any]], dict[str, Any]]:
-    """Pairs rows (DESIGN.md format, plus the prompt row's metadata) and statistics."""
+def make_pairs(rows: Sequence[dict[str, Any]], strategy: str, *, seed: int = 0, min_margin: float = 0.0,
+               max_pairs: int = 0) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """Pairs rows (DESIGN.md format, plus the prompt row's metadata) and statistics of the pairs
+    returned; with ``max_pairs``, a sample of at most that many (seeded by ``seed``, in file order)."""
     pairs: list[dict[str, Any]] = []
+    sources: list[tuple[str, int | None, int | None]] = []  # per pair: its row, and its responses' token counts
     dropped = dict.fromkeys(DROP_REASONS, 0)
-    rows_used = empty_responses = 0
-    lengths: dict[str, list[float]] = {"chosen": [], "rejected": []}
+    empty_responses = 0
     for row in rows:
         rewards = row.get("rewards")
         if rewards is None:
@@ -104,32 +105,42 @@ def make_pairs(rows: Sequence[dict[str, Any]], strategy: str, *, seed: int = 0,
             dropped["identical"] += 1
             continue
         metadata = {k: v for k, v in row.items() if k not in GENERATION_FIELDS and k not in ("id", "prompt")}
-        rows_used += 1
+        tokens = row.get("response_tokens")
+
+        def token_count(index: int) -> int | None:
+            ok = isinstance(tokens, list) and index < len(tokens) and isinstance(tokens[index], int)
+            return tokens[index] if ok else None  # type: ignore[index]
+
         for chosen, rejected in distinct:
             pair_id = f"{row['id']}/{chosen}-{rejected}" if strategy == "all" else row["id"]
             pairs.append({"id": pair_id, "prompt": row["prompt"], "chosen": row["responses"][chosen],
                           "rejected": row["responses"][rejected], "chosen_reward": rewards[chosen],
                           "rejected_reward": rewards[rejected], "chosen_index": chosen, "rejected_index": rejected,
                           **metadata})
-            tokens = row.get("response_tokens")
-            for side, index in (("chosen", chosen), ("rejected", rejected)):
-                lengths[side].append(len(row["responses"][index]))
-                if isinstance(tokens, list) and index < len(tokens) and isinstance(tokens[index], int):
-                    lengths.setdefault(f"{side}_tokens", []).append(tokens[index])
+            sources.append((row["id"], token_count(chosen), token_count(rejected)))
+
+    made = len(pairs)
+    if max_pairs and made > max_pairs:  # a seeded sample, in file order: the budget of a run
+        keep = set(random.Random(seed).sample(range(made), max_pairs))
+        pairs = [p for i, p in enumerate(pairs) if i in keep]
+        sources = [s for i, s in enumerate(sources) if i in keep]
 
     def mean(values: Sequence[float]) -> float | None:
         return sum(values) / len(values) if values else None
 
     stats: dict[str, Any] = {
-        "strategy": strategy, "rows": len(rows), "rows_used": rows_used, "pairs": len(pairs), "dropped": dropped,
-        "empty_responses": empty_responses,
+        "strategy": strategy, "rows": len(rows), "rows_used": len({row_id for row_id, _, _ in sources}),
+        "pairs": len(pairs), "dropped": dropped, "empty_responses": empty_responses,
         "mean_chosen_reward": mean([p["chosen_reward"] for p in pairs]),
         "mean_rejected_reward": mean([p["rejected_reward"] for p in pairs]),
-        "mean_chosen_chars": mean(lengths["chosen"]), "mean_rejected_chars": mean(lengths["rejected"]),
+        "mean_chosen_chars": mean([len(p["chosen"]) for p in pairs]),
+        "mean_rejected_chars": mean([len(p["rejected"]) for p in pairs]),
     }
-    if lengths.get("chosen_tokens") and len(lengths["chosen_tokens"]) == len(pairs):
-        stats["mean_chosen_tokens"] = mean(lengths["chosen_tokens"])
-        stats["mean_rejected_tokens"] = mean(lengths["rejected_tokens"])
+    if made > len(pairs):
+        stats["sampled_from"] = made
+    if pairs and all(c is not None and r is not None for _, c, r in sources):
+        stats["mean_chosen_tokens"] = mean([c for _, c, _ in sources])  # type: ignore[misc]
+        stats["mean_rejected_tokens"] = mean([r for _, _, r in sources])  # type: ignore[misc]
     return pairs, stats
 
 
@@ -140,7 +151,8 @@ def run_pairs(config: PairsConfig) -> Path:
     from rlhf_workflow.data.schemas import ScoredRow
 
     rows = [row_to_dict(r) for r in read_rows(config.input, ScoredRow)]  # a row without rewards: file:line error
-    pairs, stats = make_pairs(rows, config.strategy, seed=config.seed, min_margin=config.min_margin)
+    pairs, stats = make_pairs(rows, config.strategy, seed=config.seed, min_margin=config.min_margin,
+                              max_pairs=config.max_pairs)
     output = Path(config.output)
     with OutputLock(output, directory=False).acquire():
         write_jsonl(output, pairs)
@@ -165,6 +177,8 @@ def format_stats(stats: dict[str, Any]) -> str:
             f"{_drops(stats)}; "
             f"mean reward chosen {fmt(stats['mean_chosen_reward'])} vs rejected {fmt(stats['mean_rejected_reward'])}; "
             f"mean length chosen {fmt(stats['mean_chosen_chars'])} vs rejected {fmt(stats['mean_rejected_chars'])} chars")
+    if stats.get("sampled_from"):
+        line += f"; a seeded sample of {stats['pairs']} of the {stats['sampled_from']} pairs made (max_pairs)"
     if stats.get("empty_responses"):
         line += f"; {stats['empty_responses']} empty answers left out"
     if "mean_chosen_tokens" in stats:
