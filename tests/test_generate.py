@@ -420,8 +420,9 @@ def test_a_server_that_ignores_temperature_is_noticed(tiny_model_dir, prompts_fi
 
 
 def test_answers_that_are_not_openai_responses_are_retried(tiny_model_dir, prompts_file, tmp_path, server):
-    server.odd["hello world"] = [b"[1, 2, 3]", b'{"choices": [{"message": {"content": 5}}]}', b'{"choices": [7]}']
+    server.odd["hello world"] = [b"[1, 2, 3]", b'{"choices": [{"message": {"content": 5}}]}', b'{"choices": [7]}',
+                                 b'{"choices": [{"message": {"content": "half a pair \\ud800"}}]}']
     out = tmp_path / "gen.jsonl"
-    assert main(_openai_args(tiny_model_dir, prompts_file, out, server.url, "openai.max_retries=3")) == 0
+    assert main(_openai_args(tiny_model_dir, prompts_file, out, server.url, "openai.max_retries=4")) == 0
     rows = {r["id"]: r for r in _rows(out)}
     assert rows["q0"]["responses"][0].endswith("to hello world") and server.odd["hello world"] == []

@@ -24,6 +24,7 @@ import urllib.request
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from typing import Any, Iterator, Sequence
 
+from rlhf_workflow.data.io import not_text
 from rlhf_workflow.errors import UserError
 from rlhf_workflow.generate.base import (
     GenerationRequest,
@@ -135,7 +136,7 @@ class OpenAIGenerator:
             else:
                 text = choice.get("text")
             text = "" if text is None else text
-            if not isinstance(text, str):
+            if not isinstance(text, str) or not_text(text) is not None:
                 raise RetryableError(f"a choice of the response holds no text: {json.dumps(choice)[:200]}")
             text, stopped = cut_at_stop(text, sampling.stop) if sampling.stop else (text, False)
             finish = "length" if choice.get("finish_reason") == "length" and not stopped else "stop"
