@@ -105,6 +105,84 @@ def test_a_different_reference_model_and_lora_with_adapters_off(tiny_model_dir, 
     assert abs(read_metrics(other)[0]["loss"] - math.log(2)) > 1e-4
 
 
+def test_the_reference_loads_with_the_policy_settings(tiny_model_dir, pairs, tmp_path):
+    """The reference model's config is the policy's (allow_pickle_weights, device, dtype, ...) with its own
+    source and nothing of training (LoRA, train_layers, checkpointing); a reference with only pickle
+    weights loads when model.allow_pickle_weights says so."""
+    import shutil
+
+    from transformers import AutoModelForCausalLM
+
+    from rlhf_workflow.config import DPOConfig
+    from rlhf_workflow.train.dpo import reference_model_config
+
+    config = DPOConfig.model_validate({
+        "data": {"train": "pairs.jsonl"}, "reference": {"name_or_path": "ref-dir"},
+        "model": {"name_or_path": "policy-dir", "allow_pickle_weights": True, "device": "cpu", "dtype": "bfloat16",
+                  "attn_implementation": "eager", "gradient_checkpointing": True, "lora": {"r": 4}}})
+    reference = reference_model_config(config)
+    assert (reference.name_or_path, reference.tokenizer) == ("ref-dir", "policy-dir")
+    assert reference.allow_pickle_weights and reference.device == "cpu" and reference.dtype == "bfloat16"
+    assert reference.attn_implementation == "eager"
+    assert reference.lora.r == 0 and reference.train_layers == 0 and not reference.gradient_checkpointing
+
+    pickled = tmp_path / "pickled-reference"
+    shutil.copytree(tiny_model_dir, pickled)
+    torch.save(AutoModelForCausalLM.from_pretrained(tiny_model_dir).state_dict(), pickled / "pytorch_model.bin")
+    (pickled / "model.safetensors").unlink()
+    train, _ = pairs
+    out = tmp_path / "dpo"
+    assert main(_args(tiny_model_dir, train, out, "train.max_steps=1", f"reference.name_or_path={pickled}",
+                      "model.allow_pickle_weights=true")) == 0
+    # the same weights as the policy: the first loss is log 2
+    assert read_metrics(out)[0]["loss"] == pytest.approx(math.log(2), abs=1e-5)
+
+
+@pytest.fixture(scope="module")
+def dropout_model_dir(tmp_path_factory):
+    """The tiny chat model with attention dropout 0.5."""
+    from conftest import build_model, build_tokenizer
+
+    path = tmp_path_factory.mktemp("dropout-model")
+    tokenizer = build_tokenizer("chatml")
+    build_model(tokenizer, attention_dropout=0.5).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def test_dropout_is_off_so_the_policy_agrees_with_its_reference_at_step_one(dropout_model_dir, pairs, tmp_path):
+    """The precomputed reference ran in eval mode; the policy trains in train mode. With the model's
+    dropout off (the default) the first loss is exactly log 2, and the saved policy keeps dropout off;
+    train.keep_dropout=true keeps it, and the first loss is then off log 2."""
+    import json
+
+    train, _ = pairs
+    out = tmp_path / "off"
+    assert main(_args(dropout_model_dir, train, out, "train.max_steps=1")) == 0
+    assert read_metrics(out)[0]["loss"] == pytest.approx(math.log(2), abs=1e-6)
+    assert json.loads((out / "model" / "config.json").read_text())["attention_dropout"] == 0.0
+    kept = tmp_path / "kept"
+    assert main(_args(dropout_model_dir, train, kept, "train.max_steps=1", "train.keep_dropout=true")) == 0
+    assert abs(read_metrics(kept)[0]["loss"] - math.log(2)) > 1e-3
+
+
+def test_disable_dropout_reaches_modules_attributes_and_configs():
+    from torch import nn
+
+    from conftest import build_model, build_tokenizer
+    from rlhf_workflow.config import LoraConfig
+    from rlhf_workflow.models.lora import apply_lora
+    from rlhf_workflow.train.stage import disable_dropout
+
+    model = apply_lora(build_model(build_tokenizer("chatml"), attention_dropout=0.3), LoraConfig(r=2, dropout=0.2),
+                       task_type="CAUSAL_LM")
+    assert disable_dropout(model) > 0
+    assert all(m.p == 0 for m in model.modules() if isinstance(m, nn.Dropout))
+    assert all(m.attention_dropout == 0 for m in model.modules() if hasattr(m, "attention_dropout"))
+    assert model.config.attention_dropout == 0.0
+    assert disable_dropout(model) == 0  # nothing left on
+
+
 def test_loss_options_run_through_the_cli(tiny_model_dir, pairs, tmp_path):
     train, _ = pairs
     for extra in (["loss.type=ipo", "loss.length_normalize=true"], ["loss.type=hinge", "loss.rpo_alpha=1.0"],

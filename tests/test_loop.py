@@ -109,3 +109,50 @@ def test_a_nonfinite_loss_stops_before_the_update_naming_step_and_examples(tmp_p
     assert len(state.keys() & current.keys()) >= 10
     for name in state.keys() & current.keys():
         assert torch.equal(state[name], current[name]), name  # no update happened after step 2
+
+
+@pytest.mark.parametrize("eval_rows, batch", [(1, 4), (3, 1)], ids=["one-example", "uneven-batches"])
+def test_two_processes_evaluate_fewer_eval_examples_than_processes(eval_rows, batch, tiny_model_dir, rule_data,
+                                                                   tmp_path):
+    """2 processes with 1 held-out pair (the second process has none), and with 3 pairs one at a time (one
+    process runs one more eval batch than the other): both finish, and the held-out metrics are those of
+    one process."""
+    import json
+    import subprocess
+    import sys
+
+    from conftest import cli_command, cli_env, free_port, read_metrics, write_jsonl
+
+    train, held_out = rule_data
+    rows = [json.loads(line) for line in held_out.read_text().splitlines()][:eval_rows]
+    few = write_jsonl(tmp_path / "few.jsonl", rows)
+    base = ["train-rm", f"model.name_or_path={tiny_model_dir}", f"data.train={train}", f"data.eval={few}",
+            "data.max_length=64", "train.max_steps=1", f"train.per_device_batch_size={batch}"]
+    one, two = tmp_path / "one", tmp_path / "two"
+    single = subprocess.run(cli_command(*base, f"output_dir={one}", "train.gradient_accumulation_steps=2"),
+                            env=cli_env(), capture_output=True, text=True, timeout=300)
+    assert single.returncode == 0, single.stderr[-3000:]
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2", "--num_machines", "1",
+              "--multi_gpu", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(free_port()),
+              "-m", "rlhf_workflow", *base, f"output_dir={two}"]
+    result = subprocess.run(launch, env=cli_env(), capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    evals_one, evals_two = read_metrics(one, "eval"), read_metrics(two, "eval")
+    assert len(evals_one) == len(evals_two) == 2  # before and after training
+    for a, b in zip(evals_one, evals_two):
+        assert a.keys() == b.keys()
+        for key in ("loss", "accuracy"):
+            assert abs(a[key] - b[key]) <= 1e-4 * max(1.0, abs(a[key])), (key, evals_one, evals_two)
+
+
+def test_eval_batches_give_every_process_the_same_number_of_forward_passes():
+    from rlhf_workflow.train.loop import eval_batches
+
+    examples = [{"id": i} for i in range(5)]
+    for processes, batch_size in [(2, 1), (2, 2), (3, 2), (8, 4), (6, 1)]:
+        per_process = [eval_batches(examples, rank, processes, batch_size) for rank in range(processes)]
+        assert len({len(b) for b in per_process}) == 1, (processes, batch_size)
+        counted = [e["id"] for b in per_process for chunk, keep in b if keep for e in chunk]
+        assert sorted(counted) == list(range(5))  # each example counted once
+        assert all(chunk for b in per_process for chunk, _ in b)  # no empty forward pass
+    assert eval_batches(examples[:1], 1, 2, 4) == [([{"id": 0}], False)]  # no example of its own: one filler

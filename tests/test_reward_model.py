@@ -71,6 +71,36 @@ def test_saved_reward_model_scores_the_same_in_plain_transformers(tiny_rm, tmp_p
     torch.testing.assert_close(theirs, ours, atol=1e-5, rtol=1e-5)
 
 
+def test_judge_batch_size_counts_sequences_per_forward_pass(tiny_rm, tmp_path):
+    """judge.batch_size reaches the reward-model judge: a small one gives the same rewards in more forward
+    passes, none reading more than batch_size responses (a prompt with more is split over passes)."""
+    from rlhf_workflow.config import JudgeConfig
+    from rlhf_workflow.models.reward import prepare_reward_tokenizer, save_reward_model, sequence_batches
+    from rlhf_workflow.online.judges import make_judge
+
+    model, _ = tiny_rm
+    save_reward_model(model, prepare_reward_tokenizer(build_tokenizer("chatml")), tmp_path / "rm")
+    rows = [{"id": f"g{i}", "prompt": p, "responses": [f"answer {k} about {p}" * (k % 3 + 1) for k in range(5)]}
+            for i, p in enumerate(["hello world", "how are you", "what is two plus three"])]
+
+    def judge_with(batch_size):
+        judge = make_judge(JudgeConfig(type="reward_model", path=str(tmp_path / "rm"), batch_size=batch_size))
+        passes: list[int] = []  # responses read by each forward pass
+        hook = judge.scorer.model.register_forward_pre_hook(lambda module, args: passes.append(len(args[3])))
+        rewards = judge.score(rows).rewards
+        hook.remove()
+        return rewards, passes
+
+    big, big_passes = judge_with(16)
+    small, small_passes = judge_with(2)
+    assert big_passes == [15]
+    assert len(small_passes) > len(big_passes) and max(small_passes) <= 2 and sum(small_passes) == 15
+    for a, b in zip(big, small):
+        assert a == pytest.approx(b, abs=1e-5)
+    assert sequence_batches([(0, range(5)), (1, range(1)), (2, range(2))], 2) == \
+        [[(0, [0, 1])], [(0, [2, 3])], [(0, [4]), (1, [0])], [(2, [0, 1])]]
+
+
 # ------------------------------------------------------------------------------------------- training
 
 
@@ -180,6 +210,30 @@ def test_lora_reward_and_preference_models_train_their_heads_and_save_plain_mode
         from safetensors.torch import load_file
 
         assert not any("lora" in k for k in load_file(out / "model" / "model.safetensors"))
+
+
+@pytest.mark.parametrize("stage", ["train-rm", "train-pm"])
+def test_reward_and_preference_training_turn_the_models_dropout_off(stage, tmp_path):
+    """A model with attention dropout 0.5: its first training loss (train mode) equals the held-out loss
+    of the same pairs before training (eval mode) only with dropout off, the default; the saved model
+    keeps it off. train.keep_dropout=true keeps it."""
+    tok = build_tokenizer("chatml")
+    model_dir = tmp_path / "dropout-model"
+    build_model(tok, attention_dropout=0.5).save_pretrained(model_dir)
+    tok.save_pretrained(model_dir)
+    rows = [{"prompt": f"Question {i}?", "chosen": f"the blue sky {i}", "rejected": f"the dog barks {i}"} for i in range(8)]
+    data = write_jsonl(tmp_path / "pairs.jsonl", rows)
+    base = [stage, f"model.name_or_path={model_dir}", f"data.train={data}", f"data.eval={data}", "train.max_steps=1",
+            "train.per_device_batch_size=8", "train.group_by_length=false"]
+    for keep in (False, True):
+        out = tmp_path / f"keep-{keep}"
+        assert main([*base, f"output_dir={out}", f"train.keep_dropout={str(keep).lower()}"]) == 0
+        first_train, before = read_metrics(out)[0]["loss"], read_metrics(out, "eval")[0]["loss"]
+        saved = json.loads((out / "model" / "config.json").read_text())["attention_dropout"]
+        if keep:
+            assert abs(first_train - before) > 1e-4 and saved == 0.5
+        else:
+            assert first_train == pytest.approx(before, abs=1e-6) and saved == 0.0
 
 
 @pytest.mark.slow

@@ -205,6 +205,9 @@ class TrainConfig(Strict):
     save_every: int = Field(0, ge=0, description="steps between checkpoints; 0 = no periodic checkpoints")
     keep_checkpoints: int = Field(2, ge=1)
     report_to: list[Literal["tensorboard", "wandb"]] = Field(default_factory=list)
+    keep_dropout: bool = Field(
+        False, description="keep the model's dropout during training (off by default for the preference "
+        "objectives, as TRL does; sft always keeps it)")
 
 
 class TrainingStageConfig(Strict):

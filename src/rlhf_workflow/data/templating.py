@@ -82,6 +82,49 @@ def _special_token_texts(tokenizer: Any) -> list[str]:
     return [text for text in texts if text]
 
 
+def _special_token_ids(tokenizer: Any) -> set[int]:
+    """The id of every special token: those the tokenizer names (eos, bos, pad, additional ones) and
+    those marked special only in tokenizer.json's added tokens (Llama-3's ``<|eot_id|>`` when eos is
+    ``<|end_of_text|>``), which ``all_special_ids`` leaves out."""
+    ids = {int(i) for i in getattr(tokenizer, "all_special_ids", []) or []}
+    for token_id, added in (getattr(tokenizer, "added_tokens_decoder", {}) or {}).items():
+        if getattr(added, "special", False):
+            ids.add(int(token_id))
+    return ids
+
+
+def _generation_eos_ids(model_or_config: Any) -> set[int]:
+    """The ``eos_token_id`` (an int or a list) of a generation config, or of a model's
+    ``generation_config``; empty for None or when it names none."""
+    if model_or_config is None:
+        return set()
+    config = getattr(model_or_config, "generation_config", None)
+    if config is None:
+        config = model_or_config
+    value = getattr(config, "eos_token_id", None)
+    values = value if isinstance(value, (list, tuple, set)) else [value]
+    return {int(v) for v in values if v is not None}
+
+
+def end_of_turn_ids(tokenizer: Any, model_config: Any = None, *, chat_template: bool = True) -> set[int]:
+    """The token ids that end an assistant's answer: the one definition that generation (hf, vLLM)
+    stops at and that evaluation strips from a response cut at max length.
+
+    They are the tokenizer's eos; the ``eos_token_id`` of ``model_config`` (a model, or its
+    ``GenerationConfig``; an int or a list) when one is given; and, with the chat template, the
+    token the template closes an assistant turn with (``<|im_end|>``, ``<|eot_id|>``) when it is a
+    special token, including one marked special only among tokenizer.json's added tokens.
+    """
+    ids = _generation_eos_ids(model_config)
+    if tokenizer.eos_token_id is not None:
+        ids.add(int(tokenizer.eos_token_id))
+    if chat_template and getattr(tokenizer, "chat_template", None):
+        full, mask = encode_prompt_response(tokenizer, "hi", "ok", chat_template=True)
+        if mask and mask[-1] == 1 and full[-1] in _special_token_ids(tokenizer):
+            ids.add(int(full[-1]))
+    return ids
+
+
 def _end_of_turn(text: str, special_tokens: list[str]) -> int:
     """Length of ``text`` without the whitespace that follows its last special token.
 

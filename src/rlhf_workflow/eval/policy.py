@@ -48,15 +48,15 @@ def response_logps(model_config: ModelConfig, tokenizer: Any, rows: list[dict], 
     (each prompt computed once for its responses: the shared-prefix layout)."""
     import torch
 
-    from rlhf_workflow.data.templating import encode_prompt, encode_prompt_response
+    from rlhf_workflow.data.templating import encode_prompt, encode_prompt_response, end_of_turn_ids
     from rlhf_workflow.models.layout import LayoutOptions, layout
     from rlhf_workflow.models.loading import load_model
     from rlhf_workflow.models.logprobs import SequenceLogprobs
 
-    model = SequenceLogprobs(load_model(model_config.model_copy(update={"lora": model_config.lora.model_copy(
-        update={"r": 0})})).to(device).eval(), chunk)
+    loaded = load_model(model_config.model_copy(update={"lora": model_config.lora.model_copy(update={"r": 0})}))
+    model = SequenceLogprobs(loaded.to(device).eval(), chunk)
     options = LayoutOptions(share_prefix=True)
-    special = set(tokenizer.all_special_ids)
+    end_of_turn = end_of_turn_ids(tokenizer, loaded, chat_template=chat_template)
     groups, keys = [], []
     for row in rows:
         prompt = encode_prompt(tokenizer, row["prompt"], chat_template=chat_template)
@@ -66,7 +66,7 @@ def response_logps(model_config: ModelConfig, tokenizer: Any, rows: list[dict], 
             ids, _ = encode_prompt_response(tokenizer, row["prompt"], text, chat_template=chat_template)
             ids = ids[len(prompt):]
             if k < len(reasons) and reasons[k] == "length":  # cut off: the end-of-turn token was never sampled
-                while ids and ids[-1] in special:
+                while ids and ids[-1] in end_of_turn:
                     ids = ids[:-1]
             if ids:
                 responses.append(ids)

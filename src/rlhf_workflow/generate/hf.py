@@ -23,6 +23,7 @@ from typing import Any, Iterator, Sequence
 
 import torch
 
+from rlhf_workflow.data.templating import end_of_turn_ids  # the one definition; imported here by generate/stage.py
 from rlhf_workflow.errors import UserError
 from rlhf_workflow.generate.base import (
     GenerationRequest,
@@ -67,26 +68,6 @@ def sample_tokens(logits: torch.Tensor, generators: Sequence[torch.Generator], *
     u = torch.stack([torch.rand((), generator=g, dtype=torch.float64, device=g.device) for g in generators])
     u = u.to(cdf.device).unsqueeze(-1) * cdf[:, -1:]
     return torch.searchsorted(cdf, u, right=True).squeeze(-1).clamp_(max=cdf.size(-1) - 1)
-
-
-def end_of_turn_ids(tokenizer: Any, model: Any = None, *, chat_template: bool = True) -> set[int]:
-    """Token ids that end the assistant's answer: eos, the generation config's eos ids, and the
-    token the chat template closes an assistant turn with (``<|im_end|>``, ``<|eot_id|>``, ...)."""
-    ids: set[int] = set()
-    if tokenizer.eos_token_id is not None:
-        ids.add(int(tokenizer.eos_token_id))
-    config_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
-    for value in config_eos if isinstance(config_eos, (list, tuple)) else [config_eos]:
-        if value is not None:
-            ids.add(int(value))
-    if chat_template and getattr(tokenizer, "chat_template", None):
-        from rlhf_workflow.data.templating import encode_prompt_response
-
-        full, mask = encode_prompt_response(tokenizer, "hi", "ok", chat_template=True)
-        last = full[-1] if mask and mask[-1] == 1 else None
-        if last is not None and last in set(tokenizer.all_special_ids):
-            ids.add(int(last))
-    return ids
 
 
 class HFGenerator:

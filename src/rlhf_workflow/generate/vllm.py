@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 from typing import Any, Iterator, Sequence
 
+from rlhf_workflow.data.templating import end_of_turn_ids
 from rlhf_workflow.errors import UserError
 from rlhf_workflow.generate.base import (
     GenerationRequest,
@@ -35,8 +36,21 @@ def import_vllm() -> Any:
     return vllm
 
 
+def read_generation_config(location: str) -> Any:
+    """The model's ``GenerationConfig`` (generation_config.json), or None when it has none."""
+    from transformers import GenerationConfig
+
+    try:
+        return GenerationConfig.from_pretrained(location)
+    except (OSError, ValueError):
+        return None
+
+
 class VLLMGenerator:
-    """Samples with vLLM's offline engine."""
+    """Samples with vLLM's offline engine.
+
+    It stops at `end_of_turn_ids` of the tokenizer and the model's generation config (the same
+    ids as the hf backend), and at any ``stop_ids`` given besides."""
 
     def __init__(self, model_config: Any, backend: Any, tokenizer: Any, *, chat_template: bool = True,
                  stop_ids: set[int] | None = None, seed: int = 0):
@@ -47,8 +61,9 @@ class VLLMGenerator:
         self.tokenizer = tokenizer
         self.chat_template = chat_template
         self.chunk_size = backend.chunk_size
-        self.stop_ids = sorted(stop_ids or ())
         location = local_directory(model_config.name_or_path)  # a built-in or .gguf model as an HF directory
+        end_of_turn = end_of_turn_ids(tokenizer, read_generation_config(location), chat_template=chat_template)
+        self.stop_ids = sorted(end_of_turn | set(stop_ids or ()))
         tokenizer_location = local_directory(model_config.tokenizer) if model_config.tokenizer else location
         self.llm = vllm.LLM(
             model=location, tokenizer=tokenizer_location,

@@ -9,8 +9,11 @@ so a position-biased judge cannot decide a match by where the responses were put
 
 - `knockout`: a single-elimination bracket finds the best with n − 1 comparisons; the first
   round's losers (and a first-round bye) play a second bracket in which the *less* preferred
-  response advances, finding the worst with ⌈n/2⌉ − 1 more. Scores: best 1, worst 0, others ½
-  (a knockout orders nothing else reliably).
+  response advances, finding the worst with ⌈n/2⌉ − 1 more. The best never enters that second
+  bracket: with odd n the bye played no first-round match and can win the first bracket, and a
+  judge that is not transitive (a ≻ b ≻ c ≻ a) could then also make it lose the second one, so
+  that one response would be both best and worst (when the bye is the best, one comparison
+  fewer). Scores: best 1, worst 0, others ½ (a knockout orders nothing else reliably).
 - `round_robin`: all n(n − 1)/2 pairs. Scores: Copeland (wins − losses, a win being p > ½, a
   tie ½ each) or Borda (the sum of preference probabilities), scaled to [0, 1].
 """
@@ -71,14 +74,22 @@ def _bracket(entrants: list[int], prefer: Prefer, *, keep_winner: bool) -> tuple
     return alive[0], first_round_out or [], comparisons
 
 
+def worst_candidates(first_round_out: list[int], best: int) -> list[int]:
+    """Who plays the bracket for the worst: the first round's losers and its bye, less the best (the
+    bye when it went on to win; see the module docstring). Never empty when n >= 2: the first round
+    has at least one loser, and a loser is never the best."""
+    return [k for k in first_round_out if k != best]
+
+
 def knockout(n: int, prefer: Prefer) -> Ranking:
-    """Best by a knockout bracket (n − 1 comparisons), worst by a second bracket of its first-round losers."""
+    """Best by a knockout bracket (n − 1 comparisons), worst by a second bracket of its first-round
+    losers (and bye) other than the best; best != worst whenever n >= 2, transitive judge or not."""
     if n < 1:
         raise ValueError("nothing to rank")
     if n == 1:
         return Ranking(0, 0, [0.5], 0)
-    best, candidates, used = _bracket(list(range(n)), prefer, keep_winner=True)
-    worst, _, more = _bracket(candidates, prefer, keep_winner=False)
+    best, first_round_out, used = _bracket(list(range(n)), prefer, keep_winner=True)
+    worst, _, more = _bracket(worst_candidates(first_round_out, best), prefer, keep_winner=False)
     scores = [0.5] * n
     scores[best], scores[worst] = 1.0, 0.0
     return Ranking(best, worst, scores, used + more)

@@ -158,13 +158,17 @@ class RewardScorer:
 
 
     @torch.inference_mode()
-    def score_groups(self, prompts: Sequence[Any], responses: Sequence[Sequence[Any]], *, groups_per_batch: int = 8,
+    def score_groups(self, prompts: Sequence[Any], responses: Sequence[Sequence[Any]], *, batch_size: int | None = None,
                      progress: bool = False) -> list[list[float | None]]:
         """Rewards of several responses to each prompt, the prompt computed once per group (one row
         ``[prompt | response 1 | response 2 | ...]`` with a mask that keeps the responses apart, as in
         training). The same values as `score` (to float rounding) when nothing is cut; when the longest
         response needs it, the shared prompt loses its start for all of the group. None for a response
-        that does not fit even so (a NaN is what the model itself returned)."""
+        that does not fit even so (a NaN is what the model itself returned).
+
+        A forward pass reads at most ``batch_size`` responses (default: the scorer's ``batch_size``,
+        the judge's "sequences per forward pass"); a prompt with more responses than that is split
+        over several passes, its prompt repeated, which changes no reward."""
         from rlhf_workflow.data.templating import encode_prompt_response
 
         groups: list[tuple[list[int], list[list[int]], list[int]]] = []  # (prompt, fitting responses, their indices)
@@ -190,19 +194,43 @@ class RewardScorer:
         was_training = self.model.training
         self.model.eval()
         order = sorted(todo, key=lambda g: len(groups[g][0]) + sum(len(r) for r in groups[g][1]))
-        for start in tqdm(range(0, len(order), groups_per_batch), desc="score", disable=not progress):
-            chunk = order[start : start + groups_per_batch]
-            batch = layout([(groups[g][0], groups[g][1]) for g in chunk], self.tokenizer.pad_token_id,
-                           LayoutOptions(share_prefix=True))
+        pieces = [(g, range(len(groups[g][1]))) for g in order]  # positions in each group's fitting responses
+        for chunk in tqdm(sequence_batches(pieces, batch_size or self.batch_size), desc="score", disable=not progress):
+            batch = layout([(groups[g][0], [groups[g][1][i] for i in kept]) for g, kept in chunk],
+                           self.tokenizer.pad_token_id, LayoutOptions(share_prefix=True))
             batch = {k: v.to(device) for k, v in batch.items()}
             values = iter(self.model(batch["input_ids"], batch["attention_mask"], batch["position_ids"],
                                      batch["last_row"], batch["last_col"]).tolist())
-            for g in chunk:
-                for k in groups[g][2]:
-                    out[g][k] = next(values)
+            for g, kept in chunk:
+                for i in kept:
+                    out[g][groups[g][2][i]] = next(values)
         self.model.train(was_training)
         self.unscored += sum(len(answers) - len(groups[g][1]) for g, answers in enumerate(responses))
         return out
+
+
+def sequence_batches(groups: Sequence[tuple[int, Sequence[int]]], batch_size: int) -> list[list[tuple[int, list[int]]]]:
+    """``(group, response positions)`` items cut into batches of at most ``batch_size`` responses.
+
+    Groups are taken in order and kept whole when they fit in the batch being filled; a group with
+    more than ``batch_size`` responses is split into pieces of ``batch_size`` (its last piece may
+    share a batch with the next group)."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be positive, got {batch_size}")
+    batches: list[list[tuple[int, list[int]]]] = []
+    current: list[tuple[int, list[int]]] = []
+    filled = 0
+    for group, indices in groups:
+        for start in range(0, len(indices), batch_size):
+            piece = list(indices[start : start + batch_size])
+            if filled + len(piece) > batch_size:
+                batches.append(current)
+                current, filled = [], 0
+            current.append((group, piece))
+            filled += len(piece)
+    if current:
+        batches.append(current)
+    return batches
 
 
 def load_reward_scorer(path: str, *, dtype: str = "float32", max_length: int = 1024, chat_template: bool = True,

@@ -47,16 +47,21 @@ class Judge(Protocol):
 
 
 class RewardModelJudge:
-    """Scores every response with a reward model; each prompt is computed once for its n responses."""
+    """Scores every response with a reward model; each prompt is computed once for its n responses.
+
+    ``batch_size`` (judge.batch_size, default the scorer's) is the number of responses a forward
+    pass reads; a prompt's responses share its computation within a pass."""
 
     comparisons = 0
 
-    def __init__(self, scorer: Any, name: str = "reward model"):
+    def __init__(self, scorer: Any, name: str = "reward model", *, batch_size: int | None = None):
         self.scorer = scorer
         self.name = name
+        self.batch_size = batch_size or scorer.batch_size
 
     def score(self, rows: list[dict[str, Any]]) -> Scores:
-        grouped = self.scorer.score_groups([row["prompt"] for row in rows], [row["responses"] for row in rows])
+        grouped = self.scorer.score_groups([row["prompt"] for row in rows], [row["responses"] for row in rows],
+                                           batch_size=self.batch_size)
         values = iter(v for group in grouped for v in group)
         out = Scores()
         for row in rows:

@@ -24,7 +24,7 @@ from typing import Any, Callable
 import torch
 from tqdm.auto import tqdm
 
-from rlhf_workflow.config import DPOConfig, DPOLossConfig
+from rlhf_workflow.config import DPOConfig, DPOLossConfig, ModelConfig
 from rlhf_workflow.data.schemas import PairRow
 from rlhf_workflow.errors import UserError, model_source
 from rlhf_workflow.models.layout import LayoutOptions, layout
@@ -191,14 +191,30 @@ def precompute_reference(reference: SequenceLogprobs, examples: list[dict], rows
 # --------------------------------------------------------------------------- the stage
 
 
+def reference_model_config(config: DPOConfig) -> ModelConfig:
+    """How to load a separate reference model: the policy's `ModelConfig` (dtype, device, attention,
+    trust_remote_code, allow_pickle_weights, ...) with the reference's source, and nothing that only
+    training needs (LoRA, train_layers, gradient checkpointing): the reference never trains.
+
+    Its vocabulary is checked against the tokenizer the stage tokenized the pairs with (the
+    policy's), since those are the ids the reference reads."""
+    model = config.model
+    return model.model_copy(update={
+        "name_or_path": config.reference.name_or_path or model.name_or_path,
+        "tokenizer": model.tokenizer or model.name_or_path,
+        "lora": model.lora.model_copy(update={"r": 0}),
+        "train_layers": 0,
+        "gradient_checkpointing": False,
+    })
+
+
 def run_dpo(config: DPOConfig, *, resume: bool = False, force: bool = False) -> Path:
     """The `dpo` stage: preference pairs in, a policy out (HF causal LM, safetensors)."""
-    from rlhf_workflow.config import ModelConfig
     from rlhf_workflow.models.loading import load_model
     from rlhf_workflow.models.lora import is_peft_model
     from rlhf_workflow.models.saving import save_model
     from rlhf_workflow.train.loop import train
-    from rlhf_workflow.train.stage import finish_stage, read_splits, start_stage
+    from rlhf_workflow.train.stage import finish_stage, preference_training_model, read_splits, start_stage
 
     stage = start_stage(config, resume=resume, force=force)
     accelerator, output_dir, tokenizer = stage.accelerator, stage.output_dir, stage.tokenizer
@@ -212,16 +228,14 @@ def run_dpo(config: DPOConfig, *, resume: bool = False, force: bool = False) -> 
     train_split, eval_split = read_splits(config, PairRow, tokenize, "pair")
 
     with model_source("model.name_or_path"):
-        policy = SequenceLogprobs(load_model(config.model), config.logprob_chunk)
+        policy_model = preference_training_model(load_model(config.model), config)
+        policy = SequenceLogprobs(policy_model, config.logprob_chunk)
     lora = is_peft_model(policy.model)
     separate_reference = config.reference.name_or_path is not None or (not lora and not config.reference.precompute)
     reference_model = None
     if separate_reference:
-        source = config.reference.name_or_path or config.model.name_or_path
-        reference_config = ModelConfig(name_or_path=source, dtype=config.model.dtype, trust_remote_code=config.model.trust_remote_code,
-                                       attn_implementation=config.model.attn_implementation)
         with model_source("reference.name_or_path" if config.reference.name_or_path else "model.name_or_path"):
-            reference_model = load_model(reference_config).to(accelerator.device)
+            reference_model = load_model(reference_model_config(config)).to(accelerator.device)
 
     reference = None
     if config.reference.precompute:

@@ -182,31 +182,60 @@ def _to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
     return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
 
-def _reduce_sums(accelerator: Any, values: dict[str, float | torch.Tensor]) -> dict[str, float]:
-    """Sum each value over all processes (the same keys, in the same order, on every process)."""
-    keys = sorted(values)
-    local = torch.tensor([float(values[k]) for k in keys], dtype=torch.float64, device=accelerator.device)
+def _agreed_keys(accelerator: Any, keys: list[str]) -> list[str]:
+    """The sorted union of every process's ``keys``: the same list, in the same order, everywhere."""
+    if accelerator.num_processes == 1:
+        return sorted(keys)
+    from accelerate.utils import gather_object
+
+    return sorted(set(gather_object(sorted(keys))))
+
+
+def _reduce_sums(accelerator: Any, values: dict[str, float | torch.Tensor], *,
+                 same_keys: bool = False) -> dict[str, float]:
+    """Sum each value over all processes.
+
+    The processes first agree on the keys (the union of theirs; a key a process lacks counts 0
+    there), so a process that saw no batch, or batches without some metric, still reduces a tensor
+    of the same size in the same order. ``same_keys=True`` skips that exchange for fixed keys
+    every process always has (such as ``units``)."""
+    keys = sorted(values) if same_keys else _agreed_keys(accelerator, list(values))
+    local = torch.tensor([float(values.get(k, 0.0)) for k in keys], dtype=torch.float64, device=accelerator.device)
     total = accelerator.reduce(local, reduction="sum") if accelerator.num_processes > 1 else local
     return dict(zip(keys, total.tolist()))
 
 
+def eval_batches(examples: list[dict], rank: int, processes: int, batch_size: int) -> list[tuple[list[dict], bool]]:
+    """Process ``rank``'s eval batches as ``(examples, counted)``: it takes every P-th example, and every
+    process gets the same number of batches, ⌈⌈N / P⌉ / B⌉. A process whose share is shorter (or empty:
+    fewer examples than processes) fills up with uncounted batches of the first example, because a
+    forward pass of a wrapped model may be collective (DDP syncs buffers, FSDP and ZeRO-3 gather
+    weights) and every process must run as many of them."""
+    mine = examples[rank::processes]
+    count = math.ceil(math.ceil(len(examples) / processes) / batch_size)
+    batches = [(mine[start : start + batch_size], True) for start in range(0, len(mine), batch_size)]
+    return batches + [(examples[:1], False)] * (count - len(batches))
+
+
 @torch.no_grad()
 def evaluate(objective: Objective, model: Any, examples: list[dict], accelerator: Any, batch_size: int) -> dict[str, float]:
-    """Mean loss and metrics over ``examples``, each process taking every P-th example."""
+    """Mean loss and metrics over ``examples``, each process taking every P-th example (`eval_batches`);
+    the sums are reduced over the keys all processes agree on (`_reduce_sums`)."""
     model.eval()
-    mine = examples[accelerator.process_index :: accelerator.num_processes]
+    batches = eval_batches(examples, accelerator.process_index, accelerator.num_processes, batch_size)
     sums: dict[str, float] = {"loss": 0.0, "units": 0.0}
-    starts = range(0, len(mine), batch_size)
-    for start in tqdm(starts, desc="eval", leave=False, disable=not accelerator.is_main_process or len(starts) < 4):
-        batch = _to_device(objective.collate(mine[start : start + batch_size]), accelerator.device)
+    for chunk, counted in tqdm(batches, desc="eval", leave=False,
+                               disable=not accelerator.is_main_process or len(batches) < 4):
+        batch = _to_device(objective.collate(chunk), accelerator.device)
         with accelerator.autocast():
             loss, metrics = objective.loss(model, batch)
+        if not counted:
+            continue
         sums["loss"] += loss.item()
         sums["units"] += objective.units(batch)
         for key, value in metrics.items():
             sums[key] = sums.get(key, 0.0) + float(value)
     model.train()
-    # every process must reduce the same keys: objectives return the same metric keys for every batch
     total = _reduce_sums(accelerator, sums)
     units = max(total.pop("units"), 1.0)
     return {key: value / units for key, value in total.items()}
@@ -278,7 +307,7 @@ def train(
             for piece in split_by_tokens(micro, lengths, objective.rows_per_example, config.max_tokens_per_forward)
         ]
         batches = [objective.collate([train_examples[i] for i in piece]) for piece in pieces]
-        units = _reduce_sums(accelerator, {"units": sum(objective.units(b) for b in batches)})["units"]
+        units = _reduce_sums(accelerator, {"units": sum(objective.units(b) for b in batches)}, same_keys=True)["units"]
         if units == 0:
             raise UserError(f"step {step + 1}: the global batch has no tokens to learn from (all masked)")
         sums: dict[str, float] = {"loss": 0.0, "units": 0.0}
@@ -370,7 +399,7 @@ def stop_for_nonfinite(accelerator: Any, output_dir: Path, step: int, nonfinite:
 
     Raising here leaves the weights as they were after step ``step`` and the checkpoints untouched.
     """
-    flagged = _reduce_sums(accelerator, {"nonfinite": float(len(nonfinite))})["nonfinite"]
+    flagged = _reduce_sums(accelerator, {"nonfinite": float(len(nonfinite))}, same_keys=True)["nonfinite"]
     if not flagged and math.isfinite(grad_norm):
         return
     what = "the loss" if flagged else "the gradient norm"

@@ -83,7 +83,7 @@ def run_train_pm(config: PreferenceModelConfig, *, resume: bool = False, force: 
     from rlhf_workflow.models import save_model
     from rlhf_workflow.models.preference import load_preference_model
     from rlhf_workflow.train.loop import train
-    from rlhf_workflow.train.stage import finish_stage, read_splits, start_stage
+    from rlhf_workflow.train.stage import finish_stage, preference_training_model, read_splits, start_stage
 
     stage = start_stage(config, resume=resume, force=force)
     tokenizer = stage.tokenizer
@@ -99,7 +99,7 @@ def run_train_pm(config: PreferenceModelConfig, *, resume: bool = False, force: 
 
     train_split, eval_split = read_splits(config, PairRow, tokenize, "pair")
     with model_source("model.name_or_path"):
-        model = load_preference_model(config.model)
+        model = preference_training_model(load_preference_model(config.model), config)
     model = train(
         PreferenceObjective(tokenizer.pad_token_id, label_ids), model, train_split.examples, config.train,
         stage.output_dir, stage.accelerator, eval_examples=eval_split.examples if eval_split else None, resume=resume,

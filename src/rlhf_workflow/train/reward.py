@@ -94,7 +94,7 @@ def run_train_rm(config: RewardModelConfig, *, resume: bool = False, force: bool
     """The `train-rm` stage: preference pairs in, a sequence-classification reward model out."""
     from rlhf_workflow.models.reward import load_reward_model, prepare_reward_tokenizer, save_reward_model
     from rlhf_workflow.train.loop import train
-    from rlhf_workflow.train.stage import finish_stage, read_splits, start_stage
+    from rlhf_workflow.train.stage import finish_stage, preference_training_model, read_splits, start_stage
 
     stage = start_stage(config, resume=resume, force=force, prepare_tokenizer=prepare_reward_tokenizer)
     tokenizer = stage.tokenizer
@@ -117,7 +117,7 @@ def run_train_rm(config: RewardModelConfig, *, resume: bool = False, force: bool
         log.info("group_by_prompt: %d pairs in %d prompt groups (at most %d responses per prompt)", pairs,
                  len(train_examples), max_responses)
     with model_source("model.name_or_path"):
-        model = load_reward_model(config.model, tokenizer)
+        model = preference_training_model(load_reward_model(config.model, tokenizer), config)
     model = train(
         RewardObjective(tokenizer.pad_token_id, center_coef=config.loss.center_coef,
                         options=LayoutOptions.from_config(config.train), max_responses=max_responses),

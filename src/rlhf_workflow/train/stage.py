@@ -70,6 +70,63 @@ def start_stage(config: TrainingStageConfig, *, resume: bool, force: bool,
     return Stage(accelerator, output_dir, tokenizer, max_length, limit, lock)
 
 
+def _is_dropout(name: str, value: Any) -> bool:
+    """A dropout probability by its name (``attention_dropout``, ``hidden_dropout_prob``, ``resid_pdrop``)."""
+    return isinstance(value, float) and not isinstance(value, bool) and ("dropout" in name or "pdrop" in name)
+
+
+def _zero_dropout_settings(holder: Any, seen: set[int]) -> int:
+    """Set every nonzero dropout probability among ``holder``'s attributes to 0, and those of the model
+    configs it holds (a multimodal config's text_config too); returns how many there were."""
+    from transformers import PretrainedConfig
+
+    if id(holder) in seen:
+        return 0
+    seen.add(id(holder))
+    changed = 0
+    for name, value in list(vars(holder).items()):
+        if _is_dropout(name, value) and value > 0:
+            setattr(holder, name, 0.0)
+            changed += 1
+        elif isinstance(value, PretrainedConfig):
+            changed += _zero_dropout_settings(value, seen)
+    return changed
+
+
+def disable_dropout(model: Any) -> int:
+    """Turn every dropout of ``model`` off; returns how many were on.
+
+    Three kinds: `nn.Dropout` modules (p = 0; LoRA's dropout is one), probabilities that modules keep
+    as attributes and pass to a functional dropout (Llama's attention keeps ``attention_dropout``),
+    and the fields of the model's config, so that a saved model keeps dropout off as it was trained.
+    """
+    from torch import nn
+
+    changed = 0
+    seen: set[int] = set()
+    for module in model.modules():
+        if isinstance(module, nn.modules.dropout._DropoutNd) and module.p > 0:
+            module.p = 0.0
+            changed += 1
+        changed += _zero_dropout_settings(module, seen)
+    return changed
+
+
+def preference_training_model(model: Any, config: TrainingStageConfig) -> Any:
+    """The model a preference objective (dpo, train-rm, train-pm) trains: with its dropout off unless
+    ``train.keep_dropout``. DPO's reference log-probs come from the model in eval mode (no dropout),
+    so with dropout on, the policy would disagree with its own reference at step 0; a reward or
+    preference model's pair of responses would be scored under different dropout masks. SFT keeps
+    the model's dropout: it compares nothing to a reference, and dropout there is the plain
+    regularizer its authors chose."""
+    if config.train.keep_dropout:
+        return model
+    changed = disable_dropout(model)
+    if changed:
+        log.info("dropout turned off in %d places for training (train.keep_dropout=true keeps it)", changed)
+    return model
+
+
 class Dropped(list):
     """Rows a tokenizer dropped: ``(row index, field, why)``, in row order."""
 
