@@ -38,9 +38,13 @@ def test_miniature_demo_runs_end_to_end(tiny_model_dir, tmp_path):
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [r["id"] for r in rows] == ["iter_0", "iter_1", "offline"]
     assert all(0 <= r["gold"] <= 1 and "proxy_reward" in r for r in rows)
-    constraints = [json.loads(line)["constraints"] for line in (run_dir / "eval_prompts.jsonl").read_text().splitlines()]
-    assert len(constraints) == 6 and all(constraints)
+    instructions = [json.loads(line)["instruction_id_list"]
+                    for line in (run_dir / "eval_prompts.jsonl").read_text().splitlines()]
+    assert len(instructions) == 6 and all(instructions)
+    assert all(set(r["ifeval_types"]) <= set(sum(instructions, [])) for r in rows)
+    assert all(0 <= r["ifeval_prompt_strict"] <= r["ifeval_prompt_loose"] <= 1 for r in rows)
     report = (run_dir / "report" / "report.md").read_text()
+    assert "## IFEval, by Google's instruction checkers" in report and (run_dir / "report" / "ifeval_types.png").exists()
     assert "| offline |" in report and "reward model trained on simulated human feedback: held-out accuracy" in report
     assert "preference model trained on simulated human feedback: held-out accuracy" in report
     assert json.loads((fb / "pm_eval.json").read_text())["kind"] == "pm"

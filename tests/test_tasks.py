@@ -1,5 +1,5 @@
-"""Built-in tasks: every constraint checker on hand-written responses, the arithmetic judge, and
-deterministic prompt generation with disjoint splits."""
+"""Built-in tasks: the instructions judge (IFEval's checkers, tested in test_ifeval.py), the arithmetic
+judge, and deterministic prompt generation with disjoint splits."""
 
 from __future__ import annotations
 
@@ -9,59 +9,20 @@ import pytest
 
 from rlhf_workflow.cli import main
 from rlhf_workflow.tasks import arithmetic, get_task, instructions
-from rlhf_workflow.tasks.instructions import check, count_sentences
 
 
-@pytest.mark.parametrize("constraint, response, expected", [
-    ({"kind": "include_word", "word": "blue"}, "The sky is Blue today.", True),  # any case
-    ({"kind": "include_word", "word": "blue"}, "A bluebird sang.", False),  # whole words only
-    ({"kind": "include_word", "word": "blue"}, "It was blue!", True),  # punctuation after the word
-    ({"kind": "include_word", "word": "blue"}, "Nothing here.", False),
-    ({"kind": "avoid_word", "word": "the"}, "A cat sat there.", True),  # 'there' is not 'the'
-    ({"kind": "avoid_word", "word": "the"}, "The cat sat.", False),
-    ({"kind": "avoid_word", "word": "the"}, "", False),  # an empty answer satisfies nothing
-    ({"kind": "no_commas", }, "One two three.", True),
-    ({"kind": "no_commas"}, "One, two.", False),
-    ({"kind": "lowercase"}, "all quiet here, 42.", True),
-    ({"kind": "lowercase"}, "All quiet.", False),
-    ({"kind": "lowercase"}, "123 !", False),  # no letters at all
-    ({"kind": "max_words", "n": 3}, "one two three", True),
-    ({"kind": "max_words", "n": 3}, "one two three four", False),
-    ({"kind": "max_words", "n": 3}, "   ", False),
-    ({"kind": "end_with", "char": "!"}, "What a day!  \n", True),  # trailing spaces do not count
-    ({"kind": "end_with", "char": "!"}, "What a day.", False),
-    ({"kind": "start_with", "word": "Yes"}, "yes, of course.", True),  # case does not matter
-    ({"kind": "start_with", "word": "Yes"}, "\"Yes\" she said.", True),  # a quote before it is fine
-    ({"kind": "start_with", "word": "Yes"}, "Yesterday it rained.", False),
-    ({"kind": "start_with", "word": "Yes"}, "Well, yes.", False),
-    ({"kind": "sentences", "n": 2}, "It rains. It pours!", True),
-    ({"kind": "sentences", "n": 2}, "It rains... It pours? Yes.", False),  # three
-    ({"kind": "sentences", "n": 1}, "Pi is 3.14 roughly", True),  # a decimal point, no final period
-    ({"kind": "sentences", "n": 1}, "One. Two.", False),
-])
-def test_constraint_checkers(constraint, response, expected):
-    assert check(constraint, response) is expected
-
-
-def test_sentence_count_edge_cases():
-    assert count_sentences("") == 0
-    assert count_sentences("...") == 0
-    assert count_sentences("Hello world") == 1
-    assert count_sentences("Wait... what?! Really.") == 3
-
-
-def test_instructions_judge_is_the_fraction_satisfied():
-    row = {"id": "x", "constraints": [{"kind": "include_word", "word": "blue"}, {"kind": "no_commas"},
-                                      {"kind": "end_with", "char": "!"}]}
-    assert instructions.judge(row, "Blue skies!") == 1.0
-    assert instructions.judge(row, "Blue, skies!") == pytest.approx(2 / 3)
+def test_instructions_judge_is_ifevals_strict_fraction_followed():
+    row = {"id": "x", "instruction_id_list": ["keywords:existence", "punctuation:no_comma", "startend:end_checker"],
+           "kwargs": [{"keywords": ["blue"]}, {}, {"end_phrase": "That is all."}]}
+    assert instructions.judge(row, "Blue skies. That is all.") == 1.0
+    assert instructions.judge(row, "Blue, skies. That is all.") == pytest.approx(2 / 3)
     assert instructions.judge(row, "grey, skies") == 0.0
-    with pytest.raises(ValueError, match="no 'constraints'"):
+    with pytest.raises(ValueError, match="no 'instruction_id_list'"):
         instructions.judge({"id": "y"}, "text")
     # the noisy judge keeps most scores and is deterministic
-    rows = [{"id": str(i), "constraints": row["constraints"]} for i in range(200)]
-    noisy = [instructions.noisy_judge(r, "Blue skies!") for r in rows]
-    assert noisy == [instructions.noisy_judge(r, "Blue skies!") for r in rows]
+    rows = [{**row, "id": str(i)} for i in range(200)]
+    noisy = [instructions.noisy_judge(r, "Blue skies. That is all.") for r in rows]
+    assert noisy == [instructions.noisy_judge(r, "Blue skies. That is all.") for r in rows]
     assert 0.7 < sum(v == 1.0 for v in noisy) / len(noisy) < 0.9
 
 
@@ -80,7 +41,7 @@ def test_arithmetic_reads_thousands_and_negatives():
         arithmetic.judge({"id": "q"}, "3")
 
 
-@pytest.mark.parametrize("task", ["instructions", "arithmetic"])
+@pytest.mark.parametrize("task", ["ifeval", "instructions", "arithmetic"])
 def test_prompts_are_deterministic_and_splits_disjoint(task):
     module = get_task(task)
     train, again = module.prompts("train", 120, seed=3), module.prompts("train", 120, seed=3)
@@ -96,19 +57,15 @@ def test_prompts_are_deterministic_and_splits_disjoint(task):
         assert 0.0 <= module.judge(row, "A quiet blue answer: 12.") <= 1.0
 
 
-def test_instruction_prompts_carry_one_to_three_compatible_constraints():
+def test_instruction_prompts_carry_one_to_three_of_the_demo_types():
     rows = instructions.prompts("train", 300, seed=0)
-    counts = {len(r["constraints"]) for r in rows}
-    assert counts == {1, 2, 3}
-    for row in rows:
-        kinds = [c["kind"] for c in row["constraints"]]
-        assert len(kinds) == len(set(kinds))
-        words = {c.get("word") for c in row["constraints"] if c["kind"] in ("include_word", "avoid_word")}
-        assert len(words) == sum(k in ("include_word", "avoid_word") for k in kinds)
-        for constraint in row["constraints"]:
-            assert instructions.describe(constraint) in row["prompt"]
-    single = instructions.prompts("train", 50, seed=0, max_constraints=1)
-    assert all(len(r["constraints"]) == 1 for r in single)
+    assert {len(r["instruction_id_list"]) for r in rows} == {1, 2, 3}
+    assert {t for r in rows for t in r["instruction_id_list"]} == set(instructions.TYPES)
+    assert all(r["task"] == "instructions" and r["id"].startswith("instr-train-") for r in rows)
+    single = instructions.prompts("train", 50, seed=0, max_instructions=1, types=["punctuation:no_comma"])
+    assert all(r["instruction_id_list"] == ["punctuation:no_comma"] for r in single)
+    with pytest.raises(ValueError, match="unknown instruction type 'no_commas'"):
+        instructions.prompts("train", 5, types=["no_commas"])
 
 
 def test_prompts_command(tmp_path, capsys):

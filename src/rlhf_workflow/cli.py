@@ -131,10 +131,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
 
     _stage_parser(
-        sub, "prompts", "write a built-in task's prompts (instructions, arithmetic) to a file",
-        "Prompts of a built-in task with a verifiable judge: `instructions` (IFEval-style constraints, stored in "
-        "each row as `constraints`; judge rlhf_workflow.tasks.instructions:judge) or `arithmetic` (`answer`; judge "
-        "rlhf_workflow.tasks.arithmetic:judge). The train and eval splits never share a prompt.\n\n"
+        sub, "prompts", "write a built-in task's prompts (ifeval, instructions, arithmetic) to a file",
+        "Prompts of a built-in task with a verifiable judge: `ifeval` (IFEval's schema: instruction_id_list and "
+        "kwargs, any of IFEval's 25 instruction types; judge rlhf_workflow.tasks.ifeval:judge, IFEval's own "
+        "checkers), `instructions` (the same, restricted to the types the demo's small model follows sometimes; "
+        "judge rlhf_workflow.tasks.instructions:judge) or `arithmetic` (`answer`; judge "
+        "rlhf_workflow.tasks.arithmetic:judge). The train, dev and eval splits never share a prompt.\n\n"
         "  rlhf-workflow prompts task=instructions split=train count=512 output=train.jsonl",
         ("rlhf_workflow.tasks", "run_make_prompts"), resumable=False,
     )

@@ -85,7 +85,7 @@ class Strict(BaseModel):
 
 Dtype = Literal["float32", "bfloat16", "float16"]
 Backend = Literal["hf", "vllm", "openai"]
-TaskName = Literal["instructions", "arithmetic"]
+TaskName = Literal["ifeval", "instructions", "arithmetic"]
 PairStrategy = Literal["max_min", "max_random", "random", "max_max", "all"]
 ApplyChatTemplate = Annotated[bool, Field(
     description="render prompts with the tokenizer's chat template (off: plain text + eos)")]
@@ -328,9 +328,15 @@ class EvalRMConfig(Strict):
     output_keys = ("output",)
 
     model: str = Field("", description="directory of a model saved by train-rm or train-pm")
-    data: str = Field("", description="pairs: prompt, chosen, rejected (and `subset` for RewardBench files)")
+    data: str = Field("", description="pairs (prompt, chosen, rejected; `subset` for RewardBench files), or a "
+                      "RewardBench 2, RM-Bench or JudgeBench file")
     output: str | None = Field(None, description="JSON results file (default: next to the data, *.eval.json)")
     kind: Literal["auto", "rm", "pm"] = "auto"
+    format: Literal["auto", "pairs", "rewardbench2", "rmbench", "judgebench"] = Field(
+        "auto", description="the data file's format; auto: from the first row's fields")
+    ranking: Literal["borda", "copeland", "knockout"] = Field(
+        "borda", description="how a preference model finds the best of n (RewardBench 2): round robin with "
+        "Borda or Copeland scores, or a knockout")
     batch_size: int = Field(8, ge=1)
     max_length: SequenceLength = 1024
     dtype: Dtype = "float32"
@@ -668,8 +674,9 @@ class MakePromptsConfig(Strict):
     split: Literal["train", "dev", "eval"] = "train"
     count: int = Field(256, ge=1)
     seed: int = 0
-    options: dict[str, Any] = Field(default_factory=dict, description="task options, e.g. instructions: "
-                                    "{max_constraints: 1}; arithmetic: {digits: 2, operations: '+-'}")
+    options: dict[str, Any] = Field(default_factory=dict, description="task options, e.g. ifeval / instructions: "
+                                    "{max_instructions: 1, types: [punctuation:no_comma]}; arithmetic: "
+                                    "{digits: 2, operations: '+-'}")
     output: str = ""
 
 

@@ -22,6 +22,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import re
 from typing import Annotated, Any, Literal, Union
 
 from annotated_types import MinLen
@@ -160,8 +161,9 @@ def _drop_null_id(data: Any) -> Any:
 class PromptRow(_HasPrompt, Row):
     """A prompt of the prompts file: ``{"id", "prompt", ...metadata}``.
 
-    A missing (or empty) id is derived from the prompt with `derive_id`; the reader adds
-    ``-2``, ``-3``, ... when the same derived id repeats inside one file.
+    Without an id, IFEval's and IFBench's ``key`` (an integer) is the id; without either, the id is
+    derived from the prompt with `derive_id`, and the reader adds ``-2``, ``-3``, ... when the same
+    derived id repeats inside one file. ``key`` stays in the row, as all metadata does.
     """
 
     id: str = ""
@@ -170,7 +172,11 @@ class PromptRow(_HasPrompt, Row):
     @model_validator(mode="before")
     @classmethod
     def _null_id(cls, data: Any) -> Any:
-        return _drop_null_id(data)
+        data = _drop_null_id(data)
+        if isinstance(data, dict) and "id" not in data and isinstance(data.get("key"), (int, str)) \
+                and not isinstance(data.get("key"), bool) and str(data["key"]).strip():
+            data = {**data, "id": str(data["key"])}
+        return data
 
     @field_validator("prompt")
     @classmethod
@@ -257,12 +263,79 @@ class ScoredRow(GenerationRow):
     rewards: list[float | None]
 
 
+_HH_TURN = re.compile(r"\n\n(Human|Assistant): ")
+
+
+def hh_messages(transcript: str) -> list[dict[str, str]] | None:
+    """An HH-RLHF transcript (``"\n\nHuman: ...\n\nAssistant: ..."``) as messages; None for other text."""
+    parts = _HH_TURN.split(transcript)
+    if len(parts) < 3 or parts[0].strip():
+        return None
+    roles = {"Human": "user", "Assistant": "assistant"}
+    return [{"role": roles[parts[k]], "content": parts[k + 1].strip()} for k in range(1, len(parts) - 1, 2)]
+
+
+def _as_message_dicts(value: Any) -> list[dict[str, Any]] | None:
+    if isinstance(value, list) and value and all(isinstance(m, dict) and "role" in m and "content" in m for m in value):
+        return value
+    return None
+
+
+def _same_message(a: dict[str, Any], b: dict[str, Any]) -> bool:
+    return a.get("role") == b.get("role") and a.get("content") == b.get("content")
+
+
+def split_preference_columns(data: Any) -> Any:
+    """The common published preference layouts, as ``prompt`` / ``chosen`` / ``rejected``:
+
+    * HH-RLHF: ``chosen`` and ``rejected`` are whole transcripts (``\n\nHuman: ... \n\nAssistant:
+      ...``) and there is no prompt: parsed into messages, then as below;
+    * TRL's implicit prompt: no ``prompt``, ``chosen`` and ``rejected`` are conversations that
+      share their opening: the prompt is the shared messages up to the last one before the
+      responses' first assistant turn, the responses what follows;
+    * UltraFeedback binarized: ``prompt`` is given and ``chosen`` / ``rejected`` repeat it as their
+      first messages: the repeated messages are dropped from the responses.
+
+    Anything else is returned unchanged."""
+    if not isinstance(data, dict):
+        return data
+    chosen, rejected = data.get("chosen"), data.get("rejected")
+    if data.get("prompt") is None and isinstance(chosen, str) and isinstance(rejected, str):
+        parsed_chosen, parsed_rejected = hh_messages(chosen), hh_messages(rejected)
+        if parsed_chosen is None or parsed_rejected is None:
+            return data
+        chosen, rejected = parsed_chosen, parsed_rejected
+    chosen, rejected = _as_message_dicts(chosen), _as_message_dicts(rejected)
+    if chosen is None or rejected is None:
+        return data
+    prompt = data.get("prompt")
+    if prompt is None:
+        shared = 0
+        while shared < min(len(chosen), len(rejected)) and _same_message(chosen[shared], rejected[shared]):
+            shared += 1
+        # the responses start at the last assistant turn both still have, at or before the divergence
+        starts = [k for k in range(1, shared + 1) if k < len(chosen) and k < len(rejected)
+                  and chosen[k].get("role") == rejected[k].get("role") == "assistant"]
+        if not starts:
+            return data
+        cut = starts[-1]
+        return {**data, "prompt": chosen[:cut], "chosen": chosen[cut:], "rejected": rejected[cut:]}
+    opening = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else _as_message_dicts(prompt)
+    if opening is None:
+        return data
+    n = len(opening)
+    if all(len(side) > n and all(_same_message(a, b) for a, b in zip(side[:n], opening)) for side in (chosen, rejected)):
+        return {**data, "chosen": chosen[n:], "rejected": rejected[n:]}
+    return data
+
+
 class PairRow(_HasPrompt, Row):
     """A preference pair: ``chosen`` is preferred to ``rejected`` for ``prompt``.
 
     The rewards are the annotator's scores; ``ref_*_logp`` are the summed log-probabilities of
     each response under the reference policy, filled in once before DPO. A missing id is derived
-    from prompt, chosen and rejected.
+    from prompt, chosen and rejected. The layouts of HH-RLHF, TRL's implicit prompt and
+    UltraFeedback binarized are read as they are published (`split_preference_columns`).
     """
 
     id: str = ""
@@ -277,7 +350,7 @@ class PairRow(_HasPrompt, Row):
     @model_validator(mode="before")
     @classmethod
     def _null_id(cls, data: Any) -> Any:
-        return _drop_null_id(data)
+        return split_preference_columns(_drop_null_id(data))
 
     @field_validator("chosen", "rejected")
     @classmethod

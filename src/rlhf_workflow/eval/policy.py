@@ -12,6 +12,9 @@ and the task's gold judge when it has one, this module computes
 * win rate vs π0: sample k of π_t against sample k of π0 for the same prompt, judged by the proxy
   (a reward model or function compares scores, ties count ½; a preference model compares the two
   texts in both orders, `PreferenceJudge.compare_many`);
+* IFEval's numbers, when the eval prompts are IFEval-format rows (``instruction_id_list``): prompt-
+  and instruction-level accuracy, strict and loose, by IFEval's own checkers (`tasks.ifeval`), each
+  sampled response counted as one answer, with intervals over prompts; and the rate per instruction type;
 * length: mean response tokens;
 * KL(π_t ‖ π0) ≈ mean over sampled responses y of log π_t(y|x) − log π0(y|x): an unbiased
   estimate when the responses are sampled from π_t itself (temperature 1, no top-p / top-k). The
@@ -27,6 +30,7 @@ from typing import Any, Callable
 from rlhf_workflow.config import ModelConfig, RunConfig
 from rlhf_workflow.data.schemas import prompt_messages
 from rlhf_workflow.eval.stats import bootstrap_interval, mean, pair_outcome
+from rlhf_workflow.tasks.ifeval import follows, is_ifeval_row, summary
 
 EVAL_DIR = "eval"
 
@@ -39,6 +43,43 @@ def win_rates(ours: dict[tuple[str, int], float | None], theirs: dict[tuple[str,
         if value is None or other is None:
             continue
         out.append((key[0], pair_outcome(value, other)))
+    return out
+
+
+IFEVAL_KEYS = ("prompt_strict", "prompt_loose", "instruction_strict", "instruction_loose")
+
+
+def ifeval_metrics(rows: list[dict[str, Any]], resamples: int) -> dict[str, Any]:
+    """``ifeval_<prompt|instruction>_<strict|loose>`` (with ``_ci95``, resampling prompts),
+    ``ifeval_types`` (rate per instruction type) and ``ifeval_unscored`` (responses of rows whose
+    instructions IFEval cannot check, e.g. an unknown id) for the sampled responses of ``rows``."""
+    results, groups, unscored = [], {key: [] for key in IFEVAL_KEYS}, 0
+    for row in rows:
+        per_prompt = {key: [] for key in IFEVAL_KEYS}
+        for text in row["responses"]:
+            try:
+                followed = follows(row, text)
+            except ValueError:
+                unscored += 1
+                continue
+            results.append(followed)
+            per_prompt["prompt_strict"].append(float(all(f.strict for f in followed)))
+            per_prompt["prompt_loose"].append(float(all(f.loose for f in followed)))
+            per_prompt["instruction_strict"] += [float(f.strict) for f in followed]
+            per_prompt["instruction_loose"] += [float(f.loose) for f in followed]
+        for key in IFEVAL_KEYS:
+            groups[key].append(per_prompt[key])
+    if not results:
+        return {"ifeval_unscored": unscored}
+    totals = summary(results)
+    out: dict[str, Any] = {}
+    for key in IFEVAL_KEYS:
+        out[f"ifeval_{key}"] = totals[key]
+        interval = bootstrap_interval(groups[key], resamples)
+        if interval is not None:
+            out[f"ifeval_{key}_ci95"] = list(interval)
+    out["ifeval_types"] = totals["types"]
+    out["ifeval_unscored"] = unscored
     return out
 
 
@@ -110,6 +151,8 @@ def evaluate_policy(config: RunConfig, run_dir: Path, name: str, policy: ModelCo
         gold_scores = gold.score(rows)
         summarise("gold", [[r for r in rewards if r is not None] for rewards in gold_scores.rewards])
         metrics["gold_unscored"] = sum(r is None for rewards in gold_scores.rewards for r in rewards)
+    if rows and all(is_ifeval_row(row) for row in rows):
+        metrics.update(ifeval_metrics(rows, resamples))
     tokens = [t for row in rows for t in (row.get("response_tokens") or []) if isinstance(t, int)]
     metrics["length_tokens"] = mean(tokens)
     metrics["length_chars"] = mean([len(text) for row in rows for text in row["responses"]])

