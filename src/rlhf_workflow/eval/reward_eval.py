@@ -1,5 +1,14 @@
 """`rlhf-workflow eval-rm`: how often a reward or preference model prefers the chosen response.
 
+The file's format is detected from its fields (``format=`` sets it): preference pairs (below), or
+RewardBench 2, RM-Bench and JudgeBench files, scored by their own rules (`eval.benchmarks`). A
+reward model scores every response; a preference model compares them, each comparison in both
+orders: best-of-n (RewardBench 2) by a round robin (``ranking=borda``, the default, or
+``copeland``) or a knockout (``ranking=knockout``), the ranking's scores standing in for rewards;
+RM-Bench's nine style pairs by P(chosen ≻ rejected) > ½; JudgeBench by two games as the benchmark
+plays them. The method is stated in the results.
+
+For pairs:
 - accuracy: 1 when the model prefers chosen, 0 when it prefers rejected, ½ on a tie (RewardBench
   counts a classifier's tie as 0; with continuous scores ties are rare, and ½ is the unbiased
   choice);
@@ -18,13 +27,14 @@ import json
 import math
 from collections import defaultdict
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 from rlhf_workflow.config import EvalRMConfig
-from rlhf_workflow.data.io import atomic_write_text, read_rows
+from rlhf_workflow.data.io import atomic_write_text, raw_rows, read_rows, validate_row
 from rlhf_workflow.data.outputs import OutputLock
-from rlhf_workflow.data.schemas import PairRow, response_text
+from rlhf_workflow.data.schemas import PairRow, prompt_messages, response_text
 from rlhf_workflow.errors import UserError
+from rlhf_workflow.eval import benchmarks
 from rlhf_workflow.eval.stats import pair_outcome, pearson
 from rlhf_workflow.models.preference import detect_kind
 
@@ -137,7 +147,106 @@ def evaluate_preference_model(config: EvalRMConfig, rows: list[PairRow]) -> dict
     return result
 
 
+# --------------------------------------------------------------------------- benchmark files
+
+
+def _usable(values: Sequence[float | None]) -> list[float] | None:
+    """A row's scores, or None when the model could not score one of its responses."""
+    if any(v is None or math.isnan(v) for v in values):
+        return None
+    return [float(v) for v in values]  # type: ignore[arg-type]
+
+
+def _reward_scores(config: EvalRMConfig, prompts: list[Any], responses: list[list[str]]) -> list[list[float] | None]:
+    from rlhf_workflow.models.reward import load_reward_scorer
+
+    scorer = load_reward_scorer(config.model, dtype=config.dtype, max_length=config.max_length,
+                                chat_template=config.apply_chat_template, batch_size=config.batch_size)
+    return [_usable(group) for group in scorer.score_groups(prompts, responses, progress=True)]
+
+
+def verdict(p_first: float) -> str:
+    """A preference model's verdict on (A, B) from P(A ≻ B) as read in that order."""
+    return "A>B" if p_first > 0.5 else "B>A" if p_first < 0.5 else "A=B"
+
+
+def evaluate_benchmark(config: EvalRMConfig, kind: str, fmt: str, rows: list[Any]) -> dict[str, Any]:
+    """Score a RewardBench 2, RM-Bench or JudgeBench file (see the module docstring)."""
+    from tqdm.auto import tqdm
+
+    judge = None
+    if kind == "pm":
+        from rlhf_workflow.models.preference import load_preference_judge
+
+        judge = load_preference_judge(config.model, dtype=config.dtype, batch_size=config.batch_size,
+                                      max_length=config.max_length)
+    if fmt == "rewardbench2":
+        responses = [list(r.chosen) + list(r.rejected) for r in rows]
+        if judge is None:
+            scores = _reward_scores(config, [r.prompt for r in rows], responses)
+            method = "reward model scores"
+        else:
+            scores = [judge.rank(prompt_messages(r.prompt), texts, method=config.ranking).scores
+                      for r, texts in tqdm(list(zip(rows, responses)), desc="rank")]
+            method = {"knockout": "preference model, knockout (best 1, worst 0, others ½)",
+                      "copeland": "preference model, round robin, Copeland scores",
+                      "borda": "preference model, round robin, Borda scores (mean P(win))"}[config.ranking]
+        return {"method": method, **benchmarks.rewardbench2_summary(rows, scores)}
+    if fmt == "rmbench":
+        cells = [(i, j) for i in range(3) for j in range(3)]
+        if judge is None:
+            scores = _reward_scores(config, [r.prompt for r in rows], [list(r.chosen) + list(r.rejected) for r in rows])
+            wins = [None if s is None else [[s[i] > s[3 + j] for j in range(3)] for i in range(3)] for s in scores]
+            method = "reward model scores, chosen > rejected"
+        else:
+            probabilities = judge.compare_many([(prompt_messages(r.prompt), r.chosen[i], r.rejected[j])
+                                                for r in rows for i, j in cells])
+            wins = [[[probabilities[9 * k + 3 * i + j] > 0.5 for j in range(3)] for i in range(3)]
+                    for k in range(len(rows))]
+            method = "preference model, P(chosen ≻ rejected) > ½, both orders"
+        return {"method": method, **benchmarks.rmbench_summary(rows, wins)}
+    # judgebench
+    if judge is None:
+        scores = _reward_scores(config, [r.question for r in rows], [[r.response_A, r.response_B] for r in rows])
+        verdicts = [None if s is None else ["A>B" if s[0] > s[1] else "B>A"] for s in scores]
+        method = "reward model, one game: A>B when score A > score B, else B>A"
+    else:
+        items = [(prompt_messages(r.question), r.response_A, r.response_B) for r in rows]
+        probabilities = judge.prefer_many(items + [(m, b, a) for m, a, b in items])
+        n = len(rows)
+        verdicts = [[verdict(probabilities[k]), benchmarks.flip(verdict(probabilities[n + k]))] for k in range(n)]
+        method = "preference model, two games (A, B and B, A), JudgeBench's consistency rule"
+    return {"method": method, **benchmarks.judgebench_summary(rows, verdicts)}
+
+
+def read_benchmark(path: str, fmt: str) -> tuple[str, list[Any]]:
+    """``(format, rows)`` of an eval-rm data file: the format given, or the one its first row has;
+    pairs as `PairRow`, benchmark rows as their `eval.benchmarks` schema."""
+    found = raw_rows(path)
+    if fmt == "auto":
+        fmt = benchmarks.detect_format(found[0][1])
+    if fmt == "pairs":
+        return fmt, read_rows(path, PairRow)
+    schema = benchmarks.SCHEMAS[fmt]
+    return fmt, [validate_row(schema, data, where) for where, data in found]
+
+
 def format_table(result: dict[str, Any]) -> str:
+    fmt = result.get("format", "pairs")
+    if fmt == "rewardbench2":
+        lines = [f"{'rows':<28}{result['scored']} scored of {result['rows']}", f"{'RewardBench 2 score':<28}{result['score']:.4f}"]
+        lines += [f"  {name:<26}{item['score']:.4f}  ({item['rows']} rows)" for name, item in result["subsets"].items()]
+        return "\n".join(lines + [f"{'method':<28}{result['method']}"])
+    if fmt == "rmbench":
+        lines = [f"{'rows':<28}{result['scored']} scored of {result['rows']}"]
+        lines += [f"{'RM-Bench ' + level:<28}{result[level]:.4f}" for level in ("hard", "normal", "easy", "average")]
+        lines += [f"  {name:<26}hard {d['hard']:.4f}  normal {d['normal']:.4f}  easy {d['easy']:.4f}  ({d['rows']} rows)"
+                  for name, d in result["domains"].items()]
+        return "\n".join(lines + [f"{'method':<28}{result['method']}"])
+    if fmt == "judgebench":
+        lines = [f"{'pairs':<28}{result['pairs']}", f"{'JudgeBench accuracy':<28}{result['accuracy']:.4f}"]
+        lines += [f"  {name:<26}{item['accuracy']:.4f}  ({item['pairs']} pairs)" for name, item in result["sources"].items()]
+        return "\n".join(lines + [f"{'method':<28}{result['method']}"])
     lines = [f"{'pairs':<28}{result['scored']} scored of {result['pairs']}", f"{'accuracy':<28}{result['accuracy']:.4f}"]
     for name, item in result.get("subsets", {}).items():
         lines.append(f"  {name:<26}{item['accuracy']:.4f}  ({item['pairs']} pairs)")
@@ -157,9 +266,15 @@ def run_eval_rm(config: EvalRMConfig) -> dict[str, Any]:
         raise UserError(f"kind={config.kind}, but {config.model} holds a {'preference' if found == 'pm' else 'reward'} "
                         f"model (kind={found})")
     kind = found
-    rows = read_rows(config.data, PairRow)
-    result = evaluate_reward_model(config, rows) if kind == "rm" else evaluate_preference_model(config, rows)
-    result = {"model": config.model, "data": config.data, "kind": kind, **result}
+    fmt, rows = read_benchmark(config.data, config.format)
+    try:
+        if fmt == "pairs":
+            result = evaluate_reward_model(config, rows) if kind == "rm" else evaluate_preference_model(config, rows)
+        else:
+            result = evaluate_benchmark(config, kind, fmt, rows)
+    except ValueError as exc:  # e.g. a Ties id of another form, or nothing scorable
+        raise UserError(f"{config.data}: {exc}") from None
+    result = {"model": config.model, "data": config.data, "kind": kind, "format": fmt, **result}
     output = Path(config.results_path)
     with OutputLock(output, directory=False).acquire():
         atomic_write_text(output, json.dumps(result, indent=2) + "\n")
