@@ -1,7 +1,9 @@
 """Reading and writing row files: validated reads, atomic writes, resumable appends.
 
-Reading (`read_rows`, `iter_jsonl`) accepts JSON Lines, a JSON array, Parquet, an Arrow file and
-a directory written by ``datasets.Dataset.save_to_disk``. Every problem is a `UserError` with one
+Reading (`read_rows`, `iter_jsonl`) accepts JSON Lines, a JSON array, Parquet, an Arrow file, a
+directory written by ``datasets.Dataset.save_to_disk``, and a Hugging Face Hub dataset by name
+(`hub_dataset`: ``owner/name[:config]:split``, through ``datasets`` and its cache; offline with
+``HF_HUB_OFFLINE=1`` when it is cached). Every problem is a `UserError` with one
 sentence naming the place, ``data/train.jsonl:7: field 'chosen': ...`` for JSON Lines (line
 numbers) and ``data/train.parquet: row 7: ...`` for the tabular formats (1-based row numbers).
 
@@ -16,6 +18,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 from collections.abc import Iterable, Iterator, Set
 from pathlib import Path
 from typing import IO, Any, TypeVar
@@ -30,7 +33,9 @@ logger = logging.getLogger(__name__)
 RowT = TypeVar("RowT", bound=BaseModel)
 
 TABLE_SUFFIXES = (".parquet", ".arrow")
-SUPPORTED = ".jsonl, .json, .parquet, .arrow or a directory saved with datasets' save_to_disk"
+SUPPORTED = (".jsonl, .json, .parquet, .arrow, a directory saved with datasets' save_to_disk, or a Hub dataset "
+             "name (owner/name:split or owner/name:config:split)")
+HUB_DATASET = re.compile(r"^(?P<name>[A-Za-z0-9][\w.-]*/[\w.-]+)(?::(?P<first>[\w.-]+))?(?::(?P<second>[\w.-]+))?$")
 
 
 # --------------------------------------------------------------------------- reading
@@ -209,9 +214,56 @@ def _read_table(path: str | os.PathLike[str]) -> list[tuple[str, dict[str, Any]]
     return [(f"{shown}: row {index}", _without_nulls(record)) for index, record in enumerate(records, start=1)]
 
 
-def _raw_rows(path: str | os.PathLike[str]) -> list[tuple[str, dict[str, Any]]]:
-    """``(position, object)`` for every row of a file of any supported type."""
+def hub_dataset(spec: str | os.PathLike[str]) -> tuple[str, str | None, str | None] | None:
+    """``(name, config, split)`` when ``spec`` names a Hub dataset rather than a local path:
+    ``owner/name``, ``owner/name:split`` or ``owner/name:config:split``; None for anything else,
+    and for a path that exists (a local ``owner/name`` directory wins)."""
+    text = os.fspath(spec)
+    match = HUB_DATASET.match(text)
+    if match is None or os.path.exists(text) or Path(text.split(":")[0]).suffix.lower() in (".jsonl", ".json") + TABLE_SUFFIXES:
+        return None
+    first, second = match.group("first"), match.group("second")
+    return (match.group("name"), first, second) if second else (match.group("name"), None, first)
+
+
+def _hub_offline() -> bool:
+    return any(os.environ.get(key, "").upper() in ("1", "ON", "YES", "TRUE")
+               for key in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"))
+
+
+def _read_hub(spec: str) -> list[tuple[str, dict[str, Any]]]:
+    """The rows of a Hub dataset (see `hub_dataset`), loaded by ``datasets`` through its cache."""
+    import datasets
+
+    name, config, split = hub_dataset(spec)  # type: ignore[misc]
+    try:
+        loaded = datasets.load_dataset(name, config, split=split)
+    except ValueError as exc:
+        if "split" in str(exc).lower() or "config" in str(exc).lower():  # e.g. Unknown split "x". Should be one of [...]
+            raise UserError(f"{spec}: {exc}") from None
+        raise UserError(f"{spec}: cannot be loaded ({type(exc).__name__}: {exc})") from None
+    except (ConnectionError, OSError, datasets.exceptions.DatasetsError) as exc:
+        if _hub_offline():
+            raise UserError(f"{spec}: the dataset {name} is not in the datasets cache ({datasets.config.HF_DATASETS_CACHE}) "
+                            "and HF_HUB_OFFLINE is set: load it once with network access, or copy that cache here (if you meant "
+                            f"a local file or directory: {spec} does not exist)") from None
+        raise UserError(f"{spec}: cannot be loaded from the Hub ({type(exc).__name__}: {exc}); if you meant a local "
+                        "file or directory, it does not exist") from None
+    if isinstance(loaded, datasets.DatasetDict):
+        if len(loaded) != 1:
+            raise UserError(f"{spec}: has several splits ({', '.join(loaded)}); name one, e.g. {name}:{next(iter(loaded))}")
+        loaded = next(iter(loaded.values()))
+    records = loaded.to_list()
+    if not records:
+        raise UserError(f"{spec}: no rows")
+    return [(f"{spec}: row {index}", _without_nulls(record)) for index, record in enumerate(records, start=1)]
+
+
+def raw_rows(path: str | os.PathLike[str]) -> list[tuple[str, dict[str, Any]]]:
+    """``(position, object)`` for every row of a file of any supported type, or of a Hub dataset."""
     shown = os.fspath(path)
+    if hub_dataset(shown) is not None:
+        return _read_hub(shown)
     if not os.path.exists(path):
         raise UserError(f"{shown} does not exist")
     if os.path.isdir(path):
@@ -229,7 +281,7 @@ def _raw_rows(path: str | os.PathLike[str]) -> list[tuple[str, dict[str, Any]]]:
 def row_positions(path: str | os.PathLike[str]) -> list[str]:
     """Where each row of ``path`` is, in `read_rows` order ("file:line" for JSON Lines): for
     error messages about a row found after reading."""
-    return [where for where, _ in _raw_rows(path)]
+    return [where for where, _ in raw_rows(path)]
 
 
 def validate_row(schema: type[RowT], data: dict[str, Any], where: str) -> RowT:
@@ -251,7 +303,7 @@ def read_rows(path: str | os.PathLike[str], schema: type[RowT]) -> list[RowT]:
     rows: list[RowT] = []
     first_seen: dict[str, str] = {}  # explicit id -> position where it first appeared
     derived_count: dict[str, int] = {}  # derived id -> how many times it was seen
-    for where, data in _raw_rows(path):
+    for where, data in raw_rows(path):
         row = validate_row(schema, data, where)
         if "id" in schema.model_fields and isinstance(getattr(row, "id", None), str):
             if getattr(row, "id_was_derived", False):
