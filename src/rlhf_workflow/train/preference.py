@@ -109,4 +109,4 @@ def run_train_pm(config: PreferenceModelConfig, *, resume: bool = False, force: 
     def save(target: Path) -> None:
         save_model(model.model, tokenizer, target, extra_files={FORMAT_FILE: fmt.to_json()})
 
-    return finish_stage(stage, save, "preference model")
+    return finish_stage(stage, save, "preference model", config, (train_split, eval_split))

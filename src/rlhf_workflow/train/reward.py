@@ -126,4 +126,4 @@ def run_train_rm(config: RewardModelConfig, *, resume: bool = False, force: bool
         run_config=config.model_dump(mode="json"),
     )
     return finish_stage(stage, lambda target: save_reward_model(model, tokenizer, target),
-                        "reward model")
+                        "reward model", config, (train_split, eval_split))

@@ -104,4 +104,4 @@ def run_sft(config: SFTConfig, *, resume: bool = False, force: bool = False) -> 
         run_config=config.model_dump(mode="json"),
     )
     return finish_stage(stage, lambda target: save_model(model, tokenizer, target),
-                        "fine-tuned model")
+                        "fine-tuned model", config, (train_split, eval_split))

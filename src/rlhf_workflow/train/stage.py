@@ -5,7 +5,8 @@
     train_split, eval_split = read_splits(config, PairRow, tokenize)
     ... load the model, build the objective ...
     model = train(objective, model, train_split.examples, ...)  # the one loop
-    finish_stage(stage, save, what)                     # main process saves, checkpoints removed, unlocked
+    finish_stage(stage, save, what, config, (train_split, eval_split))  # main process saves the model and
+                                                        # its card, checkpoints removed, unlocked
 """
 
 from __future__ import annotations
@@ -187,14 +188,20 @@ def length_limit(config: TrainingStageConfig) -> tuple[int, str]:
     return config.data.max_length, f"data.max_length {config.data.max_length}"
 
 
-def finish_stage(stage: Stage, save: Callable[[Path], None], what: str) -> Path:
-    """Save the trained model on the main process, drop the checkpoints it no longer needs, and
+def finish_stage(stage: Stage, save: Callable[[Path], None], what: str, config: TrainingStageConfig,
+                 splits: tuple[Split, Split | None]) -> Path:
+    """Save the trained model on the main process with its model card (`models.card`: data of
+    ``splits``, hyperparameters of ``config``, metrics), drop the checkpoints it no longer needs, and
     release the output directory."""
+    from rlhf_workflow.config import stage_name
+    from rlhf_workflow.models.card import write_model_card
     from rlhf_workflow.train.checkpoint import remove_checkpoints
 
     target = stage.output_dir / "model"
     if stage.accelerator.is_main_process:
         save(target)
+        rows = {role: len(split.rows) for role, split in zip(("train", "eval"), splits) if split is not None}
+        write_model_card(target, config, stage_name(config), rows, stage.output_dir / "metrics.jsonl")
         remove_checkpoints(stage.output_dir)
         stage.accelerator.print(f"saved the {what} to {target}")
     stage.accelerator.wait_for_everyone()
