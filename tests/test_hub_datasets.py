@@ -86,17 +86,17 @@ def test_what_counts_as_a_hub_name(tmp_path, monkeypatch):
     assert hub_dataset("org/name") is None  # a local directory wins
 
 
-def test_training_and_eval_take_a_hub_name_and_the_card_names_the_dataset(hub_cache, tiny_model_dir, tmp_path):
+def test_training_and_eval_take_a_hub_name_and_the_card_names_the_dataset(hub_cache, tiny_model_dir, tmp_path,
+                                                                         monkeypatch):
     out = tmp_path / "rm"
     assert main(["train-rm", f"model.name_or_path={tiny_model_dir}", "data.train=someorg/prefs:train_prefs",
                  "data.eval=someorg/prefs:test_prefs", f"output_dir={out}", "train.per_device_batch_size=8",
                  "data.max_length=64"]) == 0
     card = (out / "model" / "README.md").read_text()
     assert "datasets:\n- someorg/prefs" in card and "| train | `someorg/prefs:train_prefs` | 48 |" in card
-    result = tmp_path / "eval.json"
-    assert main(["eval-rm", f"model={out / 'model'}", "data=someorg/prefs:test_prefs", f"output={result}",
-                 "max_length=64"]) == 0
-    assert json.loads(result.read_text())["pairs"] == 12
+    monkeypatch.chdir(tmp_path)  # the default results file of a Hub name is in the working directory
+    assert main(["eval-rm", f"model={out / 'model'}", "data=someorg/prefs:test_prefs", "max_length=64"]) == 0
+    assert json.loads((tmp_path / "someorg__prefs-test_prefs.eval.json").read_text())["pairs"] == 12
 
 
 def test_hh_rlhf_and_implicit_prompt_layouts(tmp_path):

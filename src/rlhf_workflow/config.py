@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import difflib
 import os
+import re
 import reprlib
 import textwrap
 from pathlib import Path
@@ -344,8 +345,15 @@ class EvalRMConfig(Strict):
 
     @property
     def results_path(self) -> str:
-        """Where the results go: ``output``, or next to the data as ``*.eval.json``."""
-        return self.output or (str(Path(self.data).with_suffix(".eval.json")) if self.data else "")
+        """Where the results go: ``output``, or next to the data as ``*.eval.json`` (for a Hub dataset
+        name, ``owner__name-split.eval.json`` in the working directory)."""
+        from rlhf_workflow.data.io import hub_dataset
+
+        if self.output or not self.data:
+            return self.output or ""
+        if hub_dataset(self.data) is not None:
+            return re.sub(r"[/:]+", "-", self.data.replace("/", "__", 1)) + ".eval.json"
+        return str(Path(self.data).with_suffix(".eval.json"))
 
     def output_at(self, key: str) -> Any:
         return self.results_path if key == "output" else super().output_at(key)
