@@ -48,3 +48,27 @@ def pearson(xs: list[float], ys: list[float]) -> float | None:
     if sxx == 0 or syy == 0:
         return None
     return sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / math.sqrt(sxx * syy)
+
+
+def sign_flip_pvalue(groups: Sequence[Sequence[float]], resamples: int = 10000, seed: int = 0) -> float | None:
+    """Two-sided p-value of a paired permutation test that the mean paired difference is zero.
+
+    ``groups`` hold paired differences (policy − baseline), a prompt's together. Under the null
+    hypothesis each group is as likely negated as not (the two policies are exchangeable on each
+    prompt), so the statistic |Σ d| is compared with its value under random sign flips of whole
+    groups: p = (1 + #{flips with |Σ d*| ≥ |Σ d|}) / (1 + flips). With at most 16 groups every one of
+    the 2^k flips is enumerated (p exact, no ``+1``); otherwise ``resamples`` random flips (seeded).
+    None with no groups."""
+    sums = [sum(g) for g in groups if g]
+    if not sums:
+        return None
+    observed = abs(sum(sums)) - 1e-12 * (1 + sum(abs(s) for s in sums))  # float ties count as at least as large
+    if len(sums) <= 16:
+        hits = 0
+        for mask in range(2 ** len(sums)):
+            total = sum(-s if mask >> k & 1 else s for k, s in enumerate(sums))
+            hits += abs(total) >= observed
+        return hits / 2 ** len(sums)
+    rng = random.Random(seed)
+    hits = sum(abs(sum(s if rng.random() < 0.5 else -s for s in sums)) >= observed for _ in range(resamples))
+    return (1 + hits) / (1 + resamples)
