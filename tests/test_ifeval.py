@@ -82,6 +82,24 @@ def test_punkt_data_is_written_from_the_registry_package_and_nothing_is_download
     assert "dr" in (english / "abbrev_types.txt").read_text().split("\n")
 
 
+def test_an_unwritable_cache_falls_back_to_a_private_directory(tmp_path):
+    """A cache that cannot hold the Punkt data (here a file where the directory should be, which
+    refuses even root) costs a warning, not the judge."""
+    cache = tmp_path / "cache"
+    cache.write_text("not a directory")
+    script = textwrap.dedent("""
+        from rlhf_workflow.tasks import ifeval
+        row = {"id": "x", "prompt": "p", "instruction_id_list": ["length_constraints:number_sentences"],
+               "kwargs": [{"relation": "less than", "num_sentences": 2}]}
+        print(ifeval.judge(row, "Dr. Smith left at 5 p.m. on Monday."))
+    """)
+    env = {**__import__("os").environ, "RLHF_WORKFLOW_CACHE": str(cache), "NLTK_DATA": str(tmp_path / "none")}
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip().splitlines()[-1] == "1.0"  # one sentence: "Dr." and "p.m." end none
+    assert "cannot write the Punkt data" in done.stderr
+
+
 # Hand-written rows, one or more per type: (instruction, kwargs, response, strict, loose).
 TYPE_CASES = [
     ("punctuation:no_comma", {}, "No commas here.", True, True),

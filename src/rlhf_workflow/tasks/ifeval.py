@@ -42,6 +42,7 @@ instructions, each worded by its checker's own ``build_description``), for ``pro
 
 from __future__ import annotations
 
+import logging
 import os
 import random
 import shutil
@@ -95,7 +96,14 @@ def prepare_checkers() -> None:
     root = cache_dir() / "nltk_data"
     english = root / "tokenizers" / "punkt_tab" / "english"
     if not all((english / name).is_file() for name in PUNKT_FILES):
-        _write_punkt_tab(english)
+        try:
+            _write_punkt_tab(english)
+        except OSError as exc:  # a read-only or full cache: a private directory for this process instead
+            from pathlib import Path
+
+            root = Path(tempfile.mkdtemp(prefix="rlhf-workflow-nltk-"))
+            logging.getLogger(__name__).warning("cannot write the Punkt data under %s (%s); using %s", english, exc, root)
+            _write_punkt_tab(root / "tokenizers" / "punkt_tab" / "english")
     if str(root) not in nltk.data.path:
         nltk.data.path.insert(0, str(root))
     langdetect.DetectorFactory.seed = 0
