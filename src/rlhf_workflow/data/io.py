@@ -226,11 +226,6 @@ def hub_dataset(spec: str | os.PathLike[str]) -> tuple[str, str | None, str | No
     return (match.group("name"), first, second) if second else (match.group("name"), None, first)
 
 
-def _hub_offline() -> bool:
-    return any(os.environ.get(key, "").upper() in ("1", "ON", "YES", "TRUE")
-               for key in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"))
-
-
 def _read_hub(spec: str) -> list[tuple[str, dict[str, Any]]]:
     """The rows of a Hub dataset (see `hub_dataset`), loaded by ``datasets`` through its cache."""
     import datasets
@@ -243,7 +238,7 @@ def _read_hub(spec: str) -> list[tuple[str, dict[str, Any]]]:
             raise UserError(f"{spec}: {exc}") from None
         raise UserError(f"{spec}: cannot be loaded ({type(exc).__name__}: {exc})") from None
     except (ConnectionError, OSError, datasets.exceptions.DatasetsError) as exc:
-        if _hub_offline():
+        if datasets.config.HF_HUB_OFFLINE:
             raise UserError(f"{spec}: the dataset {name} is not in the datasets cache ({datasets.config.HF_DATASETS_CACHE}) "
                             "and HF_HUB_OFFLINE is set: load it once with network access, or copy that cache here (if you meant "
                             f"a local file or directory: {spec} does not exist)") from None
@@ -293,17 +288,22 @@ def validate_row(schema: type[RowT], data: dict[str, Any], where: str) -> RowT:
 
 
 def read_rows(path: str | os.PathLike[str], schema: type[RowT]) -> list[RowT]:
-    """Read and validate every row of ``path`` as ``schema``.
+    """Read and validate every row of ``path`` as ``schema`` (`raw_rows`, then `validate_rows`).
 
     Supported: ``.jsonl``, ``.json`` (an array of objects or JSON Lines), ``.parquet``,
-    ``.arrow`` and a directory saved with ``datasets.Dataset.save_to_disk``.
-    Rows whose id was derived from their content get ``-2``, ``-3``, ... when the same id
-    repeats in the file; an id written in the file that repeats is an error.
+    ``.arrow``, a directory saved with ``datasets.Dataset.save_to_disk`` and a Hub dataset name.
     """
+    return validate_rows(raw_rows(path), schema)
+
+
+def validate_rows(found: list[tuple[str, dict[str, Any]]], schema: type[RowT]) -> list[RowT]:
+    """Validate ``(position, object)`` rows as ``schema``. Rows whose id was derived from their
+    content get ``-2``, ``-3``, ... when the same id repeats in the file; an id written in the file
+    that repeats is an error."""
     rows: list[RowT] = []
     first_seen: dict[str, str] = {}  # explicit id -> position where it first appeared
     derived_count: dict[str, int] = {}  # derived id -> how many times it was seen
-    for where, data in raw_rows(path):
+    for where, data in found:
         row = validate_row(schema, data, where)
         if "id" in schema.model_fields and isinstance(getattr(row, "id", None), str):
             if getattr(row, "id_was_derived", False):

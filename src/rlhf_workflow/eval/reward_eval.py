@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from rlhf_workflow.config import EvalRMConfig
-from rlhf_workflow.data.io import atomic_write_text, raw_rows, read_rows, validate_row
+from rlhf_workflow.data.io import atomic_write_text, raw_rows, validate_row, validate_rows
 from rlhf_workflow.data.outputs import OutputLock
 from rlhf_workflow.data.schemas import PairRow, prompt_messages, response_text
 from rlhf_workflow.errors import UserError
@@ -226,7 +226,7 @@ def read_benchmark(path: str, fmt: str) -> tuple[str, list[Any]]:
     if fmt == "auto":
         fmt = benchmarks.detect_format(found[0][1])
     if fmt == "pairs":
-        return fmt, read_rows(path, PairRow)
+        return fmt, validate_rows(found, PairRow)
     schema = benchmarks.SCHEMAS[fmt]
     return fmt, [validate_row(schema, data, where) for where, data in found]
 

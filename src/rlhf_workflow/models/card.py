@@ -59,19 +59,14 @@ def origin(name_or_path: str) -> tuple[str | None, str | None]:
 
 
 def read_front_matter(path: Path) -> dict[str, Any]:
-    """The YAML metadata at the top of a model card; empty when there is none or it does not parse."""
+    """The YAML metadata at the top of a model card (huggingface_hub's `metadata_load`); empty when
+    there is none or it does not parse."""
+    from huggingface_hub.repocard import metadata_load
+
     try:
-        text = path.read_text(encoding="utf-8")
-    except OSError:
+        return metadata_load(path) or {}
+    except (OSError, ValueError, yaml.YAMLError):
         return {}
-    if not text.startswith("---"):
-        return {}
-    end = text.find("\n---", 3)
-    try:
-        data = yaml.safe_load(text[3:end]) if end > 0 else None
-    except yaml.YAMLError:
-        return {}
-    return data if isinstance(data, dict) else {}
 
 
 def _last_rows(metrics_file: Path) -> tuple[dict[str, Any] | None, dict[str, Any] | None]:
