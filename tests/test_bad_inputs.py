@@ -233,6 +233,13 @@ CASES: list[Case] = [
     Case("judge-config-json-a-list", "annotate input={good_generations} output={tmp}/scored.jsonl "
          "judge.path={judge_with_list_config}",
          ("{judge_with_list_config}/config.json: expected a JSON object (a model's config), got list",)),
+    Case("judgebench-label-unknown", "eval-rm model={reward_model_without_weights} "
+         "data={corpus}/judgebench_bad_label.jsonl output={tmp}/e.json",
+         ("{corpus}/judgebench_bad_label.jsonl:2", "field 'label'")),
+    Case("rmbench-two-styles", "eval-rm model={reward_model_without_weights} data={corpus}/rmbench_two_styles.jsonl "
+         "format=rmbench output={tmp}/e.json", ("{corpus}/rmbench_two_styles.jsonl:1", "field 'chosen'")),
+    Case("hub-dataset-not-cached", "train-rm data.train=someorg/not-cached-prefs:train " + TINY,
+         ("someorg/not-cached-prefs:train", "not in the datasets cache", "HF_HUB_OFFLINE")),
     Case("preference-format-unknown-key", "eval-rm model={pm_with_bad_format} data={good_pairs} output={tmp}/e.json",
          ("{pm_with_bad_format}/preference_model.json: not a preference model's format", "unknown keys ['colour']")),
     # ---------------------------------------------------------------- outputs that would cost data

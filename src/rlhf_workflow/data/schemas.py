@@ -444,9 +444,10 @@ def describe_validation_error(exc: ValidationError) -> str:
         return f"{field}expected a string or a list of messages, got {describe_value(value)}"
     if kind == "literal_error":
         return f"{field}expected one of {err['ctx']['expected']}, got {describe_value(value)}"
-    if kind == "too_short":
-        minimum = err["ctx"]["min_length"]
-        return f"{field}expected at least {minimum} item{'s' if minimum != 1 else ''}, got an empty list"
+    if kind in ("too_short", "too_long"):
+        bound = err["ctx"]["min_length" if kind == "too_short" else "max_length"]
+        return (f"{field}expected {'at least' if kind == 'too_short' else 'at most'} {bound} "
+                f"item{'s' if bound != 1 else ''}, got {describe_value(value)}")
     if kind == "finite_number":
         return f"{field}expected a finite number, got {describe_value(value)}"
     if kind in ("model_type", "model_attributes_type") and err.get("ctx", {}).get("class_name") == "Message":
