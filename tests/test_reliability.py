@@ -132,3 +132,26 @@ def test_fault_injection_script_with_a_few_kills(tmp_path):
                              "--work", str(tmp_path / "fi")], capture_output=True, text=True, env=cli_env(), timeout=900)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert "OK: in all" in result.stdout and result.stdout.count("kill ") >= 3
+
+
+@pytest.mark.parametrize("count, code", [("3", 0), ("0", 2)])
+def test_a_worker_of_a_multi_process_run_leaves_its_process_group_and_keeps_its_exit_status(tmp_path, count, code):
+    """A process of a launched run tears the process group down and ends without the interpreter's
+    teardown (where torch.distributed's threads have aborted finished processes), with its output
+    flushed and its exit status kept: 0 after success, 2 after a user error."""
+    from conftest import free_port
+
+    out = tmp_path / "prompts.jsonl"
+    script = ("import sys, torch.distributed as dist\n"
+              "dist.init_process_group('gloo', rank=0, world_size=1)\n"
+              "from rlhf_workflow.cli import main\n"
+              f"code = main(['prompts', 'task=arithmetic', 'split=train', 'count={count}', 'output={out}'])\n"
+              "print('not reached', code)\n")
+    env = {**cli_env(), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())}
+    result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode == code, result.stderr
+    assert "not reached" not in result.stdout
+    if code == 0:
+        assert len(out.read_text().splitlines()) == 3 and str(out) in result.stdout  # the summary line was flushed
+    else:
+        assert "count" in result.stderr and not out.exists()

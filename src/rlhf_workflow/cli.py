@@ -252,6 +252,24 @@ def _setup_logging(verbose: bool) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run one command; the exit status (0, 2 for the user's errors, 130 when interrupted)."""
+    try:
+        code = _command(argv)
+    except BaseException:
+        _leave_process_group(clean=False)
+        raise
+    if _leave_process_group(clean=code == 0):
+        # A worker of a multi-process run ends here, skipping the interpreter's teardown: every file
+        # is written and closed, and exit-time destructors of torch.distributed's C++ threads have
+        # aborted processes whose work was done ("terminate called without an active exception").
+        for stream in (sys.stdout, sys.stderr):
+            stream.flush()
+        logging.shutdown()
+        os._exit(code)
+    return code
+
+
+def _command(argv: list[str] | None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command is None:
@@ -279,8 +297,6 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"error: {path_error}", file=sys.stderr)
         return 2
-    finally:
-        _leave_process_group()
     return 0
 
 
@@ -311,13 +327,18 @@ def _path_error(exc: BaseException) -> str | None:
     return None
 
 
-def _leave_process_group() -> None:
-    """Tear down the process group of a multi-process run before the interpreter exits: left to
-    exit-time destructors, gloo's threads can abort a process ("terminate called without an
-    active exception") after all its work is done."""
+def _leave_process_group(*, clean: bool) -> bool:
+    """Tear down the process group of a multi-process run (True), or do nothing (False: none was
+    started). After a command that succeeded on this process, wait for the others first, so that no
+    process leaves while another is still inside a collective; after a failure, do not wait (the
+    launcher stops the other processes)."""
     torch_distributed = sys.modules.get("torch.distributed")
-    if torch_distributed is not None and torch_distributed.is_available() and torch_distributed.is_initialized():
-        torch_distributed.destroy_process_group()
+    if torch_distributed is None or not torch_distributed.is_available() or not torch_distributed.is_initialized():
+        return False
+    if clean:
+        torch_distributed.barrier()
+    torch_distributed.destroy_process_group()
+    return True
 
 
 if __name__ == "__main__":
