@@ -180,6 +180,27 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("run_dir", metavar="RUN_DIR")
     report.set_defaults(run=_report)
 
+    comparison = sub.add_parser(
+        "compare", help="paired comparison of policies on the same eval prompts (pooled over seeds), with plots",
+        description="For policies evaluated on the same held-out prompts: the per-prompt paired difference of the "
+        "gold score, the proxy reward and the response length against a baseline, with 95 %% bootstrap intervals "
+        "and a paired sign-flip permutation p-value. Runs of one recipe that differ only in `seed` are pooled "
+        "(prompts x seeds, each seed paired within itself) and each seed's difference is shown too. Give run "
+        "directories (every evaluated policy) or RUN/<policy> directories, optionally as NAME=RUN to name the "
+        "recipe. Writes OUTPUT/compare.md, compare.html, compare.png and compare.json.\n\n"
+        "  rlhf-workflow compare runs/demo\n"
+        "  rlhf-workflow compare runs/demo-s0 runs/demo-s1 runs/demo-s2 --baseline offline\n"
+        "  rlhf-workflow compare pm=runs/pm-s0 pm=runs/pm-s1 rm=runs/rm-s0 rm=runs/rm-s1 --baseline rm/iter_2",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    comparison.add_argument("runs", nargs="+", metavar="RUN_OR_POLICY", help="run or policy directories ([NAME=]PATH)")
+    comparison.add_argument("--baseline", default="iter_0", metavar="NAME", help="what every policy is compared with: a "
+                            "policy of each run (iter_0 = π0, the default; offline; iter_2) or RECIPE/POLICY")
+    comparison.add_argument("--output", "-o", default="comparison", metavar="DIR", help="where the files go "
+                            "(default: ./comparison)")
+    comparison.add_argument("--bootstrap", type=int, default=1000, metavar="N", help="bootstrap resamples (default 1000)")
+    comparison.set_defaults(run=_compare)
+
     _stage_parser(
         sub, "eval-rm", "accuracy of a reward or preference model on held-out pairs (RewardBench format too)",
         "Accuracy on held-out pairs (ties count half) for a model saved by train-rm or train-pm (detected from "
@@ -238,6 +259,14 @@ def _report(args: argparse.Namespace) -> None:
 
     path = write_report(args.run_dir)
     print(f"report: {path} and {path.with_suffix('.html')}")
+
+
+def _compare(args: argparse.Namespace) -> None:
+    from rlhf_workflow.eval.compare import run_compare
+
+    if args.bootstrap < 0:
+        raise UserError(f"--bootstrap {args.bootstrap}: give 0 (no intervals) or more resamples")
+    run_compare(args.runs, args.baseline, args.output, args.bootstrap)
 
 
 def _setup_logging(verbose: bool) -> None:

@@ -626,6 +626,9 @@ class RunConfig(Strict):
         "online", description="online: T iterations, each sampling from the latest policy; offline: pairs from π0 "
         "only, DPO once (the baseline)")
     iterations: int = Field(2, ge=1, description="T, the online iterations")
+    seed: int = Field(0, ge=0, description="the run's seed: changes every random choice but the eval prompts (which "
+                      "training prompts and their order, every sampling, feedback and pair draws, data order of the "
+                      "RM, PM and DPO steps), so runs of one recipe with different seeds compare prompt by prompt")
     reference: Literal["initial", "previous"] = Field(
         "initial", description="π_ref of each DPO step: the initial policy π0 (the paper) or the previous iterate")
     policy: ModelConfig = ModelConfig()
@@ -639,6 +642,11 @@ class RunConfig(Strict):
     eval: RunEvalConfig = RunEvalConfig()
     offline: OfflineConfig = OfflineConfig()
     feedback: FeedbackConfig = FeedbackConfig()
+
+    def seeded(self, base: int) -> int:
+        """The seed a random stream of the run uses, from the one its settings give (``base``): equal
+        to it with ``seed`` 0, far from every other stream's for any other seed."""
+        return base + 1_000_003 * self.seed
 
     @model_validator(mode="after")
     def _check(self) -> "RunConfig":

@@ -6,12 +6,15 @@ and the task's gold judge when it has one, this module computes
 
 * proxy reward: the mean judge score (reward model or function judge; a preference model's
   within-prompt ranking scores say nothing across policies, so for it only the win rate is given);
-* gold: the mean gold score, with a 95 % bootstrap interval over prompts; and the gold gain over
+* gold: the mean gold score, with a 95 % bootstrap interval over prompts (each response's score is
+  kept in ``eval/gold.jsonl`` for `eval.compare`); and the gold gain over
   π0, the mean over prompts of (this policy's mean gold − π0's), with its own interval: the two
   policies answer the same prompts, so the paired difference is far less noisy than the two means;
 * win rate vs π0: sample k of π_t against sample k of π0 for the same prompt, judged by the proxy
   (a reward model or function compares scores, ties count ½; a preference model compares the two
-  texts in both orders, `PreferenceJudge.compare_many`);
+  texts in both orders, `PreferenceJudge.compare_many`); and the length-controlled win rate, the
+  win rate a logistic model of those outcomes on the length difference predicts at equal length
+  (`eval.stats.length_controlled_win_rate`), which says how much of the win is only length;
 * IFEval's numbers, when the eval prompts are IFEval-format rows (``instruction_id_list``): prompt-
   and instruction-level accuracy, strict and loose, by IFEval's own checkers (`tasks.ifeval`), each
   sampled response counted as one answer, with intervals over prompts; and the rate per instruction type;
@@ -29,21 +32,38 @@ from typing import Any, Callable
 
 from rlhf_workflow.config import ModelConfig, RunConfig
 from rlhf_workflow.data.schemas import prompt_messages
-from rlhf_workflow.eval.stats import bootstrap_interval, mean, pair_outcome
+from rlhf_workflow.data.io import write_jsonl
+from rlhf_workflow.eval.stats import bootstrap_interval, length_controlled_win_rate, mean, pair_outcome
 from rlhf_workflow.tasks.ifeval import follows, is_ifeval_row, summary
 
 EVAL_DIR = "eval"
+GOLD_FILE = "gold.jsonl"  # {"id", "gold": [one score per response, null where the judge could not score it]}
 
 
-def win_rates(ours: dict[tuple[str, int], float | None], theirs: dict[tuple[str, int], float | None]) -> list[tuple[str, float]]:
-    """(prompt id, 1 / ½ / 0) for every sample both sides scored: ours better / tied / worse."""
+def win_rates(ours: dict[tuple[str, int], float | None],
+              theirs: dict[tuple[str, int], float | None]) -> list[tuple[tuple[str, int], float]]:
+    """((prompt id, sample k), 1 / ½ / 0) for every sample both sides scored: ours better / tied / worse."""
     out = []
     for key, value in ours.items():
         other = theirs.get(key)
         if value is None or other is None:
             continue
-        out.append((key[0], pair_outcome(value, other)))
+        out.append((key, pair_outcome(value, other)))
     return out
+
+
+def _with_length_differences(outcomes: list[tuple[tuple[str, int], float]], rows: list[dict[str, Any]],
+                             base_rows: dict[str, dict[str, Any]]) -> list[list[tuple[float, float]]]:
+    """The outcomes grouped by prompt, each with its length difference in tokens (this policy's
+    sample k minus π0's sample k); outcomes of samples without token counts are left out."""
+    tokens = {row["id"]: row.get("response_tokens") or [] for row in rows}
+    base_tokens = {i: row.get("response_tokens") or [] for i, row in base_rows.items()}
+    groups: dict[str, list[tuple[float, float]]] = {}
+    for (prompt_id, k), outcome in outcomes:
+        mine, theirs = tokens.get(prompt_id, []), base_tokens.get(prompt_id, [])
+        if k < len(mine) and k < len(theirs) and isinstance(mine[k], int) and isinstance(theirs[k], int):
+            groups.setdefault(prompt_id, []).append((outcome, float(mine[k] - theirs[k])))
+    return list(groups.values())
 
 
 IFEVAL_KEYS = ("prompt_strict", "prompt_loose", "instruction_strict", "instruction_loose")
@@ -151,6 +171,8 @@ def evaluate_policy(config: RunConfig, run_dir: Path, name: str, policy: ModelCo
         gold_scores = gold.score(rows)
         summarise("gold", [[r for r in rewards if r is not None] for rewards in gold_scores.rewards])
         metrics["gold_unscored"] = sum(r is None for rewards in gold_scores.rewards for r in rewards)
+        write_jsonl(run_dir / name / EVAL_DIR / GOLD_FILE,
+                    [{"id": row["id"], "gold": rewards} for row, rewards in zip(rows, gold_scores.rewards)])
     if rows and all(is_ifeval_row(row) for row in rows):
         metrics.update(ifeval_metrics(rows, resamples))
     tokens = [t for row in rows for t in (row.get("response_tokens") or []) if isinstance(t, int)]
@@ -167,18 +189,24 @@ def evaluate_policy(config: RunConfig, run_dir: Path, name: str, policy: ModelCo
         theirs = {(i, k): r for i, row in base_rows.items() for k, r in enumerate(row["rewards"])}
         outcomes = win_rates(ours, theirs)
     else:
-        items, ids = [], []
+        items, keys = [], []
         for row in rows:
             other = base_rows.get(row["id"])
             for k, text in enumerate(row["responses"]):
                 if other is not None and k < len(other["responses"]):
                     items.append((prompt_messages(row["prompt"]), text, other["responses"][k]))
-                    ids.append(row["id"])
-        outcomes = [(i, pair_outcome(p, 0.5)) for i, p in zip(ids, compare(items))]
+                    keys.append((row["id"], k))
+        outcomes = [(key, pair_outcome(p, 0.5)) for key, p in zip(keys, compare(items))]
     by_prompt: dict[str, list[float]] = {}
-    for prompt_id, outcome in outcomes:
+    for (prompt_id, _), outcome in outcomes:
         by_prompt.setdefault(prompt_id, []).append(outcome)
     summarise("win_rate_vs_initial", list(by_prompt.values()))
+    length_controlled = length_controlled_win_rate(
+        _with_length_differences(outcomes, rows, base_rows), resamples)
+    if length_controlled is not None:
+        metrics["lc_win_rate_vs_initial"] = length_controlled[0]
+        if length_controlled[1] is not None:
+            metrics["lc_win_rate_vs_initial_ci95"] = list(length_controlled[1])
     if gold is not None:
         base_list = list(base_rows.values())
         base_gold = dict(zip((r["id"] for r in base_list), gold.score(base_list).rewards))

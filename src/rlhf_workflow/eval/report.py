@@ -17,6 +17,10 @@ from pathlib import Path
 from typing import Any
 
 from rlhf_workflow.errors import UserError
+from rlhf_workflow.eval.compare import html_parts as compare_html
+from rlhf_workflow.eval.compare import markdown_lines as compare_markdown
+from rlhf_workflow.eval.compare import plot as compare_plot
+from rlhf_workflow.eval.render import html_page, html_table, markdown_table
 
 CURVES = [  # (metric, axis label)
     ("proxy_reward", "proxy reward (judge)"),
@@ -26,7 +30,7 @@ CURVES = [  # (metric, axis label)
     ("length_tokens", "response length (tokens)"),
 ]
 COLUMNS = [("id", "policy"), ("proxy_reward", "proxy reward"), ("gold", "gold"), ("gold_gain_vs_initial", "gold gain vs π0"),
-           ("win_rate_vs_initial", "win rate vs π0"),
+           ("win_rate_vs_initial", "win rate vs π0"), ("lc_win_rate_vs_initial", "length-controlled win rate vs π0"),
            ("kl_vs_initial", "KL to π0"), ("length_tokens", "length (tokens)"), ("pairs", "pairs trained")]
 
 
@@ -83,18 +87,6 @@ def ifeval_tables(rows: list[dict[str, Any]]) -> list[tuple[str, list[str], list
     per_type = ("IFEval: share of instructions followed (strict), per instruction type",
                 ["instruction type", "instructions"] + [str(r["id"]) for r in scored], cells)
     return [four, per_type]
-
-
-def _markdown_table(header: list[str], cells: list[list[str]]) -> list[str]:
-    return ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)] + \
-        ["| " + " | ".join(line) + " |" for line in cells]
-
-
-def _html_table(header: list[str], cells: list[list[str]]) -> str:
-    return ("<table border='1' cellpadding='4' style='border-collapse:collapse'><tr>"
-            + "".join(f"<th>{html.escape(h)}</th>" for h in header) + "</tr>"
-            + "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in line) + "</tr>" for line in cells)
-            + "</table>")
 
 
 def _plot_ifeval_types(rows: list[dict[str, Any]], out: Path) -> tuple[str, str] | None:
@@ -227,6 +219,84 @@ def _plot_pair_rewards(run_dir: Path, out: Path) -> tuple[str, str] | None:
     return "pair_rewards.png", "rewards of chosen vs rejected responses in each iteration's pairs"
 
 
+def paired_comparisons(run_dir: Path, resamples: int = 1000) -> list[Any]:
+    """`eval.compare` within the run: every policy against π0, and the last online iterate against
+    the offline baseline when there is one. Empty when fewer than two policies were evaluated."""
+    from rlhf_workflow.eval.compare import compare, load, policy_dirs
+
+    if not (run_dir / "config.yaml").exists() or not policy_dirs(run_dir):
+        return []
+    policies = load([str(run_dir)])
+    labels = list(dict.fromkeys(p.label for p in policies))
+    recipe = policies[0].recipe
+    initial = f"{recipe}/iter_0"
+    wanted = [(label, initial) for label in labels if label != initial] if initial in labels else []
+    online = [label for label in labels if label.split("/", 1)[1].startswith("iter_") and label != initial]
+    if online and f"{recipe}/offline" in labels:
+        wanted.append((online[-1], f"{recipe}/offline"))
+    return compare(policies, wanted, resamples) if wanted else []
+
+
+LENGTH_BINS = 5
+
+
+def gold_by_length(run_dir: Path) -> tuple[list[str], list[str], list[list[str]]] | None:
+    """(bin labels, header, cells): each policy's mean gold score in bins of response length (tokens),
+    the bins the quintiles of every evaluated response's length. None without gold scores."""
+    from rlhf_workflow.data.io import iter_jsonl
+    from rlhf_workflow.eval.compare import policy_dirs
+    from rlhf_workflow.eval.policy import EVAL_DIR, GOLD_FILE
+
+    samples: dict[str, list[tuple[int, float]]] = {}
+    for policy in policy_dirs(run_dir):
+        gold_file = policy / EVAL_DIR / GOLD_FILE
+        if not gold_file.exists():
+            continue
+        gold = {row["id"]: row.get("gold") or [] for _, row in iter_jsonl(gold_file)}
+        for _, row in iter_jsonl(policy / EVAL_DIR / "scored.jsonl"):
+            for tokens, score in zip(row.get("response_tokens") or [], gold.get(row["id"], [])):
+                if isinstance(tokens, int) and isinstance(score, (int, float)):
+                    samples.setdefault(policy.name, []).append((tokens, float(score)))
+    lengths = sorted(t for values in samples.values() for t, _ in values)
+    if not lengths:
+        return None
+    edges = sorted({lengths[min(len(lengths) - 1, k * len(lengths) // LENGTH_BINS)] for k in range(1, LENGTH_BINS)})
+    bounds = [lengths[0]] + edges + [lengths[-1] + 1]
+    labels = [f"{low}–{high - 1}" for low, high in zip(bounds, bounds[1:])]
+    header = ["response tokens"] + list(samples)
+    cells = []
+    for k, (low, high) in enumerate(zip(bounds, bounds[1:])):
+        line = [labels[k]]
+        for values in samples.values():
+            inside = [score for tokens, score in values if low <= tokens < high]
+            line.append(f"{sum(inside) / len(inside):.3f} ({len(inside)})" if inside else "–")
+        cells.append(line)
+    return labels, header, cells
+
+
+def _plot_gold_by_length(binned: tuple[list[str], list[str], list[list[str]]], out: Path) -> tuple[str, str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels, header, cells = binned
+    fig, ax = plt.subplots(figsize=(5.5, 3.4), dpi=110)
+    for column, name in enumerate(header[1:], start=1):
+        points = [(k, float(line[column].split()[0])) for k, line in enumerate(cells) if line[column] != "–"]
+        ax.plot([k for k, _ in points], [v for _, v in points], marker="o", label=name)
+    ax.set_xticks(range(len(labels)))
+    ax.set_xticklabels(labels, fontsize=8)
+    ax.set_xlabel("response length (tokens)")
+    ax.set_ylabel("mean gold score")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out / "gold_by_length.png")
+    plt.close(fig)
+    return "gold_by_length.png", "gold score by response length (does the gain come with length?)"
+
+
 def write_report(run_dir: str | Path) -> Path:
     """Write RUN/report/{report.md, report.html, *.png}; returns the Markdown file."""
     from rlhf_workflow.data.io import atomic_write_text
@@ -252,8 +322,17 @@ def write_report(run_dir: str | Path) -> Path:
     md = [f"# {title}", "", "Held-out evaluation of each policy (95 % bootstrap intervals over prompts in brackets):",
           "", table(rows), ""] + [line + "\n" for line in feedback_lines]
     extra_tables = ifeval_tables(rows)
+    binned = gold_by_length(run_dir)
+    if binned is not None:
+        extra_tables.append(("Gold score by response length: mean (responses), length bins from the quintiles of "
+                             "all responses", binned[1], binned[2]))
+        plots.append(_plot_gold_by_length(binned, out))
+    comparisons = paired_comparisons(run_dir)
+    image = "compare.png" if comparisons and compare_plot(comparisons, out / "compare.png") else None
     for heading, header, cells in extra_tables:
-        md += [f"## {heading}", ""] + _markdown_table(header, cells) + [""]
+        md += [f"## {heading}", ""] + markdown_table(header, cells) + [""]
+    if comparisons:
+        md += compare_markdown(comparisons, image)
     for name, label in plots:
         md += [f"## {label}", "", f"![{label}]({name})", ""]
     if seconds:
@@ -269,14 +348,14 @@ def write_report(run_dir: str | Path) -> Path:
     body.append("</table>")
     body += [f"<p>{html.escape(line)}</p>" for line in feedback_lines]
     for heading, header, cells in extra_tables:
-        body += [f"<h2>{html.escape(heading)}</h2>", _html_table(header, cells)]
+        body += [f"<h2>{html.escape(heading)}</h2>", html_table(header, cells)]
+    if comparisons:
+        body += compare_html(comparisons, image)
     for name, label in plots:
         body += [f"<h2>{html.escape(label)}</h2>", f"<img src='{html.escape(name)}' alt='{html.escape(label)}'>"]
     if seconds:
         body.append("<h2>Time per stage</h2><table border='1' cellpadding='4' style='border-collapse:collapse'>")
         body += [f"<tr><td>{html.escape(s)}</td><td>{v:.1f} s</td></tr>" for s, v in seconds.items()]
         body.append("</table>")
-    atomic_write_text(out / "report.html", "<!doctype html>\n<html><head><meta charset='utf-8'><title>"
-                      f"{html.escape(title)}</title></head><body style='font-family:sans-serif'>\n" + "\n".join(body)
-                      + "\n</body></html>\n")
+    atomic_write_text(out / "report.html", html_page(title, body))
     return out / "report.md"

@@ -72,3 +72,62 @@ def sign_flip_pvalue(groups: Sequence[Sequence[float]], resamples: int = 10000, 
     rng = random.Random(seed)
     hits = sum(abs(sum(s if rng.random() < 0.5 else -s for s in sums)) >= observed for _ in range(resamples))
     return (1 + hits) / (1 + resamples)
+
+
+def fit_length_logistic(outcomes: Sequence[float], length_diffs: Sequence[float], scale: float,
+                        ridge: float = 1e-4) -> tuple[float, float]:
+    """(a, b) maximising Σ y log p + (1 − y) log(1 − p) − ridge·(a² + b²)/2 with
+    p = σ(a + b·tanh(Δ / scale)), by Newton's method.
+
+    ``outcomes`` are y ∈ [0, 1] (1 a win, ½ a tie, 0 a loss: a tie counts as half a win and half a
+    loss); ``length_diffs`` are Δ, the length of the response minus the length of the one it was
+    compared with. tanh bounds what a very long answer can weigh, as AlpacaEval 2's length-
+    controlled win rate does; the small ridge keeps (a, b) finite when lengths separate wins from losses."""
+    import numpy as np
+
+    y = np.asarray(outcomes, dtype=float)
+    x = np.tanh(np.asarray(length_diffs, dtype=float) / scale) if scale > 0 else np.zeros(len(y))
+    features = np.stack([np.ones_like(x), x], axis=1)
+    theta = np.zeros(2)
+    for _ in range(100):
+        p = 1.0 / (1.0 + np.exp(-(features @ theta)))
+        gradient = features.T @ (y - p) - ridge * theta
+        hessian = (features * (p * (1 - p))[:, None]).T @ features + ridge * np.eye(2)
+        step = np.linalg.solve(hessian, gradient)
+        theta += step
+        if np.abs(step).max() < 1e-10:
+            break
+    return float(theta[0]), float(theta[1])
+
+
+def length_controlled_win_rate(groups: Sequence[Sequence[tuple[float, float]]], resamples: int,
+                               seed: int = 0) -> tuple[float, tuple[float, float] | None, float] | None:
+    """The win rate at equal length, its 95 % interval and the raw win rate.
+
+    ``groups`` hold (outcome, length difference) for the comparisons of one prompt. A logistic model
+    of the outcome on tanh(Δ / s), s the standard deviation of Δ (`fit_length_logistic`), says how
+    much of the win rate comes with length; the length-controlled win rate is its prediction at
+    Δ = 0, σ(a). The interval resamples prompts and refits. None with no comparisons."""
+    pairs = [item for group in groups for item in group]
+    if not pairs:
+        return None
+    outcomes, diffs = [o for o, _ in pairs], [d for _, d in pairs]
+    centre = sum(diffs) / len(diffs)
+    scale = math.sqrt(sum((d - centre) ** 2 for d in diffs) / len(diffs))
+    a, _ = fit_length_logistic(outcomes, diffs, scale)
+    raw = sum(outcomes) / len(outcomes)
+    groups = [g for g in groups if g]
+    if len(groups) < 2 or resamples <= 0:
+        return _sigmoid(a), None, raw
+    rng = random.Random(seed)
+    values = []
+    for _ in range(resamples):
+        picked = [item for _ in groups for item in groups[rng.randrange(len(groups))]]
+        a_star, _ = fit_length_logistic([o for o, _ in picked], [d for _, d in picked], scale)
+        values.append(_sigmoid(a_star))
+    values.sort()
+    return _sigmoid(a), (values[int(0.025 * (resamples - 1))], values[int(math.ceil(0.975 * (resamples - 1)))]), raw
+
+
+def _sigmoid(value: float) -> float:
+    return 1.0 / (1.0 + math.exp(-value))

@@ -102,7 +102,8 @@ class Feedback:
         c = self.config
         run_generate(stage_config(GenerateConfig, c.generation, prompts=str(self.dir / "prompts.jsonl"),
                                   output=str(self.dir / "generations.jsonl"), model=c.policy,
-                                  sampling=c.feedback.sampling, apply_chat_template=c.apply_chat_template))
+                                  sampling=c.feedback.sampling.model_copy(update={"seed": c.seeded(c.feedback.sampling.seed)}),
+                                  apply_chat_template=c.apply_chat_template))
 
     def annotate(self) -> None:
         from rlhf_workflow.online.annotate import run_annotate
@@ -119,9 +120,9 @@ class Feedback:
             return
         c = self.config
         run_pairs(PairsConfig(input=str(self.dir / "scored.jsonl"), output=str(self.dir / "all_pairs.jsonl"),
-                              strategy=c.feedback.strategy, seed=c.prompts.seed))
+                              strategy=c.feedback.strategy, seed=c.seeded(c.prompts.seed)))
         rows = [row for _, row in iter_jsonl(self.dir / "all_pairs.jsonl")]
-        train, held, held_prompts, prompts = split_by_prompt(rows, c.feedback.heldout_share, c.prompts.seed)
+        train, held, held_prompts, prompts = split_by_prompt(rows, c.feedback.heldout_share, c.seeded(c.prompts.seed))
         write_jsonl(self.dir / "heldout_pairs.jsonl", held)
         write_jsonl(self.dir / "pairs.jsonl", train)
         print(f"feedback: {len(train)} pairs to train the reward model, {len(held)} held out "
@@ -142,12 +143,14 @@ class Feedback:
         if kind == "rm":
             from rlhf_workflow.train.reward import run_train_rm
 
-            run_train_rm(RewardModelConfig(output_dir=str(out), model=model, train=f.rm_train, data=data,
+            run_train_rm(RewardModelConfig(output_dir=str(out), model=model, data=data,
+                                           train=f.rm_train.model_copy(update={"seed": c.seeded(f.rm_train.seed)}),
                                            group_by_prompt=f.rm_group_by_prompt), resume=resume)
         else:
             from rlhf_workflow.train.preference import run_train_pm
 
-            run_train_pm(PreferenceModelConfig(output_dir=str(out), model=model, train=f.pm_train, data=data),
+            run_train_pm(PreferenceModelConfig(output_dir=str(out), model=model, data=data,
+                                               train=f.pm_train.model_copy(update={"seed": c.seeded(f.pm_train.seed)})),
                          resume=resume)
 
     def evaluate(self, kind: str) -> None:

@@ -100,7 +100,7 @@ def split_prompts(config: RunConfig) -> list[list[Any]]:
         chunks = [read_rows(path, PromptRow) for path in p.train_per_iteration]
     else:
         rows = read_rows(p.train, PromptRow)
-        random.Random(p.seed).shuffle(rows)
+        random.Random(config.seeded(p.seed)).shuffle(rows)
         size = p.per_iteration or len(rows) // config.iterations
         if size == 0 or size * config.iterations > len(rows):
             raise UserError(f"{p.train} has {len(rows)} prompts: too few for {config.iterations} iterations of "
@@ -187,9 +187,9 @@ class Runner:
 
             task = get_task(p.task)
             try:
-                train = task.prompts("train", feedback.prompt_count(c) + c.iterations * p.per_iteration, p.seed,
-                                     **p.task_options)
-                eval_rows = task.prompts(p.eval_split, p.eval_count, p.seed, **p.task_options)
+                train = task.prompts("train", feedback.prompt_count(c) + c.iterations * p.per_iteration,
+                                     c.seeded(p.seed), **p.task_options)
+                eval_rows = task.prompts(p.eval_split, p.eval_count, p.seed, **p.task_options)  # whatever the run's seed
             except (TypeError, ValueError) as exc:
                 raise UserError(f"prompts.task {p.task}: {exc}") from None
             feedback_rows, train = feedback.carve_prompts(c, train)
@@ -220,7 +220,7 @@ class Runner:
         g = self.config.generation
         parts = []
         for index, (policy, temperature) in enumerate(sources):
-            sampling = g.sampling.model_copy(update={"seed": g.sampling.seed + seed_offset + 1000 * index,
+            sampling = g.sampling.model_copy(update={"seed": self.config.seeded(g.sampling.seed + seed_offset + 1000 * index),
                                                      **({"temperature": temperature} if temperature is not None else {})})
             part = directory / ("generations.jsonl" if len(sources) == 1 else f"generations.source{index}.jsonl")
             run_generate(stage_config(GenerateConfig, g, prompts=str(directory / "prompts.jsonl"), output=str(part),
@@ -262,7 +262,7 @@ class Runner:
             return
         output = directory / "pairs.jsonl"
         run_pairs(stage_config(PairsConfig, self.config.pairs, input=str(directory / "scored.jsonl"), output=str(output),
-                               seed=self.config.prompts.seed, max_pairs=budget))
+                               seed=self.config.seeded(self.config.prompts.seed), max_pairs=budget))
         if budget:
             made = sum(1 for line in output.read_text().splitlines() if line.strip())
             if made < budget:
@@ -297,7 +297,7 @@ class Runner:
             DPOConfig, d, output_dir=str(out), model=start,
             data=DataConfig(train=str(directory / "pairs.jsonl"), max_length=d.max_length,
                             apply_chat_template=self.config.apply_chat_template),
-            train=d.train.model_copy(update={"seed": d.train.seed + seed_offset}),
+            train=d.train.model_copy(update={"seed": self.config.seeded(d.train.seed + seed_offset)}),
             reference=ReferenceConfig(name_or_path=reference, precompute=True, batch_size=d.reference_batch_size),
         )
         target = directory / "policy"
@@ -326,7 +326,8 @@ class Runner:
         # as many rows per batch as in training generation, whatever the number of samples per prompt
         hf = g.hf.model_copy(update={"batch_size": max(1, g.hf.batch_size * g.sampling.n // c.eval.sampling.n)})
         run_generate(stage_config(GenerateConfig, g, prompts=str(self.run_dir / "eval_prompts.jsonl"),
-                                  output=str(generations), model=policy, sampling=c.eval.sampling, hf=hf,
+                                  output=str(generations), model=policy, hf=hf,
+                                  sampling=c.eval.sampling.model_copy(update={"seed": c.seeded(c.eval.sampling.seed)}),
                                   apply_chat_template=c.apply_chat_template))
         run_annotate(AnnotateConfig(input=str(generations), output=str(scored), judge=self.judge,
                                     apply_chat_template=c.apply_chat_template))

@@ -1,0 +1,25 @@
+"""Tables as Markdown and HTML, for the run report and the paired comparison."""
+
+from __future__ import annotations
+
+import html
+
+
+def markdown_table(header: list[str], cells: list[list[str]]) -> list[str]:
+    """The lines of a Markdown table."""
+    return ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)] + \
+        ["| " + " | ".join(line) + " |" for line in cells]
+
+
+def html_table(header: list[str], cells: list[list[str]]) -> str:
+    """An HTML table, every cell escaped."""
+    return ("<table border='1' cellpadding='4' style='border-collapse:collapse'><tr>"
+            + "".join(f"<th>{html.escape(h)}</th>" for h in header) + "</tr>"
+            + "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in line) + "</tr>" for line in cells)
+            + "</table>")
+
+
+def html_page(title: str, body: list[str]) -> str:
+    """A whole HTML page around ``body``."""
+    return ("<!doctype html>\n<html><head><meta charset='utf-8'><title>" + html.escape(title)
+            + "</title></head><body style='font-family:sans-serif'>\n" + "\n".join(body) + "\n</body></html>\n")

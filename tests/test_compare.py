@@ -1,0 +1,219 @@
+"""`rlhf-workflow compare`: paired differences between policies on the same eval prompts, pooled over
+seeds; the run's seed; the length-controlled win rate."""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+from pathlib import Path
+
+import pytest
+
+from conftest import write_jsonl
+from rlhf_workflow.cli import main
+from rlhf_workflow.config import RunConfig, config_to_yaml, load_config
+from rlhf_workflow.eval.compare import compare, load
+from rlhf_workflow.eval.stats import bootstrap_interval, length_controlled_win_rate, sign_flip_pvalue
+
+PROMPTS = [f"p{i}" for i in range(12)]
+
+
+def make_run(root: Path, name: str, seed: int, policies: dict[str, dict[str, tuple[list, list, list]]],
+             judge: str = "task.py:judge", prompt_text: str = "Say {}.") -> Path:
+    """A run directory as `run` leaves it: config.yaml, and per policy eval/scored.jsonl (rewards,
+    response_tokens) and eval/gold.jsonl, from {policy: {prompt id: (gold, rewards, tokens)}}."""
+    run = root / name
+    run.mkdir(parents=True)
+    config = load_config(RunConfig, None, ["prompts.train=t.jsonl", "prompts.eval=e.jsonl", "judge.type=function",
+                                           f"judge.function={judge}", f"seed={seed}", f"output_dir={run}"])
+    (run / "config.yaml").write_text(config_to_yaml(config))
+    for policy, rows in policies.items():
+        (run / policy / "eval").mkdir(parents=True)
+        write_jsonl(run / policy / "eval" / "scored.jsonl", [
+            {"id": i, "prompt": prompt_text.format(i), "responses": ["x"] * len(rewards), "rewards": rewards,
+             "response_tokens": tokens} for i, (_, rewards, tokens) in rows.items()])
+        write_jsonl(run / policy / "eval" / "gold.jsonl", [{"id": i, "gold": gold} for i, (gold, _, _) in rows.items()])
+    return run
+
+
+def random_policy(rng: random.Random, shift: float) -> dict[str, tuple[list, list, list]]:
+    return {i: ([float(rng.random() < 0.4 + shift), float(rng.random() < 0.4 + shift)],
+                [rng.gauss(shift, 1), rng.gauss(shift, 1)], [rng.randrange(5, 40), rng.randrange(5, 40)])
+            for i in PROMPTS}
+
+
+def per_prompt(rows: dict[str, tuple[list, list, list]], index: int) -> dict[str, float]:
+    return {i: sum(values[index]) / len(values[index]) for i, values in rows.items()}
+
+
+def test_one_run_matches_a_direct_computation(tmp_path):
+    rng = random.Random(0)
+    base, policy = random_policy(rng, 0.0), random_policy(rng, 0.3)
+    run = make_run(tmp_path, "demo", 0, {"iter_0": base, "iter_1": policy})
+    [result] = compare(load([str(run)]), [("demo/iter_1", "demo/iter_0")], resamples=500)
+    for metric, index in (("gold", 0), ("proxy", 1), ("length", 2)):
+        a, b = per_prompt(policy, index), per_prompt(base, index)
+        groups = [[a[i] - b[i]] for i in sorted(PROMPTS)]  # prompts in the order of their ids
+        got = result.metrics[metric]
+        assert got.mean == pytest.approx(sum(g[0] for g in groups) / len(groups))
+        assert got.ci95 == pytest.approx(bootstrap_interval(groups, 500))
+        assert got.p_value == pytest.approx(sign_flip_pvalue(groups))
+        assert got.prompts == len(PROMPTS)
+        assert got.policy_mean == pytest.approx(sum(a.values()) / len(a))
+    assert result.seeds == [0]
+
+
+def test_seeds_of_one_recipe_pool_with_the_prompt_as_the_unit(tmp_path):
+    """Three runs that differ only in seed are one recipe: online − offline is paired within each
+    seed, and the bootstrap and the sign flips take a prompt with its three differences together."""
+    rng = random.Random(1)
+    runs, expected = [], {}
+    for seed in (0, 1, 2):
+        online, offline = random_policy(rng, 0.2), random_policy(rng, 0.0)
+        runs.append(make_run(tmp_path, f"online-s{seed}", seed, {"iter_0": random_policy(rng, 0), "iter_2": online,
+                                                                 "offline": offline}))
+        a, b = per_prompt(online, 0), per_prompt(offline, 0)
+        expected[seed] = {i: a[i] - b[i] for i in PROMPTS}
+    policies = load([str(r) for r in reversed(runs)])
+    assert {p.recipe for p in policies} == {"online"}
+    [result] = compare(policies, [("online/iter_2", "online/offline")], resamples=300)
+    assert sorted(result.seeds) == [0, 1, 2]
+    groups = [[expected[s][i] for s in sorted(result.seeds, reverse=True)] for i in sorted(PROMPTS)]
+    gold = result.metrics["gold"]
+    assert gold.mean == pytest.approx(sum(map(sum, groups)) / 36)
+    assert gold.ci95 == pytest.approx(bootstrap_interval(groups, 300))
+    assert gold.p_value == pytest.approx(sign_flip_pvalue(groups))
+    assert {r["seed"]: r["mean"] for r in gold.per_seed} == pytest.approx(
+        {s: sum(expected[s].values()) / 12 for s in (0, 1, 2)})
+
+
+def test_a_recipe_against_another_pairs_equal_seeds(tmp_path):
+    rng = random.Random(2)
+    rows = {(name, seed): random_policy(rng, 0.1 * seed) for name in ("pm", "rm") for seed in (0, 1)}
+    inputs = []
+    for (name, seed), policy in rows.items():
+        run = make_run(tmp_path, f"{name}-{seed}", seed, {"iter_0": random_policy(rng, 0), "iter_2": policy},
+                       judge=f"{name}.py:judge")
+        inputs.append(f"{name}={run}")
+    policies = load(inputs)
+    [result] = compare(policies, [("pm/iter_2", "rm/iter_2")], resamples=100)
+    per_seed = {r["seed"]: r["mean"] for r in result.metrics["length"].per_seed}
+    for seed in (0, 1):
+        a, b = per_prompt(rows[("pm", seed)], 2), per_prompt(rows[("rm", seed)], 2)
+        assert per_seed[seed] == pytest.approx(sum(a[i] - b[i] for i in PROMPTS) / 12)
+    # two judges: their rewards are not on one scale
+    assert result.metrics["proxy"].mean is None and "different judges" in result.metrics["proxy"].note
+
+
+def test_runs_on_different_eval_prompts_are_refused_naming_the_first_difference(tmp_path, capsys):
+    rng = random.Random(3)
+    one = make_run(tmp_path, "one", 0, {"iter_0": random_policy(rng, 0)})
+    two = make_run(tmp_path, "two", 1, {"iter_0": random_policy(rng, 0)}, prompt_text="Tell {}.")
+    assert main(["compare", str(one), str(two), "-o", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert "different prompts" in err and "'p0'" in err and "prompt='Say p0.'" in err and "'Tell p0.'" in err
+    fewer = random_policy(rng, 0)
+    del fewer["p7"]
+    three = make_run(tmp_path, "three", 2, {"iter_0": fewer})
+    assert main(["compare", str(one), str(three), "-o", str(tmp_path / "out")]) == 2
+    assert "prompt 'p7' is only in" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def test_the_command_writes_tables_plot_and_json(tmp_path, capsys):
+    rng = random.Random(4)
+    runs = [make_run(tmp_path, f"demo-s{s}", s, {"iter_0": random_policy(rng, 0), "iter_1": random_policy(rng, 0.2),
+                                                 "offline": random_policy(rng, 0.1)}) for s in (0, 1)]
+    out = tmp_path / "cmp"
+    assert main(["compare", *map(str, runs), "--baseline", "offline", "-o", str(out), "--bootstrap", "100"]) == 0
+    printed = capsys.readouterr().out
+    assert "| iter_1 | offline | 2 | 12 |" in printed and "Each seed's paired difference" in printed
+    data = json.loads((out / "compare.json").read_text())
+    assert [(d["policy"], d["baseline"]) for d in data] == [("demo/iter_0", "demo/offline"), ("demo/iter_1", "demo/offline")]
+    assert (out / "compare.png").stat().st_size > 0 and "<table" in (out / "compare.html").read_text()
+    assert main(["compare", str(runs[0]), "--baseline", "iter_9", "-o", str(out)]) == 2
+    assert "--baseline iter_9" in capsys.readouterr().err
+    assert main(["compare", str(runs[0]), str(runs[0]) + "/iter_1", "-o", str(out)]) == 0  # a run and one of its policies
+    assert main(["compare", str(tmp_path / "nothing"), "-o", str(out)]) == 2
+    assert "no such run or policy directory" in capsys.readouterr().err
+
+
+def test_two_runs_of_one_recipe_and_seed_are_refused(tmp_path, capsys):
+    rng = random.Random(5)
+    one = make_run(tmp_path, "a", 0, {"iter_0": random_policy(rng, 0)})
+    two = make_run(tmp_path, "b", 0, {"iter_0": random_policy(rng, 0)})
+    assert main(["compare", str(one), str(two), "-o", str(tmp_path / "o")]) == 2
+    assert "same seed (0)" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("true_lc, length_effect", [(0.5, -2.0), (0.65, -1.0), (0.35, 1.5)])
+def test_length_controlled_win_rate_recovers_the_win_rate_at_equal_length(true_lc, length_effect):
+    """Judgements drawn from P(win) = σ(a + b·tanh(Δ/s)) with Δ mostly negative (the policy is
+    shorter) and a strong length effect: the raw win rate is far from σ(a), the LC one close."""
+    rng = random.Random(7)
+    diffs = [rng.gauss(-10, 10) for _ in range(10000)]
+    centre = sum(diffs) / len(diffs)
+    scale = math.sqrt(sum((d - centre) ** 2 for d in diffs) / len(diffs))
+    a = math.log(true_lc / (1 - true_lc))
+    groups = []
+    for k in range(0, len(diffs), 2):
+        group = []
+        for d in diffs[k : k + 2]:
+            p = 1 / (1 + math.exp(-(a + length_effect * math.tanh(d / scale))))
+            tie = 0.2 * min(p, 1 - p)  # some ties, E[outcome] = p still
+            u = rng.random()
+            group.append((1.0 if u < p - tie / 2 else 0.5 if u < p + tie / 2 else 0.0, d))
+        groups.append(group)
+    lc, interval, raw = length_controlled_win_rate(groups, resamples=100)
+    assert abs(raw - true_lc) > 0.1
+    assert lc == pytest.approx(true_lc, abs=0.03)
+    assert interval[0] < true_lc < interval[1] and interval[1] - interval[0] < 0.1
+
+
+def test_length_controlled_win_rate_without_a_length_effect_is_the_win_rate():
+    rng = random.Random(8)
+    groups = [[(float(rng.random() < 0.7), rng.gauss(0, 10)) for _ in range(2)] for _ in range(1000)]
+    lc, _, raw = length_controlled_win_rate(groups, resamples=0)
+    assert lc == pytest.approx(raw, abs=0.02)
+    assert length_controlled_win_rate([], 10) is None
+    # every length equal: nothing to control for
+    same = [[(1.0, 0.0), (0.0, 0.0), (1.0, 0.0)]]
+    assert length_controlled_win_rate(same, 0)[0] == pytest.approx(2 / 3, abs=1e-3)
+
+
+def test_the_run_seed_changes_training_prompts_not_the_eval_set(tmp_path):
+    from rlhf_workflow.online.loop import split_prompts
+
+    train = write_jsonl(tmp_path / "t.jsonl", [{"id": f"t{i}", "prompt": f"p {i}"} for i in range(20)])
+    base = ["prompts.train=" + str(train), "prompts.eval=e.jsonl", "judge.type=function", "judge.function=x.py:f",
+            "iterations=2"]
+    chunks = {s: split_prompts(load_config(RunConfig, None, base + [f"seed={s}"])) for s in (0, 1)}
+    assert [[r.id for r in c] for c in chunks[0]] != [[r.id for r in c] for c in chunks[1]]
+    config = load_config(RunConfig, None, base + ["seed=0"])
+    assert config.seeded(12345) == 12345  # seed 0 leaves every stream as its settings say
+    assert load_config(RunConfig, None, base + ["seed=2"]).seeded(12345) != 12345
+
+
+def test_runs_with_different_seeds_share_the_eval_set_and_compare(recipe, tmp_path):
+    """Two runs of a recipe that differ only in seed: the same eval prompts, different training
+    prompts, samples and DPO data order, and `compare` pools them as one recipe."""
+    task_recipe = [a for a in recipe if not a.startswith(("prompts.train=", "prompts.eval="))]
+    task_recipe += ["prompts.task=arithmetic", "prompts.per_iteration=6", "prompts.eval_count=4", "iterations=1",
+                    "eval.kl=false"]
+    runs = {}
+    for seed in (0, 1):
+        runs[seed] = tmp_path / f"run-s{seed}"
+        assert main(["run", *task_recipe, f"seed={seed}", f"output_dir={runs[seed]}"]) == 0
+    a, b = runs[0], runs[1]
+    assert (a / "eval_prompts.jsonl").read_text() == (b / "eval_prompts.jsonl").read_text()
+    assert (a / "iter_1" / "prompts.jsonl").read_text() != (b / "iter_1" / "prompts.jsonl").read_text()
+    assert (a / "iter_0" / "eval" / "generations.jsonl").read_text() != (b / "iter_0" / "eval" / "generations.jsonl").read_text()
+    seeds = [json.loads(json.dumps(__import__("yaml").safe_load((r / "iter_1" / "dpo" / "config.yaml").read_text())))["train"]["seed"]
+             for r in (a, b)]
+    assert seeds[0] != seeds[1]
+    [result] = compare(load([str(a), str(b)]), [("run/iter_1", "run/iter_0")], resamples=50)
+    assert sorted(result.seeds) == [0, 1] and result.metrics["gold"].prompts == 4
+    assert (a / "iter_1" / "eval" / "gold.jsonl").exists()
+    report = (a / "report" / "report.md").read_text()
+    assert "Paired differences" in report and "length-controlled win rate" in report
