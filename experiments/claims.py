@@ -30,8 +30,8 @@ from pathlib import Path
 # variant -> overrides of the demo recipe
 VARIANTS: dict[str, list[str]] = {
     "demo": [],
-    "pm-knockout": ["feedback.judge=pm", "judge.ranking=knockout"],
-    "pm-copeland": ["feedback.judge=pm", "judge.ranking=copeland"],
+    "pm-knockout": ["feedback.judge=pm", "judge.ranking=knockout", "feedback.pm_train.precision=bf16"],
+    "pm-copeland": ["feedback.judge=pm", "judge.ranking=copeland", "feedback.pm_train.precision=bf16"],
     "max-random": ["pairs.strategy=max_random"],
     "random": ["pairs.strategy=random"],
     "reference-previous": ["reference=previous"],

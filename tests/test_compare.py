@@ -199,8 +199,7 @@ def test_runs_with_different_seeds_share_the_eval_set_and_compare(recipe, tmp_pa
     """Two runs of a recipe that differ only in seed: the same eval prompts, different training
     prompts, samples and DPO data order, and `compare` pools them as one recipe."""
     task_recipe = [a for a in recipe if not a.startswith(("prompts.train=", "prompts.eval="))]
-    task_recipe += ["prompts.task=arithmetic", "prompts.per_iteration=6", "prompts.eval_count=4", "iterations=1",
-                    "eval.kl=false"]
+    task_recipe += ["prompts.task=arithmetic", "prompts.per_iteration=6", "prompts.eval_count=4", "iterations=1"]
     runs = {}
     for seed in (0, 1):
         runs[seed] = tmp_path / f"run-s{seed}"
@@ -217,3 +216,17 @@ def test_runs_with_different_seeds_share_the_eval_set_and_compare(recipe, tmp_pa
     assert (a / "iter_1" / "eval" / "gold.jsonl").exists()
     report = (a / "report" / "report.md").read_text()
     assert "Paired differences" in report and "length-controlled win rate" in report
+    # the KL estimate scores π0 on exactly the tokens the policy sampled: π0 against itself is 0
+    import shutil
+
+    import torch
+
+    from rlhf_workflow.eval.policy import evaluate_policy
+
+    shutil.copytree(a / "iter_0", a / "copy_of_iter_0")
+    config = load_config(RunConfig, str(a / "config.yaml"), ["eval.kl=true"])
+    rows = [json.loads(line) for line in (a / "iter_0" / "eval" / "scored.jsonl").read_text().splitlines()]
+    assert all(len(r["response_token_ids"]) == len(r["responses"]) for r in rows)
+    metrics = evaluate_policy(config, a, "copy_of_iter_0", config.policy, baseline="iter_0", gold=None, compare=None,
+                              device=torch.device("cpu"))
+    assert metrics["kl_vs_initial"] == pytest.approx(0.0, abs=1e-4)

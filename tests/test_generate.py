@@ -175,6 +175,27 @@ def _rows(path):
     return [json.loads(line) for line in Path(path).read_text().splitlines()]
 
 
+def test_samples_carry_their_log_probability_and_tokens_as_a_forward_pass_scores_them(tok, eos_model):
+    """The sampling pass's log π(y|x), summed over the sampled tokens (the end-of-turn token too when
+    sampled), is what a plain forward pass gives on those tokens, at any temperature or filter."""
+    from rlhf_workflow.data.templating import encode_prompt
+
+    sampling = SamplingConfig(n=3, temperature=0.7, top_k=20, max_new_tokens=10, seed=3)
+    got = _run(HFGenerator(eos_model, tok, batch_size=3), _requests(), sampling)
+    ended = set()
+    for request in _requests():
+        prompt = encode_prompt(tok, request.messages)
+        for sample in got[request.id].samples:
+            ids = sample.token_ids
+            assert ids[: sample.num_tokens] and len(ids) == sample.num_tokens + (sample.finish_reason == "stop")
+            ended.add(sample.finish_reason)
+            with torch.no_grad():
+                logits = eos_model(torch.tensor([prompt + ids])).logits[0, len(prompt) - 1 : -1]
+            expected = torch.log_softmax(logits.float(), -1).gather(1, torch.tensor(ids).unsqueeze(1)).sum().item()
+            assert sample.logprob == pytest.approx(expected, abs=1e-4)
+    assert ended == {"stop", "length"}
+
+
 def test_generate_stage_writes_rows_and_resumes(tiny_model_dir, prompts_file, tmp_path):
     full = tmp_path / "full.jsonl"
     assert main(_gen_args(tiny_model_dir, prompts_file, full)) == 0
@@ -183,6 +204,8 @@ def test_generate_stage_writes_rows_and_resumes(tiny_model_dir, prompts_file, tm
     for row in rows.values():
         assert len(row["responses"]) == len(row["response_tokens"]) == len(row["finish_reasons"]) == 3
         assert all(0 < t <= 8 for t in row["response_tokens"])
+        assert len(row["response_logps"]) == 3 and all(v < 0 for v in row["response_logps"])
+        assert "response_token_ids" not in row  # only when asked (token_ids=true)
     assert rows["q3"]["meta"] == {"k": 3} and rows["chat"]["prompt"][0]["content"] == "Be brief."
 
     # a crash after three rows and half of a fourth: the rerun completes the file, with the same samples

@@ -214,3 +214,19 @@ def test_feedback_can_make_the_preference_model_the_loops_judge(tmp_path):
         load_config(RunConfig, None, base + ["judge.type=preference_model"])
     with pytest.raises(UserError, match="not judge.type=function"):
         load_config(RunConfig, None, base + ["judge.type=function", "judge.function=m:f"])
+
+
+def test_generation_dtype_samples_in_bfloat16_and_trains_in_the_policys_dtype(recipe, tmp_path):
+    """generation.dtype is the dtype every sampling pass loads the policy in (and π0's scoring of the
+    eval samples for the KL); DPO trains in policy.dtype."""
+    run = tmp_path / "run"
+    assert main(["run", *recipe, "iterations=1", "prompts.per_iteration=4", "generation.dtype=bfloat16",
+                 f"output_dir={run}"]) == 0
+    for generations in ("iter_1/generations.settings.json", "iter_0/eval/generations.settings.json",
+                        "iter_1/eval/generations.settings.json"):
+        assert json.loads((run / generations).read_text())["dtype"] == "bfloat16", generations
+    import yaml
+
+    assert yaml.safe_load((run / "iter_1" / "dpo" / "config.yaml").read_text())["model"]["dtype"] == "float32"
+    [_, first] = _metrics(run)
+    assert first["kl_vs_initial"] is not None

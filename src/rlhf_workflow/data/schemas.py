@@ -240,6 +240,11 @@ class SFTRow(Row):
         return to_messages(self.prompt, "user") + to_messages(self.completion, "assistant")
 
 
+# what `generate` and `annotate` add to a prompt row (the rest is the prompt row, passed along)
+GENERATED_FIELDS = ("responses", "response_tokens", "finish_reasons", "response_logps", "response_token_ids", "rewards",
+                    "raw_rewards", "reward_errors")
+
+
 class GenerationRow(_HasPrompt, Row):
     """n sampled responses for one prompt, with one reward each after annotation."""
 

@@ -37,13 +37,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
+from rlhf_workflow.data.schemas import GENERATED_FIELDS
 from rlhf_workflow.errors import UserError
 from rlhf_workflow.eval.render import html_page, html_table, markdown_table
 from rlhf_workflow.eval.stats import bootstrap_interval, mean, sign_flip_pvalue
 
 METRICS = (("gold", "gold"), ("proxy", "proxy reward"), ("length", "length (tokens)"))
 DIGITS = {"gold": 3, "proxy": 3, "length": 1}
-GENERATED_FIELDS = {"responses", "response_tokens", "finish_reasons", "rewards", "raw_rewards", "reward_errors"}
 
 
 @dataclass

@@ -20,9 +20,11 @@ and the task's gold judge when it has one, this module computes
   sampled response counted as one answer, with intervals over prompts; and the rate per instruction type;
 * length: mean response tokens;
 * KL(π_t ‖ π0) ≈ mean over sampled responses y of log π_t(y|x) − log π0(y|x): an unbiased
-  estimate when the responses are sampled from π_t itself (temperature 1, no top-p / top-k). The
-  responses are scored as the chat template tokenizes their text (the end-of-turn token only
-  where the model produced it), which for ordinary text is the sampled token sequence.
+  estimate when the responses are sampled from π_t itself (temperature 1, no top-p / top-k).
+  log π_t(y|x) is the sampling pass's own (``response_logps`` of the generations, summed over the
+  sampled tokens); log π0(y|x), and log π_t where the backend gave none, is a forward pass over
+  the responses as the chat template tokenizes their text (the end-of-turn token only where the
+  model produced it), which for ordinary text is the sampled token sequence.
 """
 
 from __future__ import annotations
@@ -106,7 +108,9 @@ def ifeval_metrics(rows: list[dict[str, Any]], resamples: int) -> dict[str, Any]
 def response_logps(model_config: ModelConfig, tokenizer: Any, rows: list[dict], *, chat_template: bool, device: Any,
                    chunk: int = 1024, batch_prompts: int = 8) -> dict[tuple[str, int], float]:
     """log π(response | prompt) under the model of ``model_config`` for every response of ``rows``
-    (each prompt computed once for its responses: the shared-prefix layout)."""
+    (each prompt computed once for its responses: the shared-prefix layout). A row's sampled token
+    ids (``response_token_ids``) are scored as they are; otherwise a response is its text as the
+    chat template tokenizes it."""
     import torch
 
     from rlhf_workflow.data.templating import encode_prompt, encode_prompt_response, end_of_turn_ids
@@ -122,13 +126,17 @@ def response_logps(model_config: ModelConfig, tokenizer: Any, rows: list[dict], 
     for row in rows:
         prompt = encode_prompt(tokenizer, row["prompt"], chat_template=chat_template)
         reasons = row.get("finish_reasons") or []
+        sampled = row.get("response_token_ids")
         responses = []
         for k, text in enumerate(row["responses"]):
-            ids, _ = encode_prompt_response(tokenizer, row["prompt"], text, chat_template=chat_template)
-            ids = ids[len(prompt):]
-            if k < len(reasons) and reasons[k] == "length":  # cut off: the end-of-turn token was never sampled
-                while ids and ids[-1] in end_of_turn:
-                    ids = ids[:-1]
+            if isinstance(sampled, list) and len(sampled) == len(row["responses"]):
+                ids = list(sampled[k])
+            else:
+                ids, _ = encode_prompt_response(tokenizer, row["prompt"], text, chat_template=chat_template)
+                ids = ids[len(prompt):]
+                if k < len(reasons) and reasons[k] == "length":  # cut off: the end-of-turn token was never sampled
+                    while ids and ids[-1] in end_of_turn:
+                        ids = ids[:-1]
             if ids:
                 responses.append(ids)
                 keys.append((row["id"], k))
@@ -218,13 +226,19 @@ def evaluate_policy(config: RunConfig, run_dir: Path, name: str, policy: ModelCo
                 gains.append([mine - theirs_mean])
         summarise("gold_gain_vs_initial", gains)
     if config.eval.kl:
-        initial = config.policy
+        initial, policy = config.sampling_model(config.policy), config.sampling_model(policy)  # as they sampled
         tokenizer = load_tokenizer(initial.tokenizer or initial.name_or_path, trust_remote_code=initial.trust_remote_code)
         kwargs = dict(chat_template=config.apply_chat_template, device=device, chunk=config.dpo.logprob_chunk)
-        mine_logp = response_logps(policy, tokenizer, rows, **kwargs)
+        sampled = [row.get("response_logps") for row in rows]
+        if all(isinstance(values, list) and len(values) == len(row["responses"]) for values, row in zip(sampled, rows)):
+            # the sampling pass's own log-probabilities: no second forward pass of the policy
+            mine_logp = {(row["id"], k): value for row, values in zip(rows, sampled) for k, value in enumerate(values)}
+        else:
+            mine_logp = response_logps(policy, tokenizer, rows, **kwargs)
         initial_logp = response_logps(initial, tokenizer, rows, **kwargs)
         groups: dict[str, list[float]] = {}
         for key, value in mine_logp.items():
-            groups.setdefault(key[0], []).append(value - initial_logp[key])
+            if key in initial_logp:
+                groups.setdefault(key[0], []).append(value - initial_logp[key])
         summarise("kl_vs_initial", list(groups.values()))
     return metrics

@@ -37,6 +37,10 @@ class Sample:
     text: str
     num_tokens: int | None  # None when a server does not say
     finish_reason: FinishReason
+    # log π(response | prompt) of the sampled tokens (the end-of-turn token too when it was sampled)
+    # under the model's own distribution, before temperature and filters; None when not known
+    logprob: float | None = None
+    token_ids: list[int] | None = None  # the sampled tokens, the end-of-turn token too when it was sampled
 
 
 @dataclass

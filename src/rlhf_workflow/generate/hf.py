@@ -10,6 +10,10 @@ Where the time goes in plain batched ``model.generate`` and what this backend do
   rows still writing (``generate`` keeps computing every row until the longest one ends);
 * no logits over the vocabulary for prompt positions: only the last position's are computed.
 
+Each sample also carries its log-probability under the model (the sum over its sampled tokens of
+log softmax of the raw logits), so that the evaluation's KL estimate needs no second forward pass
+of the policy; a sample cut at a stop string has none (the text no longer holds all its tokens).
+
 Each sample draws its tokens from a `torch.Generator` of its own, seeded by `prompt_seed` (one
 uniform number per token, mapped through the cumulative distribution), so a prompt's samples do
 not depend on which other prompts share its batch.
@@ -140,21 +144,29 @@ class HFGenerator:
         budget = [sampling.max_new_tokens if self.context is None else min(sampling.max_new_tokens, self.context - len(p))
                   for p in prompts for _ in range(n)]
         tokens: list[list[int]] = [[] for _ in rows]
+        logprobs = [0.0] * len(rows)
+        cut: set[int] = set()  # rows whose text was cut at a stop string
+        ended: dict[int, int] = {}  # row -> the end-of-turn token it sampled
         finish: list[str] = ["length"] * len(rows)
         stop_ids, stops = self.stop_ids, [s for s in sampling.stop if s]
         tail = max((len(s) for s in stops), default=0) + 4
         positions = lengths.clone()
         while rows:
-            chosen = sample_tokens(logits, [generators[r] for r in rows], temperature=sampling.temperature,
-                                   top_k=sampling.top_k, top_p=sampling.top_p).tolist()
+            picked = sample_tokens(logits, [generators[r] for r in rows], temperature=sampling.temperature,
+                                   top_k=sampling.top_k, top_p=sampling.top_p)
+            own = torch.log_softmax(logits.float(), dim=-1).gather(1, picked.unsqueeze(1)).squeeze(1).tolist()
+            chosen = picked.tolist()
             keep: list[int] = []
             for slot, (row, token) in enumerate(zip(rows, chosen)):
+                logprobs[row] += own[slot]
                 if token in stop_ids:
                     finish[row] = "stop"
+                    ended[row] = token
                     continue
                 tokens[row].append(token)
                 if stops and cut_at_stop(self.tokenizer.decode(tokens[row][-tail:]), stops)[1]:
                     finish[row] = "stop"
+                    cut.add(row)
                 elif len(tokens[row]) < budget[row]:
                     keep.append(slot)
             if not keep:
@@ -175,6 +187,8 @@ class HFGenerator:
                 text = self.tokenizer.decode(tokens[row], skip_special_tokens=True)
                 if stops:
                     text = cut_at_stop(text, stops)[0]
-                samples.append(Sample(text, len(tokens[row]), finish[row]))  # type: ignore[arg-type]
+                samples.append(Sample(text, len(tokens[row]), finish[row],  # type: ignore[arg-type]
+                                      None if row in cut else logprobs[row],
+                                      tokens[row] + ([ended[row]] if row in ended else [])))
             results.append(GenerationResult(request.id, samples))
         return results

@@ -4,7 +4,10 @@
 
 Each output row is the prompt row (id, prompt and any metadata, untouched) plus ``responses``
 (n strings), ``response_tokens`` (their lengths in tokens) and ``finish_reasons`` ("stop": the
-model ended its turn or hit a stop string; "length": max_new_tokens or the context ran out).
+model ended its turn or hit a stop string; "length": max_new_tokens or the context ran out), and
+``response_logps`` (each response's log-probability under the sampling model, when the backend
+gives it for every sample: the hf backend does) and, with ``token_ids=true``, ``response_token_ids``
+(the sampled tokens, so that another model's log-probabilities can be computed on exactly them).
 
 * Resumable: rows are appended as each batch finishes; a rerun skips prompts already in the file.
   The settings that determine the rows (model, sampling, template) are recorded in
@@ -75,13 +78,19 @@ def make_generator(config: GenerateConfig, device: Any) -> Generator:
                            chat_template=config.apply_chat_template)
 
 
-def generation_row(prompt_row: Any, result: GenerationResult) -> dict[str, Any]:
-    """The prompt row with its responses, their token counts and finish reasons."""
+def generation_row(prompt_row: Any, result: GenerationResult, *, token_ids: bool = False) -> dict[str, Any]:
+    """The prompt row with its responses, their token counts and finish reasons (and log-probabilities
+    and, with ``token_ids``, sampled token ids where the backend gave them for every sample)."""
     from rlhf_workflow.data.io import row_to_dict
 
-    return {**row_to_dict(prompt_row), "responses": [s.text for s in result.samples],
-            "response_tokens": [s.num_tokens for s in result.samples],
-            "finish_reasons": [s.finish_reason for s in result.samples]}
+    row = {**row_to_dict(prompt_row), "responses": [s.text for s in result.samples],
+           "response_tokens": [s.num_tokens for s in result.samples],
+           "finish_reasons": [s.finish_reason for s in result.samples]}
+    if all(s.logprob is not None for s in result.samples):
+        row["response_logps"] = [s.logprob for s in result.samples]
+    if token_ids and all(s.token_ids is not None for s in result.samples):
+        row["response_token_ids"] = [s.token_ids for s in result.samples]
+    return row
 
 
 def run_generate(config: GenerateConfig, *, force: bool = False, progress: bool = True) -> Path:
@@ -115,7 +124,7 @@ def run_generate(config: GenerateConfig, *, force: bool = False, progress: bool 
                     if result.error is not None:
                         errors.append(result)
                         continue
-                    rows.append(generation_row(by_id[result.id], result))
+                    rows.append(generation_row(by_id[result.id], result, token_ids=config.token_ids))
                     identical += len(result.samples) > 1 and len({s.text for s in result.samples}) == 1
                     tokens += sum(s.num_tokens or 0 for s in result.samples)
                     finished += sum(s.finish_reason == "stop" for s in result.samples)

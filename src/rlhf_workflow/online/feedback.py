@@ -101,7 +101,7 @@ class Feedback:
 
         c = self.config
         run_generate(stage_config(GenerateConfig, c.generation, prompts=str(self.dir / "prompts.jsonl"),
-                                  output=str(self.dir / "generations.jsonl"), model=c.policy,
+                                  output=str(self.dir / "generations.jsonl"), model=c.sampling_model(c.policy),
                                   sampling=c.feedback.sampling.model_copy(update={"seed": c.seeded(c.feedback.sampling.seed)}),
                                   apply_chat_template=c.apply_chat_template))
 
@@ -158,6 +158,8 @@ class Feedback:
 
         held = self.heldout
         if self.state.is_main_process and held is not None:
+            # in the dtype the loop's judge scores in, so that the accuracy is that of the judge the loop uses
             run_eval_rm(EvalRMConfig(model=str(self.dir / kind / "model"), data=str(held), kind=kind,
+                                     dtype=self.config.judge.dtype,
                                      output=str(self.dir / f"{kind}_eval.json"), max_length=self.config.feedback.rm_max_length,
                                      apply_chat_template=self.config.apply_chat_template))

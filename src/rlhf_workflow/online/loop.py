@@ -224,7 +224,8 @@ class Runner:
                                                      **({"temperature": temperature} if temperature is not None else {})})
             part = directory / ("generations.jsonl" if len(sources) == 1 else f"generations.source{index}.jsonl")
             run_generate(stage_config(GenerateConfig, g, prompts=str(directory / "prompts.jsonl"), output=str(part),
-                                      model=policy, sampling=sampling, apply_chat_template=self.config.apply_chat_template))
+                                      model=self.config.sampling_model(policy), sampling=sampling,
+                                      apply_chat_template=self.config.apply_chat_template))
             parts.append(part)
         if len(parts) > 1 and self.state.is_main_process:
             pooled: dict[str, dict] = {}
@@ -233,8 +234,13 @@ class Runner:
                     if row["id"] not in pooled:
                         pooled[row["id"]] = row
                     else:
+                        merged = pooled[row["id"]]
                         for key in ("responses", "response_tokens", "finish_reasons"):
-                            pooled[row["id"]][key] = pooled[row["id"]][key] + row[key]
+                            merged[key] = merged[key] + row[key]
+                        if "response_logps" in merged and "response_logps" in row:
+                            merged["response_logps"] = merged["response_logps"] + row["response_logps"]
+                        else:  # one source without them: none for the pooled row
+                            merged.pop("response_logps", None)
             write_jsonl(directory / "generations.jsonl", pooled.values())
 
     def sources(self, t: int) -> list[Source]:
@@ -326,7 +332,7 @@ class Runner:
         # as many rows per batch as in training generation, whatever the number of samples per prompt
         hf = g.hf.model_copy(update={"batch_size": max(1, g.hf.batch_size * g.sampling.n // c.eval.sampling.n)})
         run_generate(stage_config(GenerateConfig, g, prompts=str(self.run_dir / "eval_prompts.jsonl"),
-                                  output=str(generations), model=policy, hf=hf,
+                                  output=str(generations), model=self.config.sampling_model(policy), hf=hf, token_ids=c.eval.kl,
                                   sampling=c.eval.sampling.model_copy(update={"seed": c.seeded(c.eval.sampling.seed)}),
                                   apply_chat_template=c.apply_chat_template))
         run_annotate(AnnotateConfig(input=str(generations), output=str(scored), judge=self.judge,

@@ -28,10 +28,10 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from rlhf_workflow.config import PairsConfig
+from rlhf_workflow.data.schemas import GENERATED_FIELDS
 from rlhf_workflow.errors import UserError
 
 DROP_REASONS = ("unscored", "tie", "margin", "identical")
-GENERATION_FIELDS = ("responses", "rewards", "raw_rewards", "reward_errors", "response_tokens", "finish_reasons")
 
 
 def choose_all(rewards: Sequence[float | None], min_margin: float = 0.0) -> list[tuple[int, int]] | str:
@@ -104,7 +104,7 @@ def make_pairs(rows: Sequence[dict[str, Any]], strategy: str, *, seed: int = 0, 
         if not distinct:
             dropped["identical"] += 1
             continue
-        metadata = {k: v for k, v in row.items() if k not in GENERATION_FIELDS and k not in ("id", "prompt")}
+        metadata = {k: v for k, v in row.items() if k not in GENERATED_FIELDS and k not in ("id", "prompt")}
         tokens = row.get("response_tokens")
 
         def token_count(index: int) -> int | None:
