@@ -53,11 +53,20 @@ def make_accelerator(config: TrainConfig, output_dir: str | Path) -> Any:
             raise UserError(f"train.report_to names {tracker}, which is not installed: pip install {module}") from None
     # With no GPU, say so: accelerate then runs several processes (torchrun / `accelerate launch
     # --multi_gpu`) as CPU data parallel over gloo instead of treating each as a lone process.
+    from accelerate.state import AcceleratorState
+
     from rlhf_workflow.processes import no_accelerator
 
+    precision = "bf16" if config.precision == "bf16" else "no"
+    state = AcceleratorState._shared_state
+    if state and state.get("_mixed_precision") not in (None, precision):
+        # An earlier stage of this process (a run trains the reward model, then DPO) left accelerate's
+        # per-process state with its own precision, which accelerate refuses to change. Forget that
+        # state but keep the processes (PartialState: ranks, process group): the stage is done.
+        AcceleratorState._reset_state(reset_partial_state=False)
     return Accelerator(
         cpu=no_accelerator(),
-        mixed_precision="bf16" if config.precision == "bf16" else "no",
+        mixed_precision=precision,
         log_with=list(config.report_to) or None,
         project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(Path(output_dir) / "logs")),
     )
