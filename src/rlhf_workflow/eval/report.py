@@ -146,14 +146,8 @@ def _plot_curves(rows: list[dict[str, Any]], out: Path) -> list[tuple[str, str]]
             err = r.get(f"{key}_ci95")
             yerr = [[r[key] - err[0]], [err[1] - r[key]]] if err else None
             ax.errorbar([last], [r[key]], yerr=yerr, marker="s", color="tab:red", capsize=3, label="offline (same pairs)")
-        ax.set_xlabel("iteration (0 = π0)")
-        ax.set_ylabel(label)
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
-        fig.tight_layout()
         name = f"{key}.png"
-        fig.savefig(out / name)
-        plt.close(fig)
+        _finish_plot(fig, ax, out / name, "iteration (0 = π0)", label)
         made.append((name, label))
     return made
 
@@ -177,13 +171,7 @@ def _plot_proxy_vs_gold(rows: list[dict[str, Any]], out: Path) -> tuple[str, str
         if r.get("mode") == "offline":
             ax.plot([r["proxy_reward"]], [r["gold"]], marker="s", color="tab:red", linestyle="", label="offline")
         ax.annotate(r["id"], (r["proxy_reward"], r["gold"]), textcoords="offset points", xytext=(4, 4), fontsize=7)
-    ax.set_xlabel("proxy reward (judge)")
-    ax.set_ylabel("gold metric")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(out / "proxy_vs_gold.png")
-    plt.close(fig)
+    _finish_plot(fig, ax, out / "proxy_vs_gold.png", "proxy reward (judge)", "gold metric")
     return "proxy_vs_gold.png", "gold metric against proxy reward (over-optimisation shows as proxy up, gold flat)"
 
 
@@ -240,9 +228,10 @@ def paired_comparisons(run_dir: Path, resamples: int = 1000) -> list[Any]:
 LENGTH_BINS = 5
 
 
-def gold_by_length(run_dir: Path) -> tuple[list[str], list[str], list[list[str]]] | None:
-    """(bin labels, header, cells): each policy's mean gold score in bins of response length (tokens),
-    the bins the quintiles of every evaluated response's length. None without gold scores."""
+def gold_by_length(run_dir: Path) -> tuple[list[str], dict[str, list[tuple[float | None, int]]]] | None:
+    """(bin labels, policy -> [(mean gold score, responses)] per bin): each policy's gold score in bins
+    of response length (tokens), the bins the quintiles of every evaluated response's length. None
+    without gold scores."""
     from rlhf_workflow.data.io import iter_jsonl
     from rlhf_workflow.eval.compare import policy_dirs
     from rlhf_workflow.eval.policy import EVAL_DIR, GOLD_FILE
@@ -261,39 +250,49 @@ def gold_by_length(run_dir: Path) -> tuple[list[str], list[str], list[list[str]]
     if not lengths:
         return None
     edges = sorted({lengths[min(len(lengths) - 1, k * len(lengths) // LENGTH_BINS)] for k in range(1, LENGTH_BINS)})
-    bounds = [lengths[0]] + edges + [lengths[-1] + 1]
-    labels = [f"{low}–{high - 1}" for low, high in zip(bounds, bounds[1:])]
-    header = ["response tokens"] + list(samples)
-    cells = []
-    for k, (low, high) in enumerate(zip(bounds, bounds[1:])):
-        line = [labels[k]]
-        for values in samples.values():
+    bounds = list(zip([lengths[0]] + edges, edges + [lengths[-1] + 1]))
+    labels = [f"{low}–{high - 1}" for low, high in bounds]
+    binned = {}
+    for name, values in samples.items():
+        binned[name] = []
+        for low, high in bounds:
             inside = [score for tokens, score in values if low <= tokens < high]
-            line.append(f"{sum(inside) / len(inside):.3f} ({len(inside)})" if inside else "–")
-        cells.append(line)
-    return labels, header, cells
+            binned[name].append((sum(inside) / len(inside) if inside else None, len(inside)))
+    return labels, binned
 
 
-def _plot_gold_by_length(binned: tuple[list[str], list[str], list[list[str]]], out: Path) -> tuple[str, str]:
+def gold_by_length_table(labels: list[str], binned: dict[str, list[tuple[float | None, int]]]) -> tuple[list[str], list[list[str]]]:
+    cells = [[label] + ["–" if values[k][0] is None else f"{values[k][0]:.3f} ({values[k][1]})"
+                        for values in binned.values()] for k, label in enumerate(labels)]
+    return ["response tokens"] + list(binned), cells
+
+
+def _finish_plot(fig: Any, ax: Any, path: Path, xlabel: str, ylabel: str, legend_size: int = 8) -> None:
+    """Axis labels, grid and legend; save and close."""
+    import matplotlib.pyplot as plt
+
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=legend_size)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def _plot_gold_by_length(labels: list[str], binned: dict[str, list[tuple[float | None, int]]], out: Path) -> tuple[str, str]:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    labels, header, cells = binned
     fig, ax = plt.subplots(figsize=(5.5, 3.4), dpi=110)
-    for column, name in enumerate(header[1:], start=1):
-        points = [(k, float(line[column].split()[0])) for k, line in enumerate(cells) if line[column] != "–"]
+    for name, values in binned.items():
+        points = [(k, mean_gold) for k, (mean_gold, _) in enumerate(values) if mean_gold is not None]
         ax.plot([k for k, _ in points], [v for _, v in points], marker="o", label=name)
     ax.set_xticks(range(len(labels)))
     ax.set_xticklabels(labels, fontsize=8)
-    ax.set_xlabel("response length (tokens)")
-    ax.set_ylabel("mean gold score")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(out / "gold_by_length.png")
-    plt.close(fig)
+    _finish_plot(fig, ax, out / "gold_by_length.png", "response length (tokens)", "mean gold score", legend_size=7)
     return "gold_by_length.png", "gold score by response length (does the gain come with length?)"
 
 
@@ -322,11 +321,11 @@ def write_report(run_dir: str | Path) -> Path:
     md = [f"# {title}", "", "Held-out evaluation of each policy (95 % bootstrap intervals over prompts in brackets):",
           "", table(rows), ""] + [line + "\n" for line in feedback_lines]
     extra_tables = ifeval_tables(rows)
-    binned = gold_by_length(run_dir)
-    if binned is not None:
+    by_length = gold_by_length(run_dir)
+    if by_length is not None:
         extra_tables.append(("Gold score by response length: mean (responses), length bins from the quintiles of "
-                             "all responses", binned[1], binned[2]))
-        plots.append(_plot_gold_by_length(binned, out))
+                             "all responses", *gold_by_length_table(*by_length)))
+        plots.append(_plot_gold_by_length(*by_length, out))
     comparisons = paired_comparisons(run_dir)
     image = "compare.png" if comparisons and compare_plot(comparisons, out / "compare.png") else None
     for heading, header, cells in extra_tables:
