@@ -23,8 +23,10 @@ and the task's gold judge when it has one, this module computes
   estimate when the responses are sampled from π_t itself (temperature 1, no top-p / top-k).
   log π_t(y|x) is the sampling pass's own (``response_logps`` of the generations, summed over the
   sampled tokens); log π0(y|x), and log π_t where the backend gave none, is a forward pass over
-  the responses as the chat template tokenizes their text (the end-of-turn token only where the
-  model produced it), which for ordinary text is the sampled token sequence.
+  the sampled token ids (``response_token_ids``, which the run's evaluation asks the generator
+  for). Without them, the responses are scored as the chat template tokenizes their text (the
+  end-of-turn token only where the model produced it): about 1 SmolLM2 sample in 20 then scores
+  other tokens than those sampled (shared/notes/cpu-bf16-and-kl.md).
 """
 
 from __future__ import annotations
