@@ -230,3 +230,17 @@ def test_runs_with_different_seeds_share_the_eval_set_and_compare(recipe, tmp_pa
     metrics = evaluate_policy(config, a, "copy_of_iter_0", config.policy, baseline="iter_0", gold=None, compare=None,
                               device=torch.device("cpu"))
     assert metrics["kl_vs_initial"] == pytest.approx(0.0, abs=1e-4)
+
+
+def test_the_report_of_a_run_whose_config_no_longer_loads_skips_the_paired_table(tmp_path, caplog):
+    from rlhf_workflow.eval.report import write_report
+
+    rng = random.Random(9)
+    run = make_run(tmp_path, "old", 0, {"iter_0": random_policy(rng, 0), "iter_1": random_policy(rng, 0.2)})
+    write_jsonl(run / "metrics.jsonl", [{"id": "iter_0", "iteration": 0, "gold": 0.3},
+                                        {"id": "iter_1", "iteration": 1, "gold": 0.4}])
+    assert "Paired differences" in write_report(run).read_text()
+    (run / "config.yaml").write_text((run / "config.yaml").read_text() + "a_key_of_an_older_version: 1\n")
+    report = write_report(run).read_text()
+    assert "Paired differences" not in report and "| iter_1 |" in report
+    assert "no paired comparisons" in caplog.text and "a_key_of_an_older_version" in caplog.text

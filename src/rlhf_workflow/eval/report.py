@@ -2,17 +2,20 @@
 
     rlhf-workflow report runs/online
 
-Reads only files (``metrics.jsonl``, ``state.json``, ``iter_*/pairs.jsonl``), so it works on a run
-that is still going or was copied from another machine. Writes ``RUN/report/report.md``,
-``report.html`` and the plots: proxy reward, gold metric, win rate vs π0, KL to π0 and response
-length against iteration (the offline baseline as a separate marker), and the rewards of chosen
-vs rejected responses of each iteration's pairs.
+Reads only files (``metrics.jsonl``, ``state.json``, ``config.yaml``, ``iter_*/pairs.jsonl`` and
+each policy's ``eval/`` files), so it works on a run that is still going or was copied from another
+machine. Writes ``RUN/report/report.md``, ``report.html`` and the plots: proxy reward, gold metric,
+win rate vs π0, KL to π0 and response length against iteration (the offline baseline as a separate
+marker), the rewards of chosen vs rejected responses of each iteration's pairs, the gold score by
+response length, and the paired differences of `eval.compare` (every policy vs π0, the last
+iterate vs offline).
 """
 
 from __future__ import annotations
 
 import html
 import json
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +24,8 @@ from rlhf_workflow.eval.compare import html_parts as compare_html
 from rlhf_workflow.eval.compare import markdown_lines as compare_markdown
 from rlhf_workflow.eval.compare import plot as compare_plot
 from rlhf_workflow.eval.render import html_page, html_table, markdown_table
+
+logger = logging.getLogger(__name__)
 
 CURVES = [  # (metric, axis label)
     ("proxy_reward", "proxy reward (judge)"),
@@ -326,7 +331,11 @@ def write_report(run_dir: str | Path) -> Path:
         extra_tables.append(("Gold score by response length: mean (responses), length bins from the quintiles of "
                              "all responses", *gold_by_length_table(*by_length)))
         plots.append(_plot_gold_by_length(*by_length, out))
-    comparisons = paired_comparisons(run_dir)
+    try:
+        comparisons = paired_comparisons(run_dir)
+    except UserError as exc:  # e.g. a run written by an older version whose config no longer loads
+        logger.warning("report of %s: no paired comparisons (%s)", run_dir, exc)
+        comparisons = []
     image = "compare.png" if comparisons and compare_plot(comparisons, out / "compare.png") else None
     for heading, header, cells in extra_tables:
         md += [f"## {heading}", ""] + markdown_table(header, cells) + [""]
