@@ -193,6 +193,8 @@ def test_the_run_seed_changes_training_prompts_not_the_eval_set(tmp_path):
     config = load_config(RunConfig, None, base + ["seed=0"])
     assert config.seeded(12345) == 12345  # seed 0 leaves every stream as its settings say
     assert load_config(RunConfig, None, base + ["seed=2"]).seeded(12345) != 12345
+    huge = load_config(RunConfig, None, base + ["seed=1000000000"]).seeded(12345)
+    assert 0 <= huge < 2**32  # numpy's seeding (transformers' set_seed) takes nothing larger
 
 
 def test_runs_with_different_seeds_share_the_eval_set_and_compare(recipe, tmp_path):

@@ -657,8 +657,9 @@ class RunConfig(Strict):
 
     def seeded(self, base: int) -> int:
         """The seed a random stream of the run uses, from the one its settings give (``base``): equal
-        to it with ``seed`` 0, far from every other stream's for any other seed."""
-        return base + 1_000_003 * self.seed
+        to it with ``seed`` 0, far from every other stream's for any other seed; below 2**32, as
+        numpy's seeding (transformers' ``set_seed``) requires."""
+        return (base + 1_000_003 * self.seed) % 2**32
 
     @model_validator(mode="after")
     def _check(self) -> "RunConfig":
