@@ -35,12 +35,15 @@ import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 from rlhf_workflow.data.schemas import GENERATED_FIELDS
 from rlhf_workflow.errors import UserError
 from rlhf_workflow.eval.render import html_page, html_table, markdown_table
 from rlhf_workflow.eval.stats import bootstrap_interval, mean, sign_flip_pvalue
+
+if TYPE_CHECKING:
+    from rlhf_workflow.config import RunConfig
 
 METRICS = (("gold", "gold"), ("proxy", "proxy reward"), ("length", "length (tokens)"))
 DIGITS = {"gold": 3, "proxy": 3, "length": 1}
@@ -121,22 +124,19 @@ def read_policy(path: Path, *, judge: str | None = None, seed: int | None = None
     return found
 
 
-def _run_config(run_dir: Path) -> dict[str, Any]:
-    import yaml
+def _run_config(run_dir: Path) -> "RunConfig":
+    from rlhf_workflow.config import RunConfig, load_config
 
     path = run_dir / "config.yaml"
     if not path.exists():
         raise UserError(f"{run_dir} is not a run directory (no config.yaml); give a run directory or RUN/<policy>")
-    return yaml.safe_load(path.read_text()) or {}
+    return load_config(RunConfig, str(path), [])  # type: ignore[return-value]
 
 
-def _judge_identity(run_dir: Path) -> str | None:
+def _judge_identity(run_dir: Path, config: "RunConfig") -> str | None:
     """What scored the run's eval samples, as a string equal for equal judges; None for a preference
     model (its scores rank one prompt's responses only). With simulated feedback the judge is the
     model the run trained, its own."""
-    from rlhf_workflow.config import RunConfig, load_config
-
-    config = load_config(RunConfig, str(run_dir / "config.yaml"), [])
     judge = config.judge
     if config.feedback.enabled:
         return None if config.feedback.judge == "pm" else f"reward_model:trained in {run_dir.resolve()}"
@@ -145,10 +145,9 @@ def _judge_identity(run_dir: Path) -> str | None:
     return f"{judge.type}:{judge.function if judge.type == 'function' else Path(judge.path or '').resolve()}"
 
 
-def _recipe_key(config: dict[str, Any]) -> str:
+def _recipe_key(config: "RunConfig") -> str:
     """The recipe: the config but for the seed and where it was written."""
-    recipe = {k: v for k, v in config.items() if k not in ("seed", "output_dir")}
-    return json.dumps(recipe, sort_keys=True, default=str)
+    return json.dumps(config.model_dump(mode="json", exclude={"seed", "output_dir"}), sort_keys=True)
 
 
 def policy_dirs(run_dir: Path) -> list[Path]:
@@ -188,7 +187,7 @@ def load(inputs: Sequence[str]) -> list[PolicyEval]:
         else:
             run_dir, policies = path.parent, [path]
         entries.append((name or None, run_dir, policies))
-    runs: dict[Path, tuple[str | None, dict[str, Any], list[Path]]] = {}
+    runs: dict[Path, tuple[str | None, RunConfig, list[Path]]] = {}
     for name, run_dir, policies in entries:
         key = run_dir.resolve()
         if key in runs:
@@ -204,7 +203,7 @@ def load(inputs: Sequence[str]) -> list[PolicyEval]:
         label = group_key if not group_key.startswith("\x00") else _recipe_label([m.name for m in members])
         while label in labels.values():
             label += "'"
-        seeds = [runs[m][1].get("seed", 0) for m in members]
+        seeds = [runs[m][1].seed for m in members]
         for seed in set(seeds):
             same = [m for m, s in zip(members, seeds) if s == seed]
             if len(same) > 1:
@@ -214,9 +213,9 @@ def load(inputs: Sequence[str]) -> list[PolicyEval]:
             labels[m] = label
     found = []
     for key, (_, config, policies) in runs.items():
-        judge = _judge_identity(key)
+        judge = _judge_identity(key, config)
         for policy in policies:
-            evaluated = read_policy(policy, judge=judge, seed=config.get("seed", 0))
+            evaluated = read_policy(policy, judge=judge, seed=config.seed)
             evaluated.recipe = labels[key]
             found.append(evaluated)
     check_same_prompts(found)
