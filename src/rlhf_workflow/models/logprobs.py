@@ -32,8 +32,9 @@ class _ChunkedTokenLogprobs(torch.autograd.Function):
         for start in range(0, hidden.size(0), chunk):
             rows = slice(start, start + chunk)
             logits = _logits(hidden[rows], weight, bias)
-            lse[rows] = torch.logsumexp(logits, -1)
-            out[rows] = logits.gather(1, targets[rows, None]).squeeze(1) - lse[rows]
+            picked = logits.gather(1, targets[rows, None]).squeeze(1)
+            lse[rows] = _logsumexp_(logits)
+            out[rows] = picked - lse[rows]
         ctx.save_for_backward(hidden, weight, bias, targets, lse)
         ctx.chunk = chunk
         return out
@@ -42,20 +43,39 @@ class _ChunkedTokenLogprobs(torch.autograd.Function):
     def backward(ctx, grad_out):  # type: ignore[override]
         hidden, weight, bias, targets, lse = ctx.saved_tensors
         grad_hidden = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
-        # accumulated in the weight's own dtype: an fp32 copy of a 128K-vocabulary bf16 head would cost GBs
-        grad_weight = torch.zeros_like(weight) if ctx.needs_input_grad[1] else None
-        grad_bias = torch.zeros_like(bias) if bias is not None and ctx.needs_input_grad[2] else None
+        grad_weight: torch.Tensor | None = None
+        grad_bias: torch.Tensor | None = None
         for start in range(0, hidden.size(0), ctx.chunk):
             rows = slice(start, start + ctx.chunk)
-            grad_logits = torch.exp(_logits(hidden[rows], weight, bias) - lse[rows, None]).mul_(-grad_out[rows, None])
+            # in place on the recomputed logits: a chunk's [rows, vocab] floats are allocated once, not three times
+            grad_logits = _logits(hidden[rows], weight, bias).sub_(lse[rows, None]).exp_().mul_(-grad_out[rows, None])
             grad_logits.scatter_add_(1, targets[rows, None], grad_out[rows, None])
             if grad_hidden is not None:
                 grad_hidden[rows] = (grad_logits @ weight.float()).to(hidden.dtype)
-            if grad_weight is not None:
-                grad_weight += (grad_logits.t() @ hidden[rows].float()).to(weight.dtype)
-            if grad_bias is not None:
-                grad_bias += grad_logits.sum(0).to(bias.dtype)
+            if ctx.needs_input_grad[1]:
+                grad_weight = _accumulate(grad_weight, grad_logits.t(), hidden[rows].float(), weight.dtype)
+            if bias is not None and ctx.needs_input_grad[2]:
+                part = grad_logits.sum(0).to(bias.dtype)
+                grad_bias = part if grad_bias is None else grad_bias.add_(part)
         return grad_hidden, grad_weight, grad_bias, None, None
+
+
+def _logsumexp_(logits: torch.Tensor) -> torch.Tensor:
+    """log Σ_v exp(z_v) of each row, overwriting ``logits`` (torch.logsumexp allocates a second [rows, vocab])."""
+    top = logits.amax(-1, keepdim=True)
+    top = torch.where(torch.isfinite(top), top, torch.zeros_like(top))
+    return logits.sub_(top).exp_().sum(-1).log_().add_(top.squeeze(-1))
+
+
+def _accumulate(total: torch.Tensor | None, a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``total + a @ b`` in ``dtype``, in place from the second chunk on (the first product is the buffer).
+
+    In the weight's own dtype: an fp32 copy of a 128K-vocabulary bf16 head would cost GBs."""
+    if total is None:
+        return (a @ b).to(dtype)
+    if total.dtype == a.dtype:
+        return total.addmm_(a, b)
+    return total.add_((a @ b).to(dtype))
 
 
 def _logits(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
