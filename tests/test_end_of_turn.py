@@ -105,6 +105,24 @@ def test_vllm_backend_stops_at_the_same_ids(eot_tokenizer, tmp_path, monkeypatch
     params = generator._params(GenerationRequest("p0", [{"role": "user", "content": "hi"}]), SamplingConfig())
     eot = eot_tokenizer.convert_tokens_to_ids(EOT)
     assert set(params["stop_token_ids"]) == {eot_tokenizer.eos_token_id, eot, 13}
+    assert params["logprobs"] == 0  # the sampled tokens' log-probs: the evaluation's KL reads them
+
+
+def test_vllm_samples_carry_their_logprob_and_tokens_unless_cut_at_a_stop_string():
+    """What the backend keeps of vLLM's CompletionOutput (its fields as vLLM documents them)."""
+    from rlhf_workflow.generate.vllm import engine_sample
+
+    def output(**fields):
+        return types.SimpleNamespace(**{"text": "hi there", "token_ids": (5, 6, 7), "finish_reason": "stop",
+                                        "stop_reason": None, "cumulative_logprob": -3.5, **fields})
+
+    ended = engine_sample(output())  # stopped at an end-of-turn token (stop_reason None or its id)
+    assert (ended.logprob, ended.token_ids, ended.num_tokens, ended.finish_reason) == (-3.5, [5, 6, 7], 3, "stop")
+    assert engine_sample(output(stop_reason=7)).logprob == -3.5
+    assert engine_sample(output(finish_reason="length")).finish_reason == "length"
+    cut = engine_sample(output(stop_reason="\n\n"))  # the text ends before its last tokens
+    assert cut.logprob is None and cut.token_ids is None
+    assert engine_sample(output(cumulative_logprob=None)).logprob is None
 
 
 def test_kl_trimming_strips_the_end_of_turn_of_responses_cut_at_max_length(eot_tokenizer, tmp_path):

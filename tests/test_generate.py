@@ -413,6 +413,7 @@ def test_vllm_backend_generates_n_samples_and_resumes(tiny_model_dir, prompts_fi
     rows = _rows(out)
     assert len(rows) == len(PROMPTS) + 1 and all(len(r["responses"]) == 3 for r in rows)
     assert all(0 <= t <= 8 for r in rows for t in r["response_tokens"])
+    assert all(len(r["response_logps"]) == 3 and all(lp <= 0 for lp in r["response_logps"]) for r in rows)
     lines = out.read_text().splitlines(keepends=True)
     out.write_text("".join(lines[:4]))
     assert main(args) == 0

@@ -81,6 +81,9 @@ class VLLMGenerator:
             n=sampling.n, temperature=sampling.temperature, top_p=sampling.top_p, max_tokens=sampling.max_new_tokens,
             seed=prompt_seed(sampling.seed, request.id) & 0x7FFFFFFF, stop=list(sampling.stop) or None,
             stop_token_ids=self.stop_ids or None, skip_special_tokens=True,
+            # the sampled token's log-prob at each step, under the model's own distribution (vLLM's default
+            # logprobs_mode, raw_logprobs: before temperature and filters), summed in cumulative_logprob
+            logprobs=0,
         )
         if sampling.top_k > 0:
             kwargs["top_k"] = sampling.top_k
@@ -103,9 +106,15 @@ class VLLMGenerator:
             chunk = ready[start : start + self.chunk_size]
             outputs = self.llm.generate([{"prompt_token_ids": r.prompt_ids} for r in chunk],
                                         [self._params(r, sampling) for r in chunk], use_tqdm=True)
-            results = []
-            for request, output in zip(chunk, outputs):
-                samples = [Sample(c.text, len(c.token_ids), "length" if c.finish_reason == "length" else "stop")
-                           for c in output.outputs]
-                results.append(GenerationResult(request.id, samples))
-            yield results
+            yield [GenerationResult(request.id, [engine_sample(c) for c in output.outputs])
+                   for request, output in zip(chunk, outputs)]
+
+
+def engine_sample(completion: Any) -> Sample:
+    """A `Sample` from one of vLLM's ``CompletionOutput``s, with its log-prob and tokens. A response
+    cut at a stop string has a text shorter than its tokens: it gets neither, as in the hf backend."""
+    cut = isinstance(getattr(completion, "stop_reason", None), str)
+    logprob = getattr(completion, "cumulative_logprob", None)
+    return Sample(completion.text, len(completion.token_ids), "length" if completion.finish_reason == "length" else "stop",
+                  logprob=None if cut or logprob is None else float(logprob),
+                  token_ids=None if cut else list(completion.token_ids))
