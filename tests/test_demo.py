@@ -9,6 +9,7 @@ import json
 import pytest
 
 from rlhf_workflow.cli import main
+from rlhf_workflow.config import config_to_yaml
 
 
 pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")
@@ -23,10 +24,11 @@ def test_miniature_demo_runs_end_to_end(tiny_model_dir, tmp_path):
         "feedback.rm_max_length=96", "feedback.rm_train.per_device_batch_size=2", "dpo.train.per_device_batch_size=2", "generation.sampling.max_new_tokens=8", "generation.hf.batch_size=4",
         "judge.max_length=96", "dpo.max_length=96", "dpo.train.epochs=1", "dpo.train.lr=1e-3",
         "eval.sampling.max_new_tokens=8", "eval.bootstrap=100", "feedback.train_pm=true",
-        "feedback.pm_train.per_device_batch_size=2",
+        "feedback.pm_train.per_device_batch_size=2", "feedback.rm_train.precision=bf16", "dpo.train.precision=bf16",
     ]
-    # the recipe trains the reward model and DPO with bf16 autocast, the preference model in fp32
-    # (its default): stages of one process with different precisions
+    # the reward model and DPO train with bf16 autocast (the recipe's, pinned here: on a CPU with slow
+    # bf16 the demo would choose fp32), the preference model in fp32 (its default): stages of one
+    # process with different precisions
     assert main(["demo", *overrides]) == 0
     fb = run_dir / "feedback"
     for name in ("prompts.jsonl", "generations.jsonl", "scored.jsonl", "pairs.jsonl", "heldout_pairs.jsonl",
@@ -50,3 +52,37 @@ def test_miniature_demo_runs_end_to_end(tiny_model_dir, tmp_path):
     assert "| offline |" in report and "reward model trained on simulated human feedback: held-out accuracy" in report
     assert "preference model trained on simulated human feedback: held-out accuracy" in report
     assert json.loads((fb / "pm_eval.json").read_text())["kind"] == "pm"
+
+
+def _precision(config):
+    return (config.generation.dtype, config.judge.dtype, config.feedback.rm_train.precision,
+            config.dpo.train.precision)
+
+
+def test_demo_runs_in_fp32_on_a_cpu_where_bf16_is_slower(tmp_path, monkeypatch):
+    """The demo keeps its recipe's bf16 where bf16 matmuls are clearly faster, fp32 elsewhere; the
+    user's own settings win, and a run directory keeps the precision its run started with."""
+    from rlhf_workflow import workflow
+
+    out = f"output_dir={tmp_path / 'demo'}"
+    monkeypatch.setattr(workflow, "cpu_bf16_speedup", lambda: 2.5)
+    assert _precision(workflow.demo_config([out])) == ("bfloat16", "bfloat16", "bf16", "bf16")
+    monkeypatch.setattr(workflow, "cpu_bf16_speedup", lambda: 0.5)
+    slow = workflow.demo_config([out])
+    assert _precision(slow) == ("float32", "float32", "fp32", "fp32")
+    assert _precision(workflow.demo_config([out, "dpo.train.precision=bf16"])) == ("float32", "float32", "fp32", "bf16")
+
+    (tmp_path / "demo").mkdir()
+    (tmp_path / "demo" / "config.yaml").write_text(config_to_yaml(slow))
+
+    def measured():
+        raise AssertionError("a run directory that holds a run is continued with its own precision")
+    monkeypatch.setattr(workflow, "cpu_bf16_speedup", measured)
+    assert _precision(workflow.demo_config([out])) == ("float32", "float32", "fp32", "fp32")
+
+
+def test_bf16_speedup_is_measured_on_this_cpu():
+    from rlhf_workflow.workflow import cpu_bf16_speedup
+
+    speedup = cpu_bf16_speedup(repeats=2)
+    assert 0.05 < speedup < 50

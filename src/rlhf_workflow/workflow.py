@@ -35,9 +35,82 @@ def run_workflow(config: RunConfig, *, force: bool = False) -> Path:
     return report
 
 
+# The demo recipe's bf16 settings, and their fp32 values for a CPU where bf16 is not faster
+PRECISION_KEYS = {"generation.dtype": "float32", "judge.dtype": "float32",
+                  "feedback.rm_train.precision": "fp32", "dpo.train.precision": "fp32"}
+BF16_MIN_SPEEDUP = 1.3  # bf16 is kept where its matmuls run at least this much faster than fp32
+
+
 def run_demo(overrides: list[str], *, force: bool = False) -> Path:
-    """`rlhf-workflow demo`: the packaged demo recipe (same as `run` on configs/demo.yaml)."""
+    """`rlhf-workflow demo`: the packaged demo recipe (same as `run` on configs/demo.yaml), in fp32
+    instead of bf16 on a CPU where bf16 is not faster (`demo_precision`)."""
+    return run_workflow(demo_config(overrides), force=force)
+
+
+def demo_config(overrides: list[str]) -> RunConfig:
+    """The demo recipe with ``overrides``, and `demo_precision`'s fp32 settings under them."""
     from rlhf_workflow.config import load_config
 
     config = load_config(RunConfig, DEMO_RECIPE, overrides)
-    return run_workflow(config, force=force)  # type: ignore[arg-type]
+    precision = demo_precision(config)  # type: ignore[arg-type]
+    if precision:
+        config = load_config(RunConfig, DEMO_RECIPE, precision + overrides)  # the user's own settings win
+    return config  # type: ignore[return-value]
+
+
+def demo_precision(config: RunConfig) -> list[str]:
+    """Overrides that put the demo in fp32 where bf16 would slow it down, else none.
+
+    The recipe samples, scores and trains in bf16, which CPUs with fast bf16 units (AMD Zen 4's
+    AVX512-BF16, Intel's AMX) run 2-4x faster than fp32. Other CPUs, some with AVX512-BF16, run
+    bf16 matmuls at half the speed of fp32. On a CPU the choice is measured (`cpu_bf16_speedup`)
+    and printed; a run directory that already holds a run keeps the precision it started with, so
+    that continuing it never changes its recipe. GPUs keep the recipe.
+    """
+    import yaml
+
+    from rlhf_workflow.processes import no_accelerator
+
+    existing = Path(config.output_dir) / "config.yaml"
+    if existing.exists():
+        try:
+            held = yaml.safe_load(existing.read_text())
+            values = {key: _lookup(held, key) for key in PRECISION_KEYS}
+        except (OSError, yaml.YAMLError, KeyError, TypeError):
+            return []  # not a run's config: the run itself says what is wrong with it
+        return [f"{key}={value}" for key, value in values.items() if value is not None]
+    if not no_accelerator():
+        return []
+    speedup = cpu_bf16_speedup()
+    if speedup >= BF16_MIN_SPEEDUP:
+        print(f"demo: bf16 matmuls run {speedup:.1f}x as fast as fp32 on this CPU: sampling, scoring and "
+              "training in bf16", flush=True)
+        return []
+    print(f"demo: bf16 matmuls run {speedup:.1f}x as fast as fp32 on this CPU (under {BF16_MIN_SPEEDUP}x): "
+          f"the demo runs in fp32 ({' '.join(f'{k}={v}' for k, v in PRECISION_KEYS.items())})", flush=True)
+    return [f"{key}={value}" for key, value in PRECISION_KEYS.items()]
+
+
+def _lookup(data: dict, dotted: str) -> object:
+    for part in dotted.split("."):
+        data = data[part]
+    return data
+
+
+def cpu_bf16_speedup(repeats: int = 7) -> float:
+    """fp32 time / bf16 time of a matmul of the demo model's shapes (1024 tokens × 576 → 1536): the
+    best of ``repeats`` each, fp32 and bf16 taking turns after a warm-up of both; under a second."""
+    import time
+
+    import torch
+
+    pairs = {dtype: (torch.randn(1024, 576, dtype=dtype), torch.randn(576, 1536, dtype=dtype))
+             for dtype in (torch.float32, torch.bfloat16)}
+    best = {dtype: float("inf") for dtype in pairs}
+    for turn in range(repeats + 2):
+        for dtype, (a, b) in pairs.items():
+            start = time.perf_counter()
+            a @ b
+            if turn >= 2:  # the first two turns warm up the kernels and their threads
+                best[dtype] = min(best[dtype], time.perf_counter() - start)
+    return best[torch.float32] / best[torch.bfloat16]
