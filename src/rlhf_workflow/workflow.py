@@ -67,18 +67,17 @@ def demo_precision(config: RunConfig) -> list[str]:
     and printed; a run directory that already holds a run keeps the precision it started with, so
     that continuing it never changes its recipe. GPUs keep the recipe.
     """
-    import yaml
-
+    from rlhf_workflow.config import load_config
+    from rlhf_workflow.errors import UserError
     from rlhf_workflow.processes import no_accelerator
 
     existing = Path(config.output_dir) / "config.yaml"
     if existing.exists():
         try:
-            held = yaml.safe_load(existing.read_text())
-            values = {key: _lookup(held, key) for key in PRECISION_KEYS}
-        except (OSError, yaml.YAMLError, KeyError, TypeError):
+            held = load_config(RunConfig, existing)
+        except (OSError, UserError):
             return []  # not a run's config: the run itself says what is wrong with it
-        return [f"{key}={value}" for key, value in values.items() if value is not None]
+        return [f"{key}={held.value_at(key)}" for key in PRECISION_KEYS if held.value_at(key) is not None]
     if not no_accelerator():
         return []
     speedup = cpu_bf16_speedup()
@@ -89,12 +88,6 @@ def demo_precision(config: RunConfig) -> list[str]:
     print(f"demo: bf16 matmuls run {speedup:.1f}x as fast as fp32 on this CPU (under {BF16_MIN_SPEEDUP}x): "
           f"the demo runs in fp32 ({' '.join(f'{k}={v}' for k, v in PRECISION_KEYS.items())})", flush=True)
     return [f"{key}={value}" for key, value in PRECISION_KEYS.items()]
-
-
-def _lookup(data: dict, dotted: str) -> object:
-    for part in dotted.split("."):
-        data = data[part]
-    return data
 
 
 def cpu_bf16_speedup(repeats: int = 7) -> float:
