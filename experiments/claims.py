@@ -22,10 +22,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 # variant -> overrides of the demo recipe
 VARIANTS: dict[str, list[str]] = {
@@ -73,17 +75,219 @@ def finished(path: Path) -> bool:
     return last in done
 
 
+# The first stage of the demo's run that a key of the recipe feeds (the longest matching prefix
+# wins). A variant whose recipe differs from its seed's demo run only in keys listed here starts
+# from a copy of the demo's stages before the earliest stage they feed: those outputs are exactly
+# the ones the variant would make (same recipe up to there, same seed, same machine), so they are
+# not made again. Any other differing key: no copy, the variant runs whole.
+FIRST_STAGE_FED: dict[str, str | None] = {
+    "pairs": "iter_1/pairs",  # which two of the scored samples form a pair
+    "length_penalty": "iter_1/annotate",  # the loop's annotation (the eval's proxy reward is the raw judge)
+    "reference": "iter_2/dpo",  # iteration 1's reference is π0 either way: π0 = π_{t-1} there
+    "feedback.judge": "iter_0/eval",  # the loop's judge scores from π0's evaluation on
+    "judge": "iter_0/eval",
+    "feedback.train_pm": None,  # the preference model's own stages, which the demo does not run
+    "feedback.pm_train": None,
+    "offline": "offline/generate",  # the baseline's stages (and offline/prompts.jsonl, never copied)
+}
+# What each stage of a run writes (globs under the run directory); {t} is the iteration
+STAGE_OUTPUTS: dict[str, list[str]] = {
+    "prompts": ["eval_prompts.jsonl", "feedback/prompts.jsonl", "iter_*/prompts.jsonl"],
+    "feedback/generate": ["feedback/generations.*"],
+    "feedback/annotate": ["feedback/scored.*"],
+    "feedback/pairs": ["feedback/all_pairs.*", "feedback/heldout_pairs.*", "feedback/pairs.*"],
+    "feedback/rm": ["feedback/rm"],
+    "feedback/eval-rm": ["feedback/rm_eval.json"],
+    "iter_{t}/generate": ["iter_{t}/generations*.jsonl", "iter_{t}/generations*.json"],
+    "iter_{t}/annotate": ["iter_{t}/scored.*"],
+    "iter_{t}/pairs": ["iter_{t}/pairs.*"],
+    "iter_{t}/dpo": ["iter_{t}/dpo", "iter_{t}/policy"],
+    "iter_{t}/eval": ["iter_{t}/eval"],
+}
+
+
+def flat(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """A nested config dump as {dotted key: value} (an empty section is a value)."""
+    out: dict[str, Any] = {}
+    for key, value in data.items():
+        if isinstance(value, dict) and value:
+            out.update(flat(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def fed_stage(key: str) -> tuple[bool, str | None]:
+    """(known, the first demo stage ``key`` feeds) by the longest prefix of FIRST_STAGE_FED."""
+    for prefix in sorted(FIRST_STAGE_FED, key=len, reverse=True):
+        if key == prefix or key.startswith(prefix + "."):
+            return True, FIRST_STAGE_FED[prefix]
+    return False, None
+
+
+def shared_stages(source: Path, variant_yaml: str) -> tuple[list[str], str]:
+    """The completed stages of the demo run ``source`` that a run of ``variant_yaml`` would make the
+    same, in order, and why the list ends where it does."""
+    import yaml
+
+    ours = flat(yaml.safe_load((source / "config.yaml").read_text()))
+    theirs = flat(yaml.safe_load(variant_yaml))
+    differing = sorted(k for k in ours.keys() | theirs.keys() if k != "output_dir" and ours.get(k) != theirs.get(k))
+    cut: set[str] = set()
+    for key in differing:
+        known, stage = fed_stage(key)
+        if not known:
+            return [], f"{key} differs ({ours.get(key)!r} vs {theirs.get(key)!r}) and its stages are not declared"
+        if stage is not None:
+            cut.add(stage)
+    completed = json.loads((source / "state.json").read_text())["completed"]
+    shared = []
+    for stage in completed:
+        if stage in cut:
+            return shared, f"{stage} is fed by {', '.join(differing)}"
+        shared.append(stage)
+    return shared, "every stage is shared"
+
+
+def stage_globs(stage: str) -> list[str]:
+    for pattern, globs in STAGE_OUTPUTS.items():
+        if "{t}" in pattern:
+            prefix, suffix = pattern.split("{t}")
+            if stage.startswith(prefix) and stage.endswith(suffix) and stage[len(prefix):len(stage) - len(suffix)].isdigit():
+                t = stage[len(prefix):len(stage) - len(suffix)]
+                return [g.replace("{t}", t) for g in globs]
+        elif stage == pattern:
+            return globs
+    raise KeyError(f"no outputs are declared for the stage {stage}")
+
+
+def copy_shared(source: Path, target: Path, stages: list[str]) -> None:
+    """Start ``target`` as a run holding ``source``'s outputs of ``stages`` (each marked done, its time
+    0 s, as it cost nothing here): their files, their directories' owner files and their rows of
+    metrics.jsonl. Lock files are not copied. Written into a temporary directory, then renamed."""
+    import shutil
+
+    partial = target.with_name(target.name + ".copying")
+    if partial.exists():
+        shutil.rmtree(partial)
+    ignore = shutil.ignore_patterns(".lock", ".*.lock")
+    for stage in stages:
+        for pattern in stage_globs(stage):
+            for path in sorted(source.glob(pattern)):
+                destination = partial / path.relative_to(source)
+                destination.parent.mkdir(parents=True, exist_ok=True)
+                if path.is_dir():
+                    shutil.copytree(path, destination, ignore=ignore)
+                else:
+                    shutil.copy2(path, destination)
+    for owner in source.rglob(".rlhf-workflow.json"):  # the stage that claimed each directory copied
+        destination = partial / owner.relative_to(source)
+        if destination.parent.is_dir() and not destination.exists():
+            shutil.copy2(owner, destination)
+    evaluated = {stage.split("/")[0] for stage in stages if stage.endswith("/eval")}
+    rows = [line for line in (source / "metrics.jsonl").read_text().splitlines()
+            if line.strip() and json.loads(line)["id"] in evaluated] if (source / "metrics.jsonl").exists() else []
+    (partial / "metrics.jsonl").write_text("".join(line + "\n" for line in rows))
+    (partial / "state.json").write_text(json.dumps({"completed": stages, "last": stages[-1],
+                                                    "seconds": {stage: 0.0 for stage in stages}}, indent=1) + "\n")
+    (partial / "reused.json").write_text(json.dumps({"from": str(source), "stages": stages}, indent=1) + "\n")
+    os.replace(partial, target)
+
+
 def run(root: Path, variant: str, seed: int, split: str, log: Path) -> float:
-    """One run (continued if it was cut short); its wall time in seconds."""
+    """One run (continued if it was cut short); its wall time in seconds. A variant run not yet
+    started begins from the stages it shares with its seed's demo run, when that run is there."""
     path = run_dir(root, variant, seed)
     overrides = VARIANTS[variant] + ([] if variant == "demo" else ONLY_DEMO_TRAINS_OFFLINE)
-    command = [sys.executable, "-m", "rlhf_workflow", "demo", *overrides, f"seed={seed}",
-               f"prompts.eval_split={split}", f"output_dir={path}"]
+    common = [f"seed={seed}", f"prompts.eval_split={split}", f"output_dir={path}"]
+    demo = run_dir(root, "demo", seed)
+    if variant != "demo" and (demo / "state.json").exists():
+        from rlhf_workflow.config import RunConfig, config_to_yaml, load_config
+        from rlhf_workflow.workflow import DEMO_RECIPE, PRECISION_KEYS
+
+        held = load_config(RunConfig, demo / "config.yaml")
+        # the demo's precision, so that the variant never measures its own (and never differs in it)
+        overrides = [f"{key}={held.value_at(key)}" for key in PRECISION_KEYS] + overrides
+        if not path.exists():
+            variant_config = load_config(RunConfig, DEMO_RECIPE, overrides + common)
+            stages, why = shared_stages(demo, config_to_yaml(variant_config))
+            print(f"  {path.name}: {len(stages)} stages from {demo.name} ({why})", flush=True)
+            if stages:
+                copy_shared(demo, path, stages)
+    command = [sys.executable, "-m", "rlhf_workflow", "demo", *overrides, *common]
     print(f"[{time.strftime('%H:%M:%S')}] {path.name}: {' '.join(command[3:])}", flush=True)
     start = time.perf_counter()
     with log.open("a") as sink:
         subprocess.run(command, stdout=sink, stderr=subprocess.STDOUT, check=True)
     return time.perf_counter() - start
+
+
+def metrics_rows(path: Path) -> dict[str, dict]:
+    """A run's metrics.jsonl by policy id."""
+    rows = [json.loads(line) for line in (path / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    return {row["id"]: row for row in rows}
+
+
+def judge_accuracy(path: Path) -> str:
+    """The held-out accuracy of the judge a run's loop used (and on how many pairs)."""
+    import yaml
+
+    kind = (yaml.safe_load((path / "config.yaml").read_text()).get("feedback") or {}).get("judge", "rm")
+    found = path / "feedback" / f"{kind}_eval.json"
+    if not found.exists():
+        return "–"
+    result = json.loads(found.read_text())
+    return f"{kind.upper()} {result['accuracy']:.3f} ({result['pairs']} pairs)"
+
+
+def run_lines(root: Path, variants: list[str], seeds: list[int]) -> list[str]:
+    """One row per complete run of ``variants``: its judge, pairs and gold per policy, iter_2's length."""
+    from rlhf_workflow.eval.render import markdown_table
+
+    cells = []
+    for variant in variants:
+        for seed in seeds:
+            path = run_dir(root, variant, seed)
+            if not finished(path):
+                continue
+            rows = metrics_rows(path)
+            gold = " → ".join(f"{rows[p]['gold']:.3f}" for p in ("iter_0", "iter_1", "iter_2") if p in rows)
+            pairs = " + ".join(str(rows[p].get("pairs", "?")) for p in ("iter_1", "iter_2") if p in rows)
+            cells.append([variant, str(seed), judge_accuracy(path), pairs, gold, f"{rows['iter_2']['length_tokens']:.1f}"])
+    if not cells:
+        return []
+    header = ["run", "seed", "judge's held-out accuracy", "pairs (iter_1 + iter_2)", "gold π0 → iter_1 → iter_2",
+              "iter_2 length (tokens)"]
+    return ["### The runs", ""] + markdown_table(header, cells) + [""]
+
+
+def type_rate_lines(root: Path, variants: list[str], seeds: list[int]) -> list[str]:
+    """iter_2's strict rate per IFEval instruction type for each variant, pooled over its complete
+    seeds (instructions followed / instructions), with π0's beside them."""
+    from rlhf_workflow.eval.render import markdown_table
+
+    pooled: dict[str, dict[str, list[float]]] = {}  # column -> type -> [followed, count]
+    done = {v: [s for s in seeds if finished(run_dir(root, v, s))] for v in variants}
+    common = sorted(set.intersection(*(set(s) for s in done.values()))) if done else []
+    if not common:
+        return []
+    for variant in variants:
+        for seed in common:
+            rows = metrics_rows(run_dir(root, variant, seed))
+            columns = [(variant, rows["iter_2"])] + ([("π0", rows["iter_0"])] if variant == variants[0] else [])
+            for column, row in columns:
+                for kind, rate in (row.get("ifeval_types") or {}).items():
+                    entry = pooled.setdefault(column, {}).setdefault(kind, [0.0, 0.0])
+                    entry[0] += rate["strict"] * rate["n"]
+                    entry[1] += rate["n"]
+    order = ["π0"] + variants
+    kinds = sorted(pooled["π0"], key=lambda k: -pooled["π0"][k][1])
+    cells = [[f"`{kind}`", str(int(pooled["π0"][kind][1]))]
+             + [f"{pooled[c][kind][0] / pooled[c][kind][1]:.2f}" if kind in pooled.get(c, {}) else "–" for c in order]
+             for kind in kinds]
+    header = ["instruction type", "instructions"] + [c if c == "π0" else f"{c} iter_2" for c in order]
+    return [f"### Share followed per instruction type (strict), seeds {', '.join(map(str, common))} pooled", ""] + \
+        markdown_table(header, cells) + [""]
 
 
 def write_tables(root: Path, questions: list[str], seeds: list[int]) -> Path:
@@ -110,6 +314,9 @@ def write_tables(root: Path, questions: list[str], seeds: list[int]) -> Path:
         write_comparison(comparisons, root / question, title)
         body = markdown_lines(comparisons, f"{question}/compare.png")
         lines += [line.replace("## ", "### ", 1) if line.startswith("## ") else line for line in body] + [""]
+        lines += run_lines(root, variants, seeds)
+        if question == "length":
+            lines += type_rate_lines(root, variants, seeds)
     out = root / "claims.md"
     out.write_text("\n".join(lines) + "\n")
     return out

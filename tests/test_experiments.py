@@ -1,0 +1,138 @@
+"""experiments/claims.py: a variant run that starts from the stages it shares with its seed's demo
+run ends exactly where the same variant run whole ends; the stages' declared outputs are every file
+a real run writes."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from rlhf_workflow.cli import main
+
+pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def load_claims():
+    spec = importlib.util.spec_from_file_location("claims", ROOT / "experiments" / "claims.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+claims = load_claims()
+
+
+def miniature(tiny_model_dir, run_dir: Path, *extra: str) -> list[str]:
+    """`demo` arguments of a two-iteration miniature of the demo on the tiny model."""
+    return [
+        f"output_dir={run_dir}", f"policy.name_or_path={tiny_model_dir}", "iterations=2", "prompts.per_iteration=6",
+        "prompts.eval_count=6", "feedback.prompts=10", "feedback.sampling.n=4", "feedback.sampling.max_new_tokens=8",
+        "feedback.judge_function=rlhf_workflow.tasks.instructions:noisy_judge", "feedback.rm_train.epochs=1",
+        "feedback.rm_max_length=96", "feedback.rm_train.per_device_batch_size=2", "dpo.train.per_device_batch_size=2",
+        "generation.sampling.max_new_tokens=8", "generation.hf.batch_size=4", "judge.max_length=96",
+        "dpo.max_length=96", "dpo.train.epochs=1", "dpo.train.lr=1e-3", "eval.sampling.max_new_tokens=8",
+        "eval.bootstrap=100", "generation.dtype=float32", "judge.dtype=float32", "feedback.rm_train.precision=fp32",
+        "dpo.train.precision=fp32", *extra,
+    ]
+
+
+def files(run_dir: Path) -> set[str]:
+    return {str(p.relative_to(run_dir)) for p in run_dir.rglob("*") if p.is_file()}
+
+
+def eval_rows(run_dir: Path, policy: str) -> list[dict]:
+    rows = []
+    for name in ("scored.jsonl", "gold.jsonl"):
+        rows += [json.loads(line) for line in (run_dir / policy / "eval" / name).read_text().splitlines()]
+    return rows
+
+
+def test_a_variant_from_the_demos_shared_stages_ends_as_the_whole_variant_run(tiny_model_dir, tmp_path):
+    demo, whole, reused = tmp_path / "demo-s0", tmp_path / "whole", tmp_path / "max-random-s0"
+    assert main(["demo", *miniature(tiny_model_dir, demo)]) == 0
+    variant = ["pairs.strategy=max_random", "offline.after_online=false"]
+    assert main(["demo", *miniature(tiny_model_dir, whole, *variant)]) == 0
+
+    config_yaml = (whole / "config.yaml").read_text().replace(str(whole), str(reused))
+    stages, why = claims.shared_stages(demo, config_yaml)
+    assert stages[-1] == "iter_1/annotate" and "iter_1/pairs is fed by" in why
+    assert stages == json.loads((demo / "state.json").read_text())["completed"][: len(stages)]
+    claims.copy_shared(demo, reused, stages)
+    assert not list(reused.rglob("*.lock")) and not (reused / "offline").exists()
+    assert [json.loads(line)["id"] for line in (reused / "metrics.jsonl").read_text().splitlines()] == ["iter_0"]
+    assert main(["demo", *miniature(tiny_model_dir, reused, *variant)]) == 0
+
+    # every stage after the copied ones made what the whole run made
+    for policy in ("iter_1", "iter_2"):
+        assert eval_rows(reused, policy) == eval_rows(whole, policy)
+    assert (reused / "iter_2/pairs.jsonl").read_text() == (whole / "iter_2/pairs.jsonl").read_text()
+    metrics = [[{k: v for k, v in json.loads(line).items() if k != "policy"}  # the policy's path
+                for line in (run / "metrics.jsonl").read_text().splitlines()] for run in (whole, reused)]
+    assert metrics[0] == metrics[1]
+    seconds = json.loads((reused / "state.json").read_text())["seconds"]
+    assert all(seconds[s] == 0.0 for s in stages) and seconds["iter_2/eval"] > 0
+    assert json.loads((reused / "reused.json").read_text()) == {"from": str(demo), "stages": stages}
+
+    # the declared outputs of the stages are every file the run wrote: a variant that shares every
+    # stage but the baseline's copies the whole run but for offline/, the report and the run's own files
+    everything = config_yaml.replace("max_random", "max_min")
+    all_stages, _ = claims.shared_stages(demo, everything.replace(str(reused), str(tmp_path / "all")))
+    assert all_stages[-1] == "iter_2/eval"
+    claims.copy_shared(demo, tmp_path / "all", all_stages)
+    own = {"config.yaml", "state.json", "metrics.jsonl", "reused.json"}
+    expected = {f for f in files(demo) if not f.startswith(("offline/", "report/")) and not f.endswith(".lock")
+                and f.split("/")[-1] != ".lock"} | own
+    assert files(tmp_path / "all") | {"config.yaml"} == expected
+
+
+def test_shared_stages_stop_at_the_first_stage_a_differing_key_feeds(tmp_path):
+    source = tmp_path / "demo-s0"
+    source.mkdir()
+    config = {"output_dir": str(source), "seed": 0, "reference": "initial", "pairs": {"strategy": "max_min"},
+              "judge": {"ranking": "borda"}, "feedback": {"judge": "rm", "pm_train": {"lr": 1e-5}},
+              "dpo": {"train": {"lr": 4e-5}}, "length_penalty": {"coef": 0.0}}
+    (source / "config.yaml").write_text(yaml.safe_dump(config))
+    order = ["prompts", "feedback/generate", "feedback/annotate", "feedback/pairs", "feedback/rm", "feedback/eval-rm",
+             "iter_0/eval", "iter_1/generate", "iter_1/annotate", "iter_1/pairs", "iter_1/dpo", "iter_1/eval",
+             "iter_2/generate", "iter_2/annotate", "iter_2/pairs", "iter_2/dpo", "iter_2/eval", "offline/generate"]
+    (source / "state.json").write_text(json.dumps({"completed": order}))
+
+    def shared(**changes) -> tuple[list[str], str]:
+        variant = json.loads(json.dumps(config))
+        for key, value in changes.items():
+            *parents, last = key.split("__")
+            node = variant
+            for part in parents:
+                node = node[part]
+            node[last] = value
+        variant["output_dir"] = str(tmp_path / "variant")
+        return claims.shared_stages(source, yaml.safe_dump(variant))
+
+    def last(**changes) -> str | None:
+        stages, _ = shared(**changes)
+        return stages[-1] if stages else None
+
+    assert last() == "offline/generate"  # the same recipe in another directory: everything
+    assert last(pairs__strategy="random") == "iter_1/annotate"
+    assert last(reference="previous") == "iter_2/pairs"
+    assert last(length_penalty__coef=0.01) == "iter_1/generate"
+    assert last(feedback__judge="pm", judge__ranking="knockout", feedback__pm_train__lr=1e-4) == "feedback/eval-rm"
+    assert last(feedback__pm_train__lr=1e-4) == "offline/generate"  # the preference model judges nothing here
+    assert last(pairs__strategy="random", reference="previous") == "iter_1/annotate"  # the earliest cut wins
+    stages, why = shared(dpo__train__lr=1e-5, pairs__strategy="random")
+    assert stages == [] and "dpo.train.lr differs" in why  # a key whose stages are not declared: no copy
+    stages, why = shared(seed=1)
+    assert stages == [] and "seed differs" in why
+
+
+def test_stage_globs_name_each_iterations_outputs():
+    assert claims.stage_globs("iter_12/pairs") == ["iter_12/pairs.*"]
+    assert claims.stage_globs("feedback/rm") == ["feedback/rm"]
+    with pytest.raises(KeyError):
+        claims.stage_globs("iter_x/pairs")
