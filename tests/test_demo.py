@@ -86,3 +86,38 @@ def test_bf16_speedup_is_measured_on_this_cpu():
 
     speedup = cpu_bf16_speedup(repeats=2)
     assert 0.05 < speedup < 50
+
+
+DECIDE_IN_EACH_PROCESS = '''
+import os, sys
+import torch.distributed as dist
+from rlhf_workflow import workflow
+rank = int(os.environ["RANK"])
+workflow.cpu_bf16_speedup = lambda: float(sys.argv[2 + rank])  # each process "measures" its own speedup
+config = workflow.demo_config([f"output_dir={sys.argv[1]}"])
+print(f"rank {rank}: {config.generation.dtype} {config.judge.dtype} {config.feedback.rm_train.precision} "
+      f"{config.dpo.train.precision}", flush=True)
+dist.barrier()
+dist.destroy_process_group()
+'''
+
+
+@pytest.mark.parametrize("speedups, chosen", [(("2.5", "0.5"), "bfloat16 bfloat16 bf16 bf16"),
+                                              (("0.5", "2.5"), "float32 float32 fp32 fp32")])
+def test_every_process_of_a_launched_demo_runs_the_main_processs_precision(tmp_path, speedups, chosen):
+    """Under `accelerate launch` the main process measures and decides; a process whose own timing
+    would choose the other precision runs the main one's."""
+    import subprocess
+    import sys
+
+    from conftest import cli_env, free_port
+
+    script = tmp_path / "decide.py"
+    script.write_text(DECIDE_IN_EACH_PROCESS)
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2", "--num_machines", "1",
+              "--multi_gpu", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(free_port()),
+              str(script), str(tmp_path / "demo"), *speedups]
+    result = subprocess.run(launch, env=cli_env(), capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    lines = sorted(line for line in result.stdout.splitlines() if line.startswith("rank "))
+    assert lines == [f"rank 0: {chosen}", f"rank 1: {chosen}"], result.stdout

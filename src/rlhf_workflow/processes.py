@@ -42,6 +42,20 @@ def release_memory() -> None:
         torch.cuda.empty_cache()
 
 
+def decided_on_main(state: Any, work: Callable[[], T]) -> T:
+    """``work``'s result on the main process, given to every process (a picklable value): for a choice
+    that each process could otherwise make differently, such as one made from a timing. A
+    `UserError` it raises is every process's, as with `on_main`."""
+    result = on_main(state, work)
+    if state is None or state.num_processes == 1:
+        return result  # type: ignore[return-value]
+    from accelerate.utils import broadcast_object_list
+
+    shared = [result]
+    broadcast_object_list(shared, from_process=0)
+    return shared[0]  # type: ignore[return-value]
+
+
 def on_main(state: Any, work: Callable[[], T]) -> T | None:
     """Run ``work`` on the main process only, and make a `UserError` it raises the error of every
     process: the others would otherwise wait for it at the next barrier for hours. Returns what

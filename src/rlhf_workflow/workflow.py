@@ -51,8 +51,12 @@ def demo_config(overrides: list[str]) -> RunConfig:
     """The demo recipe with ``overrides``, and `demo_precision`'s fp32 settings under them."""
     from rlhf_workflow.config import load_config
 
+    from rlhf_workflow.processes import decided_on_main, process_state
+
     config = load_config(RunConfig, DEMO_RECIPE, overrides)
-    precision = demo_precision(config)  # type: ignore[arg-type]
+    # the main process measures and every process runs its choice: under `accelerate launch` two
+    # processes timing their own matmuls near the threshold could otherwise choose differently
+    precision = decided_on_main(process_state(), lambda: demo_precision(config))  # type: ignore[arg-type]
     if precision:
         config = load_config(RunConfig, DEMO_RECIPE, precision + overrides)  # the user's own settings win
     return config  # type: ignore[return-value]
