@@ -10,7 +10,9 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
@@ -297,3 +299,74 @@ def recipe(tiny_model_dir, tmp_path):
         "eval.bootstrap=200", "dpo.max_length=64", "dpo.train.lr=1e-3", "dpo.train.epochs=1",
         "dpo.train.per_device_batch_size=2", "dpo.train.save_every=1", "dpo.train.warmup_ratio=0",
     ]
+
+
+# ---------------------------------------------------------------- an OpenAI-compatible server
+
+
+class FakeServer:
+    """An OpenAI-compatible server on 127.0.0.1 with scripted failures."""
+
+    def __init__(self):
+        self.requests: list[dict] = []
+        self.fail: dict[str, list[int]] = {}  # prompt text -> HTTP statuses to answer before succeeding
+        self.max_choices = 2  # like a server that caps n
+        self.delay: dict[str, float] = {}
+        self.drip: dict[str, float] = {}  # prompt text -> seconds between the bytes of the next answer
+        self.greedy = False  # ignore temperature: every choice the same text
+        self.odd: dict[str, list[bytes]] = {}  # prompt text -> bodies to answer with before a proper one
+        self.down: int | None = None  # an HTTP status to answer every request with (a broken server)
+        server = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args):
+                pass
+
+            def do_POST(self):
+                import time
+
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                server.requests.append({**body, "auth": self.headers.get("Authorization"), "path": self.path})
+                text = body["messages"][-1]["content"] if "messages" in body else body["prompt"]
+                key = text if "messages" in body else "completion"
+                if server.delay.get(key):
+                    time.sleep(server.delay.pop(key))
+                statuses = server.fail.get(key) or ([server.down] if server.down else [])
+                if statuses:
+                    status = statuses.pop(0)
+                    self.send_response(status)
+                    self.send_header("Content-Type", "application/json")
+                    self.end_headers()
+                    self.wfile.write(json.dumps({"error": {"message": f"scripted {status}"}}).encode())
+                    return
+                n = min(body.get("n", 1), server.max_choices)
+                seen = sum(1 for r in server.requests if (r.get("messages") or [{}])[-1].get("content") == text)
+                if "messages" in body:
+                    choices = [{"index": i, "message": {"role": "assistant", "content": f"reply {seen}.{i} to {text}"
+                                                        if not server.greedy else f"the one reply to {text}"},
+                                "finish_reason": "stop"} for i in range(n)]
+                else:
+                    choices = [{"index": i, "text": f"completion {i} STOP tail", "finish_reason": "stop"} for i in range(n)]
+                payload = json.dumps({"choices": choices, "usage": {"completion_tokens": 5}}).encode()
+                if server.odd.get(key):
+                    payload = server.odd[key].pop(0)
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(payload)))
+                self.end_headers()
+                pause = server.drip.pop(key, 0.0)
+                try:
+                    for start in range(0, len(payload), 1 if pause else len(payload)):
+                        self.wfile.write(payload[start : start + (1 if pause else len(payload))])
+                        time.sleep(pause)
+                except (BrokenPipeError, ConnectionResetError):  # the client gave up: what the test wants
+                    pass
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
+        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+        self.thread.start()
+
+    def close(self):
+        self.httpd.shutdown()
+        self.httpd.server_close()

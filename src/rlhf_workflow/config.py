@@ -393,6 +393,9 @@ class OpenAIBackendConfig(Strict):
     """Any OpenAI-compatible server: vLLM serve, SGLang, llama.cpp server, TGI, ..."""
 
     base_url: str = Field("http://127.0.0.1:8000/v1", description="the server's API root (ends in /v1)")
+    base_urls: list[str] = Field([], description="several servers of the same model (replaces base_url): each "
+                                 "request goes to the one with the fewest in flight, a failed request is retried on "
+                                 "another; set concurrency to about servers × what one server takes")
     model: str | None = Field(None, description="the model name the server knows; default: model.name_or_path")
     api_key_env: str = Field("OPENAI_API_KEY", description="environment variable holding the API key (never logged)")
     endpoint: Literal["chat", "completions"] = Field(
@@ -402,6 +405,19 @@ class OpenAIBackendConfig(Strict):
     timeout: float = Field(300.0, gt=0, description="seconds per request, from sending it to the last byte of the answer")
     max_retries: int = Field(4, ge=0, description="retries of a failed request (connection errors, timeouts, 429, 5xx)")
     backoff: float = Field(1.0, ge=0, description="seconds before the first retry; doubles with each retry")
+    server_failures: int = Field(3, ge=1, description="with base_urls: failures in a row that take a server out of "
+                                 "the rotation")
+    server_rest: float = Field(30.0, ge=0, description="with base_urls: seconds a server taken out waits before it "
+                               "gets requests again")
+
+    @field_validator("base_urls")
+    @classmethod
+    def _distinct_urls(cls, urls: list[str]) -> list[str]:
+        stripped = [url.rstrip("/") for url in urls]
+        twice = sorted({url for url in stripped if stripped.count(url) > 1})
+        if twice:
+            raise ValueError(f"a server is listed twice: {twice[0]}")
+        return urls
 
 
 class GenerationOptions(Strict):

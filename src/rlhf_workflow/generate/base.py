@@ -64,6 +64,10 @@ class Generator(Protocol):
         """Release the model or connections."""
         ...
 
+    def summary(self) -> list[str]:
+        """Lines worth printing after the stage (the openai backend's per-server counts), or none."""
+        ...
+
 
 def prompt_seed(seed: int, prompt_id: str, index: int = 0) -> int:
     """A 63-bit seed for sample ``index`` of prompt ``prompt_id`` (stable across runs and machines)."""

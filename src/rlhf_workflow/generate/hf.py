@@ -100,6 +100,9 @@ class HFGenerator:
     def close(self) -> None:
         self.model = None
 
+    def summary(self) -> list[str]:
+        return []
+
     def generate(self, requests: Sequence[GenerationRequest], sampling: Any) -> Iterator[list[GenerationResult]]:
         from rlhf_workflow.data.templating import encode_prompt
 

@@ -3,7 +3,10 @@
 One request per prompt (``n`` samples in it; a server that returns fewer choices is asked again
 for the rest), at most ``concurrency`` in flight. Connection errors, timeouts, 429 and 5xx are
 retried with exponential backoff (a ``Retry-After`` header is honoured); a prompt that still
-fails is reported as an error the stage writes down and a rerun retries. Any other 4xx means the
+fails is reported as an error the stage writes down and a rerun retries. With several servers
+(``openai.base_urls``) each request goes to the least busy one and a failed request is retried on
+another before any backoff; a server that keeps failing is taken out for a while
+(`generate.servers`). Any other 4xx means the
 request itself is wrong (base URL, model name, API key) and stops the stage with the server's
 message. The API key is read from an environment variable and never logged.
 
@@ -33,6 +36,7 @@ from rlhf_workflow.generate.base import (
     cut_at_stop,
     prompt_seed,
 )
+from rlhf_workflow.generate.servers import Server, ServerPool
 
 logger = logging.getLogger(__name__)
 
@@ -55,7 +59,9 @@ class OpenAIGenerator:
         self.model_name = model_name
         self.tokenizer = tokenizer  # needed by the completions endpoint only
         self.chat_template = chat_template
-        self.url = config.base_url.rstrip("/") + ("/chat/completions" if config.endpoint == "chat" else "/completions")
+        self.path = "/chat/completions" if config.endpoint == "chat" else "/completions"
+        self.pool = ServerPool([url.rstrip("/") for url in (config.base_urls or [config.base_url])],
+                               failures=config.server_failures, rest=config.server_rest)
         key = os.environ.get(config.api_key_env, "")
         self._headers = {"Content-Type": "application/json", **({"Authorization": f"Bearer {key}"} if key else {})}
         if config.endpoint == "completions" and tokenizer is None:
@@ -63,6 +69,10 @@ class OpenAIGenerator:
 
     def close(self) -> None:
         pass
+
+    def summary(self) -> list[str]:
+        """Per server: requests sent, answered, failed (with several servers; one needs no table)."""
+        return self.pool.summary() if len(self.pool.servers) > 1 else []
 
     # ----------------------------------------------------------------- requests
 
@@ -84,9 +94,10 @@ class OpenAIGenerator:
                               if self.chat_template else request.messages[-1]["content"])
         return body
 
-    def _post(self, body: dict[str, Any]) -> dict[str, Any]:
+    def _post(self, server: Server, body: dict[str, Any]) -> dict[str, Any]:
+        url = server.url + self.path
         data = json.dumps(body).encode("utf-8")
-        http_request = urllib.request.Request(self.url, data=data, headers=self._headers, method="POST")
+        http_request = urllib.request.Request(url, data=data, headers=self._headers, method="POST")
         try:
             with urllib.request.urlopen(http_request, timeout=self.config.timeout) as response:
                 payload = self._read_by(response, time.monotonic() + self.config.timeout)
@@ -97,7 +108,7 @@ class OpenAIGenerator:
                 raise RetryableError(f"HTTP {exc.code}: {text}", _seconds(retry_after)) from None
             hint = {401: f" (check the API key in ${self.config.api_key_env})", 403: f" (check the API key in "
                     f"${self.config.api_key_env})", 404: " (check openai.base_url and openai.model)"}.get(exc.code, "")
-            raise UserError(f"{self.url}: the server refused the request with HTTP {exc.code}{hint}: {text}") from None
+            raise UserError(f"{url}: the server refused the request with HTTP {exc.code}{hint}: {text}") from None
         except (urllib.error.URLError, socket.timeout, TimeoutError, ConnectionError) as exc:
             reason = getattr(exc, "reason", exc)
             raise RetryableError(f"{type(reason).__name__}: {reason}") from None
@@ -153,28 +164,43 @@ class OpenAIGenerator:
         return tokens if choices == 1 and isinstance(tokens, int) else None
 
     def _answer(self, request: GenerationRequest, sampling: Any) -> GenerationResult:
-        """All n samples of one prompt, retrying what failed; an error result when retries run out."""
+        """All n samples of one prompt, retrying what failed (first on the other servers, then after
+        a backoff); an error result when retries run out."""
         samples: list[Sample] = []
         attempts = 0
         round_ = 0
+        failed_on: set[str] = set()  # servers this request failed on since its last backoff
         while len(samples) < sampling.n:
+            server = self.pool.acquire(avoid=failed_on)
             try:
-                response = self._post(self._body(request, sampling, sampling.n - len(samples), round_))
+                response = self._post(server, self._body(request, sampling, sampling.n - len(samples), round_))
                 got = self._choices(response, sampling)
                 if not got:
                     raise RetryableError("the server returned no choices")
-                samples.extend(got[: sampling.n - len(samples)])
-                round_ += 1
             except RetryableError as exc:
+                self.pool.release(server, str(exc))
                 attempts += 1
                 if attempts > self.config.max_retries:
-                    return GenerationResult(request.id, error=f"{self.url}: {exc} (after {attempts} attempts)",
+                    return GenerationResult(request.id, error=f"{server.url}: {exc} (after {attempts} attempts)",
                                             retryable=True)
+                failed_on.add(server.url)
+                if self.pool.untried(failed_on):
+                    logger.warning("prompt %s: %s: %s; retry %d of %d on another server", request.id, server.url, exc,
+                                   attempts, self.config.max_retries)
+                    continue
+                failed_on.clear()
                 delay = exc.retry_after if exc.retry_after is not None else self.config.backoff * 2 ** (attempts - 1)
                 delay *= 1 + 0.1 * random.random()  # jitter, so concurrent retries do not arrive together
-                logger.warning("prompt %s: %s; retry %d of %d in %.1f s", request.id, exc, attempts,
+                logger.warning("prompt %s: %s: %s; retry %d of %d in %.1f s", request.id, server.url, exc, attempts,
                                self.config.max_retries, delay)
                 time.sleep(delay)
+                continue
+            except BaseException as exc:  # a refused request (UserError), or the stage stopping
+                self.pool.release(server, f"{type(exc).__name__}: {exc}")
+                raise
+            self.pool.release(server)
+            samples.extend(got[: sampling.n - len(samples)])
+            round_ += 1
         return GenerationResult(request.id, samples)
 
     def generate(self, requests: Sequence[GenerationRequest], sampling: Any) -> Iterator[list[GenerationResult]]:

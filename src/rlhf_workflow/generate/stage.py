@@ -134,6 +134,8 @@ def run_generate(config: GenerateConfig, *, force: bool = False, progress: bool 
         finally:
             bar.close()
             generator.close()
+            for line in generator.summary():
+                print(f"generate{f' (process {state.process_index})' if state.num_processes > 1 else ''}: {line}")
         return tokens, finished, [(e.id, e.error, e.retryable) for e in errors], identical
 
     # vLLM spreads one engine over vllm.tensor_parallel_size GPUs itself: under several processes

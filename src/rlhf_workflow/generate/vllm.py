@@ -76,6 +76,9 @@ class VLLMGenerator:
     def close(self) -> None:
         self.llm = None
 
+    def summary(self) -> list[str]:
+        return []
+
     def _params(self, request: GenerationRequest, sampling: Any) -> Any:
         kwargs: dict[str, Any] = dict(
             n=sampling.n, temperature=sampling.temperature, top_p=sampling.top_p, max_tokens=sampling.max_new_tokens,
