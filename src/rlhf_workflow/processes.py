@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, Callable, TypeVar
 
 from rlhf_workflow.errors import UserError
@@ -14,6 +15,47 @@ def no_accelerator() -> bool:
     import torch
 
     return not torch.cuda.is_available() and not (hasattr(torch, "xpu") and torch.xpu.is_available())
+
+
+@dataclass(frozen=True)
+class EngineGroup:
+    """The processes that run one generation engine together (vLLM's tensor parallelism over k
+    GPUs): consecutive ranks on one node. The engines sample disjoint shards of the prompts; every
+    member of a group sees the same outputs, and member 0 writes them."""
+
+    index: int  # this group's number, 0 .. count - 1: it takes every count-th prompt from index on
+    count: int  # groups in all: world size / k
+    member: int  # this process's place in its group, 0 .. k - 1
+    local_gpus: tuple[int, ...]  # the group's devices, as local ranks of this node
+
+    @property
+    def writes(self) -> bool:
+        return self.member == 0
+
+
+def engine_group(rank: int, world_size: int, local_rank: int, local_world_size: int, size: int) -> EngineGroup:
+    """Process ``rank``'s group of ``size`` processes (see `EngineGroup`). Launchers number the
+    ranks node by node (node n holds ranks n·L .. n·L + L − 1), so consecutive ranks share a node
+    when ``size`` divides the processes per node L; a group never spans two nodes."""
+    if size < 1:
+        raise UserError(f"vllm.tensor_parallel_size is {size}: it must be at least 1")
+    if world_size % size or local_world_size % size:
+        raise UserError(f"vllm.tensor_parallel_size {size} must divide the number of processes ({world_size}) and "
+                        f"the processes per node ({local_world_size}): each engine runs on {size} GPUs of one node, "
+                        f"one process per GPU")
+    member = rank % size
+    first = local_rank - member
+    return EngineGroup(index=rank // size, count=world_size // size, member=member,
+                       local_gpus=tuple(range(first, first + size)))
+
+
+def local_world_size(state: Any) -> int:
+    """Processes on this node: the launcher's LOCAL_WORLD_SIZE (torchrun and accelerate launch set
+    it), else all of them (one node)."""
+    import os
+
+    value = os.environ.get("LOCAL_WORLD_SIZE", "")
+    return int(value) if value.isdigit() and int(value) > 0 else state.num_processes
 
 
 WAIT_HOURS = 12  # how long a process may wait at a barrier for the others (e.g. while the main one generates)

@@ -72,41 +72,58 @@ RowT = TypeVar("RowT")
 StatsT = TypeVar("StatsT")
 
 
+class Discard:
+    """The sink of a process whose rows another process of its engine group writes."""
+
+    def append(self, rows: Any) -> int:
+        return sum(1 for _ in rows)
+
+    def close(self) -> None:
+        pass
+
+
 def run_sharded(name: str, state: Any, output: Path, rows: Sequence[RowT],
-                work: Callable[[list[RowT], JsonlAppender], StatsT], *, settings: dict[str, Any], force: bool = False,
-                main_only: bool = False) -> tuple[list[RowT], list[StatsT]] | None:
+                work: Callable[[list[RowT], Any], StatsT], *, settings: dict[str, Any], force: bool = False,
+                group_size: int = 1) -> tuple[list[RowT], list[StatsT]] | None:
     """Run a resumable, sharded stage over ``rows`` (objects with an ``id``) into ``output``.
 
     The output is locked for the stage's life, and ``settings`` (what determines the rows) must be
     those its rows were made with (`data.outputs.check_fingerprint`; ``force`` starts afresh).
-    ``work(mine, sink)`` handles this process's share of the rows not yet in ``output`` (every W-th;
-    all of them on the main process and none elsewhere with ``main_only``, for a backend that spreads
-    itself over the GPUs), appends its output rows to ``sink`` as they finish, and returns its
-    statistics (it is called with an empty share too). Returns, on the main process once the merged
-    output is complete, the rows that were still to do and every process's statistics; None on the others.
+    ``work(mine, sink)`` handles this process's share of the rows not yet in ``output``, appends its
+    output rows to ``sink`` as they finish, and returns its statistics (it is called with an empty
+    share too). With W processes the share is every W-th row; with ``group_size`` k > 1 (an engine
+    over k GPUs, one process each: `processes.engine_group`) the W / k groups take every (W / k)-th
+    row, every member of a group gets the group's share, and only member 0's rows and statistics
+    are kept. Returns, on the main process once the merged output is complete, the rows that were
+    still to do and the statistics of every process that wrote; None on the others.
     """
     from rlhf_workflow.processes import on_main
 
     with OutputLock(output, directory=False).acquire(state):
         on_main(state, lambda: check_fingerprint(output, settings, force=force, what=f"the rows of `{name}`"))
-        return _run_shards(name, state, output, rows, work, main_only)
+        return _run_shards(name, state, output, rows, work, group_size)
 
 
-def _run_shards(name: str, state: Any, output: Path, rows: Sequence[RowT],
-                work: Callable[[list[RowT], JsonlAppender], StatsT], main_only: bool,
-                ) -> tuple[list[RowT], list[StatsT]] | None:
+def _run_shards(name: str, state: Any, output: Path, rows: Sequence[RowT], work: Callable[[list[RowT], Any], StatsT],
+                group_size: int) -> tuple[list[RowT], list[StatsT]] | None:
+    from rlhf_workflow.processes import engine_group, local_world_size
+
     sink, done = open_shard(state, output)
     todo = [row for row in rows if row.id not in done]  # type: ignore[attr-defined]
-    if state.is_main_process:
-        log.info("%s: %d rows, %d already in %s, %d to do (%d process%s)", name, len(rows), len(rows) - len(todo),
-                 output, len(todo), state.num_processes, "es" if state.num_processes > 1 else "")
-    if main_only:
-        mine = todo if state.is_main_process else []
+    if state.num_processes == 1:
+        index, count, writes = 0, 1, True
     else:
-        mine = todo[state.process_index :: state.num_processes]
+        group = engine_group(state.process_index, state.num_processes, state.local_process_index,
+                             local_world_size(state), group_size)
+        index, count, writes = group.index, group.count, group.writes
+    if state.is_main_process:
+        log.info("%s: %d rows, %d already in %s, %d to do (%d process%s%s)", name, len(rows), len(rows) - len(todo),
+                 output, len(todo), state.num_processes, "es" if state.num_processes > 1 else "",
+                 f", {count} groups of {group_size}" if state.num_processes > 1 and group_size > 1 else "")
+    mine = todo[index::count]
     try:
-        stats = work(mine, sink)
+        stats = work(mine, sink if writes else Discard())
     finally:
         sink.close()
-    everything = close_shards(state, output, stats)
-    return None if everything is None else (todo, everything)
+    everything = close_shards(state, output, (writes, stats))
+    return None if everything is None else (todo, [s for kept, s in everything if kept])

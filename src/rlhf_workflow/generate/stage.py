@@ -42,6 +42,7 @@ def make_generator(config: GenerateConfig, device: Any) -> Generator:
     """The backend the config names, with its model loaded."""
     from rlhf_workflow.data.templating import require_chat_template
     from rlhf_workflow.models.loading import load_model, load_tokenizer
+    from rlhf_workflow.processes import process_state
 
     model_config = config.model.model_copy(update={"lora": config.model.lora.model_copy(update={"r": 0}),
                                                    "gradient_checkpointing": False})
@@ -64,7 +65,7 @@ def make_generator(config: GenerateConfig, device: Any) -> Generator:
             require_chat_template(tokenizer, "apply_chat_template")
         return VLLMGenerator(model_config, config.vllm, tokenizer, chat_template=config.apply_chat_template,
                              stop_ids=end_of_turn_ids(tokenizer, chat_template=config.apply_chat_template),
-                             seed=config.sampling.seed)
+                             seed=config.sampling.seed, launched=process_state().num_processes > 1)
     from rlhf_workflow.generate.openai import OpenAIGenerator
 
     tokenizer = None
@@ -106,11 +107,16 @@ def run_generate(config: GenerateConfig, *, force: bool = False, progress: bool 
     output = Path(config.output)
     prompts = read_rows(config.prompts, PromptRow)
     start = time.perf_counter()
+    # vLLM under several processes: an engine per group of vllm.tensor_parallel_size processes (one
+    # GPU each), each group sampling its own share; building the engines is collective over all
+    # processes, so a process builds its engine even when its group has nothing left to do
+    collective = config.backend == "vllm" and state.num_processes > 1
+    group_size = config.vllm.tensor_parallel_size if collective else 1
 
     def work(mine: list[PromptRow], sink: Any) -> tuple[int, int, list[tuple[str, str, bool]], int]:
         errors: list[GenerationResult] = []
         tokens = finished = identical = 0
-        if not mine:
+        if not mine and not collective:
             return tokens, finished, [], identical
         with model_source("model.name_or_path"):
             generator = make_generator(config, state.device)
@@ -138,10 +144,8 @@ def run_generate(config: GenerateConfig, *, force: bool = False, progress: bool 
                 print(f"generate{f' (process {state.process_index})' if state.num_processes > 1 else ''}: {line}")
         return tokens, finished, [(e.id, e.error, e.retryable) for e in errors], identical
 
-    # vLLM spreads one engine over vllm.tensor_parallel_size GPUs itself: under several processes
-    # the main process generates everything while the others wait
     result = run_sharded(f"generate ({config.backend})", state, output, prompts, work, settings=config.row_settings(),
-                         force=force, main_only=config.backend == "vllm")
+                         force=force, group_size=group_size)
     if result is None:  # not the main process
         return output
     todo, everything = result

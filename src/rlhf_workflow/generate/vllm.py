@@ -7,6 +7,19 @@ hf and vllm backends see the same tokens. Each prompt gets its own ``SamplingPar
 ``n`` samples and a seed from `prompt_seed`, so its samples do not depend on its batch. The engine
 schedules and batches by itself (continuous batching, prefix caching); this backend only feeds it
 ``chunk_size`` prompts at a time so that each chunk is written before the next starts.
+
+Under ``accelerate launch`` / ``torchrun`` with W processes (one GPU each) every process builds an
+engine with ``distributed_executor_backend="external_launcher"``: vLLM joins the processes already
+started into tensor-parallel groups of ``tensor_parallel_size`` k consecutive ranks, so there are
+W / k engines. `data.shards.run_sharded` gives each group its own share of the prompts (all k
+members feed the same prompts and get the same outputs; member 0 writes them). With one process,
+vLLM starts its own workers for the k GPUs.
+
+Memory: the engines are built with ``enable_sleep_mode``; when the stage ends, `close` puts each
+to sleep at level 2, which frees its weights and KV cache on the GPU (vLLM's own path for giving
+memory back to training), then drops it and vLLM's tensor-parallel groups. The next stage (DPO)
+then loads the policy into the memory given back; the processes' own CUDA context stays.
+Not yet run on GPUs in this project (no vLLM on the machines it was built on).
 """
 
 from __future__ import annotations
@@ -53,7 +66,7 @@ class VLLMGenerator:
     ids as the hf backend), and at any ``stop_ids`` given besides."""
 
     def __init__(self, model_config: Any, backend: Any, tokenizer: Any, *, chat_template: bool = True,
-                 stop_ids: set[int] | None = None, seed: int = 0):
+                 stop_ids: set[int] | None = None, seed: int = 0, launched: bool = False):
         from rlhf_workflow.models.loading import local_directory
 
         vllm = import_vllm()
@@ -65,16 +78,32 @@ class VLLMGenerator:
         end_of_turn = end_of_turn_ids(tokenizer, read_generation_config(location), chat_template=chat_template)
         self.stop_ids = sorted(end_of_turn | set(stop_ids or ()))
         tokenizer_location = local_directory(model_config.tokenizer) if model_config.tokenizer else location
+        self.launched = launched  # processes started by a launcher, each with its GPU: external_launcher
         self.llm = vllm.LLM(
             model=location, tokenizer=tokenizer_location,
             dtype=model_config.dtype, seed=seed, trust_remote_code=model_config.trust_remote_code,
             tensor_parallel_size=backend.tensor_parallel_size, gpu_memory_utilization=backend.gpu_memory_utilization,
             enable_prefix_caching=backend.enable_prefix_caching, max_model_len=backend.max_model_len,
+            enable_sleep_mode=True, **({"distributed_executor_backend": "external_launcher"} if launched else {}),
         )
         self.context = self.llm.llm_engine.model_config.max_model_len
 
     def close(self) -> None:
+        """Give the GPU memory back (see the module docstring)."""
+        import gc
+
+        import torch
+
+        if self.llm is None:
+            return
+        self.llm.sleep(level=2)  # weights and KV cache freed on the GPU
         self.llm = None
+        if self.launched:  # vLLM's tensor-parallel groups, not the launcher's process group
+            from vllm.distributed.parallel_state import destroy_model_parallel
+
+            destroy_model_parallel()
+        gc.collect()
+        torch.cuda.empty_cache()
 
     def summary(self) -> list[str]:
         return []
