@@ -23,8 +23,9 @@ WORDS = (
 ).split()
 
 
-def make_pairs(n: int, seed: int, max_length: int) -> list[dict]:
-    """Pairs with log-normal prompt/response lengths (in words), kept well inside max_length tokens.
+def make_pairs(n: int, seed: int, max_length: int, scale: float = 1.0) -> list[dict]:
+    """Pairs with log-normal prompt/response lengths (in words: means 18 and 40, times ``scale``),
+    kept well inside max_length tokens.
 
     Real preference data has prompts and responses of very different lengths (and chosen and
     rejected differ too), so padding is part of what a benchmark on these pairs measures.
@@ -37,10 +38,10 @@ def make_pairs(n: int, seed: int, max_length: int) -> list[dict]:
 
     rows = []
     for i in range(n):
-        prompt = text(18)
-        chosen, rejected = text(40), text(40)
+        prompt = text(18 * scale)
+        chosen, rejected = text(40 * scale), text(40 * scale)
         while rejected == chosen:
-            rejected = text(40)
+            rejected = text(40 * scale)
         rows.append({"id": str(i), "prompt": [{"role": "user", "content": prompt}],
                      "chosen": [{"role": "assistant", "content": chosen}],
                      "rejected": [{"role": "assistant", "content": rejected}]})
@@ -52,18 +53,47 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def matmul_peak_flops(size: int = 1024, repeats: int = 20) -> float:
-    """The fp32 FLOP/s of square matmuls on this machine (the best of a few timed rounds)."""
+def device() -> str:
+    """Where a benchmark's models run: the GPU when there is one."""
     import torch
 
-    a, b = torch.randn(size, size), torch.randn(size, size)
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def peak_memory() -> dict[str, float]:
+    """This process's peak memory: resident set (MB), and on a GPU the peak allocated by torch (MB)."""
+    import torch
+
+    found = {"peak_rss_mb": peak_rss_mb()}
+    if torch.cuda.is_available():
+        found["peak_gpu_mb"] = torch.cuda.max_memory_allocated() / 2**20
+    return found
+
+
+def matmul_peak_flops(size: int = 1024, repeats: int = 20, precision: str = "fp32") -> float:
+    """The FLOP/s of square matmuls in ``precision`` (fp32, bf16) on `device` (the best of a few
+    timed rounds); a GPU is synchronised around each round and given larger matrices."""
+    import torch
+
+    where = device()
+    if where == "cuda":
+        size = max(size, 8192)
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+    a, b = (torch.randn(size, size, dtype=dtype, device=where) for _ in range(2))
+
+    def sync() -> None:
+        if where == "cuda":
+            torch.cuda.synchronize()
+
     for _ in range(3):
         a @ b
     best = 0.0
     for _ in range(3):
+        sync()
         start = time.perf_counter()
         for _ in range(repeats):
             a @ b
+        sync()
         best = max(best, 2 * size**3 * repeats / (time.perf_counter() - start))
     return best
 
@@ -104,6 +134,11 @@ def bench_parser(doc: str, workers: Sequence[str], what: str = "trainer") -> arg
     """
     parser = argparse.ArgumentParser(description=doc.split("\n\n")[0])
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--model", default="smollm2-135m-instruct",
+                        help="the model every worker starts from: a built-in name, a directory or a .gguf file")
+    parser.add_argument("--precision", choices=["fp32", "bf16"], default="fp32",
+                        help="fp32, or bf16 (training: autocast over fp32 weights, as train.precision; generation: bf16 weights)")
+    parser.add_argument("--json", help="also write the figures to this JSON file")
     parser.add_argument("--only", choices=list(workers), help=f"run one {what}")
     parser.add_argument("--repeats", type=int, default=2, help=f"runs of each {what}, alternating; the best is reported")
     parser.add_argument("--worker", choices=list(workers), help=argparse.SUPPRESS)
@@ -124,7 +159,17 @@ def run_selected(script: str, args: argparse.Namespace, workers: dict[str, Worke
                  worker_args: list[str]) -> dict[str, list[dict]]:
     """`run_workers` for the workers --only selects (all, in the order of ``workers``), --repeats rounds."""
     names = [name for name in workers if not args.only or name == args.only]
-    return run_workers(script, names, args.repeats, worker_args)
+    return run_workers(script, names, args.repeats, worker_args + ["--model", args.model, "--precision", args.precision])
+
+
+def write_json(args: argparse.Namespace, figures: dict) -> None:
+    """The benchmark's figures in --json, if given (with the machine and the options that made them)."""
+    if args.json:
+        import torch
+
+        where = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU ({os.cpu_count()} cores)"
+        options = {k: v for k, v in vars(args).items() if k not in ("worker", "repeat", "json", "data", "workdir")}
+        Path(args.json).write_text(json.dumps({"device": where, "options": options, **figures}, indent=1) + "\n")
 
 
 # ---------------------------------------------------------------- trainers on synthetic pairs (rm_vs_trl, dpo_vs_trl)
@@ -137,6 +182,8 @@ def add_pair_training_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch", type=int, default=8, help="pairs per step")
     parser.add_argument("--pairs", type=int, default=512)
     parser.add_argument("--max-length", type=int, default=256)
+    parser.add_argument("--length-scale", type=float, default=1.0,
+                        help="pair lengths × this (means 18 prompt and 40 response words at 1; long sequences: 10)")
     parser.add_argument("--no-share", action="store_true", help="ours without prompt sharing (chosen and rejected rows)")
     parser.add_argument("--pack-length", type=int, default=0, help="ours: train.pack_length (0 = no packing)")
     parser.add_argument("--max-tokens", type=int, default=1024,
@@ -149,7 +196,8 @@ def write_pairs(args: argparse.Namespace, prefix: str) -> tuple[str, Path]:
     """A new temporary work directory (named ``prefix``...) and the --pairs pairs written in it."""
     workdir = tempfile.mkdtemp(prefix=prefix)
     data = Path(workdir) / "pairs.jsonl"
-    data.write_text("".join(json.dumps(r) + "\n" for r in make_pairs(args.pairs, args.seed, args.max_length)))
+    rows = make_pairs(args.pairs, args.seed, args.max_length, args.length_scale)
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return workdir, data
 
 

@@ -1,8 +1,9 @@
 """Benchmark: DPO training, rlhf-workflow vs TRL's DPOTrainer.
 
-Both train SmolLM2-135M-Instruct (fp32, CPU, no gradient checkpointing, AdamW, β 0.1, reference =
-the starting model) for the same number of optimizer steps on the same pairs with the same batch
-size and max length, each in its own process, alternating, `--repeats` times.
+Both train SmolLM2-135M-Instruct (or --model; fp32, or bf16 autocast with --precision bf16; on the
+CPU, or the GPU when there is one; no gradient checkpointing, AdamW, β 0.1, reference = the starting
+model) for the same number of optimizer steps on the same pairs with the same batch size and max
+length, each in its own process, alternating, `--repeats` times.
 
 * Time: ours counts its reference pass (log-probs of the pairs it trains on, computed before
   training) plus training; TRL's counts `trainer.train()`, which runs its reference model at every
@@ -16,7 +17,7 @@ size and max length, each in its own process, alternating, `--repeats` times.
   reference, so the loss is log 2 for both; the log-probs check that both score the same tokens).
 * FLOP/s: model FLOPs (6·N·tokens for training, 2·N·tokens for the reference, N = non-embedding
   parameters, plus the vocabulary projection at response tokens; attention not counted) per second,
-  as a fraction of this machine's fp32 matmul peak measured in the same run. Ours counts the tokens
+  as a fraction of this machine's matmul peak in the same precision, measured in the same run. Ours counts the tokens
   it computes (each prompt once), TRL the real tokens of its padded rows (each prompt twice).
 
     pip install trl              # the peer; not a dependency of rlhf-workflow
@@ -36,11 +37,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 from common import (  # noqa: E402
-    add_pair_training_options, bench_parser, dispatch, matmul_peak_flops, pair_training_worker_args, peak_rss_mb,
-    run_selected, write_pairs,
+    add_pair_training_options, bench_parser, device, dispatch, matmul_peak_flops, pair_training_worker_args, peak_memory,
+    run_selected, write_json, write_pairs,
 )
-
-MODEL = "smollm2-135m-instruct"
 
 
 def model_flops(n_body: int, hidden: int, vocab: int, tokens: float, response_tokens: float, *, passes: int) -> float:
@@ -62,15 +61,15 @@ def run_ours(args: argparse.Namespace) -> dict:
 
     config = TrainConfig(max_steps=args.steps, per_device_batch_size=args.batch, lr=1e-6, scheduler="constant",
                          log_every=1, seed=args.seed, share_prefix=not args.no_share, pack_length=args.pack_length,
-                         max_tokens_per_forward=args.max_tokens)
+                         max_tokens_per_forward=args.max_tokens, precision=args.precision)
     options = LayoutOptions.from_config(config)
     out = Path(args.workdir) / f"ours-{args.repeat}"
     accelerator = make_accelerator(config, out)
-    tokenizer = load_tokenizer(MODEL)
+    tokenizer = load_tokenizer(args.model)
     rows = read_rows(args.data, PairRow)
     examples = tokenize_pairs(rows, tokenizer, max_length=args.max_length, chat_template=True, source=args.data,
                               extra=lambda row: {f: None for f in REF_FIELDS})
-    policy = SequenceLogprobs(load_model(ModelConfig(name_or_path=MODEL)), chunk=args.chunk)
+    policy = SequenceLogprobs(load_model(ModelConfig(name_or_path=args.model)), chunk=args.chunk)
     objective = DPOObjective(tokenizer.pad_token_id, DPOLossConfig(beta=0.1), options)
 
     # the reference pass covers the pairs the run trains on (steps × batch of them), in its own batches
@@ -94,7 +93,7 @@ def run_ours(args: argparse.Namespace) -> dict:
                          mean(response_tokens) * steps_pairs, passes=3)
              + model_flops(body, cfg.hidden_size, cfg.vocab_size, sum(pair_tokens), sum(response_tokens), passes=1))
     return {"seconds": seconds, "reference_seconds": reference_seconds, "tokens": sum(r["tokens"] for r in logs),
-            "peak_rss_mb": peak_rss_mb(), "flops": flops, "step1": {
+            **peak_memory(), "flops": flops, "step1": {
                 "loss": logs[0]["loss"], "logps/chosen": logs[0]["logps/chosen"], "logps/rejected": logs[0]["logps/rejected"]}}
 
 
@@ -108,8 +107,8 @@ def run_trl(args: argparse.Namespace) -> dict:
     from rlhf_workflow.models.loading import local_directory
 
     torch.manual_seed(args.seed)
-    directory = local_directory(MODEL)  # the same weights, already converted from GGUF
-    tokenizer = load_tokenizer(MODEL)
+    directory = local_directory(args.model)  # the same weights (a built-in model already converted from GGUF)
+    tokenizer = load_tokenizer(args.model)
     model = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32)
     rows = [json.loads(line) for line in Path(args.data).read_text().splitlines()]
     dataset = Dataset.from_list([{k: r[k] for k in ("prompt", "chosen", "rejected")} for r in rows])
@@ -117,8 +116,8 @@ def run_trl(args: argparse.Namespace) -> dict:
         output_dir=str(Path(args.workdir) / f"trl-{args.repeat}"), max_steps=args.steps,
         per_device_train_batch_size=args.batch, gradient_accumulation_steps=1, learning_rate=1e-6,
         lr_scheduler_type="constant", logging_steps=1, save_strategy="no", report_to="none",
-        gradient_checkpointing=False, max_length=args.max_length, beta=0.1, seed=args.seed, use_cpu=True,
-        dataloader_num_workers=0, bf16=False, fp16=False, precompute_ref_log_probs=args.trl_precompute,
+        gradient_checkpointing=False, max_length=args.max_length, beta=0.1, seed=args.seed, use_cpu=device() == "cpu",
+        dataloader_num_workers=0, bf16=args.precision == "bf16", fp16=False, precompute_ref_log_probs=args.trl_precompute,
     )
     trainer = DPOTrainer(model=model, args=config, train_dataset=dataset, processing_class=tokenizer)
     start = time.perf_counter()
@@ -131,7 +130,7 @@ def run_trl(args: argparse.Namespace) -> dict:
     response_share = args.response_share
     flops = model_flops(body, model.config.hidden_size, model.config.vocab_size, tokens, tokens * response_share, passes=3) \
         + model_flops(body, model.config.hidden_size, model.config.vocab_size, tokens, tokens * response_share, passes=1)
-    return {"seconds": seconds, "tokens": tokens, "peak_rss_mb": peak_rss_mb(), "flops": flops, "step1": {
+    return {"seconds": seconds, "tokens": tokens, **peak_memory(), "flops": flops, "step1": {
         "loss": history[0]["loss"], "logps/chosen": history[0].get("logps/chosen"),
         "logps/rejected": history[0].get("logps/rejected")}}
 
@@ -147,19 +146,20 @@ def main() -> None:
         return
 
     workdir, data = write_pairs(args, "bench-dpo-")
-    response_share = _response_share(data, args.max_length)
-    peak = matmul_peak_flops()
+    response_share = _response_share(data, args.max_length, args.model)
+    peak = matmul_peak_flops(precision=args.precision)
     worker_args = pair_training_worker_args(args, workdir, data) + [
         "--chunk", str(args.chunk), "--response-share", str(response_share)]
     worker_args += ["--trl-precompute"] if args.trl_precompute else []
     runs = run_selected(__file__, args, WORKERS, worker_args)
 
-    print(f"\nDPO, SmolLM2-135M-Instruct fp32 on CPU ({os.cpu_count()} cores): {args.steps} steps × {args.batch} pairs, "
+    where = "GPU" if device() == "cuda" else f"CPU ({os.cpu_count()} cores)"
+    print(f"\nDPO, {args.model} {args.precision} on {where}: {args.steps} steps × {args.batch} pairs, "
           f"max_length {args.max_length}, β 0.1; best of {args.repeats} runs each")
     print(f"ours: share_prefix={not args.no_share}, pack_length={args.pack_length}, "
           f"max_tokens_per_forward={args.max_tokens}, logprob_chunk={args.chunk}, reference precomputed (timed); "
           f"TRL: precompute_ref_log_probs={args.trl_precompute}")
-    print(f"fp32 matmul peak of this machine: {peak / 1e9:.1f} GFLOP/s")
+    print(f"{args.precision} matmul peak of this machine: {peak / 1e9:.1f} GFLOP/s")
     print(f"{'trainer':<8}{'tokens/s':>10}{'pairs/s':>9}{'peak RSS MB':>13}{'GFLOP/s':>9}{'of peak':>9}"
           f"{'step-1 loss':>13}{'logp chosen':>13}{'logp rejected':>15}")
     best = {}
@@ -167,7 +167,8 @@ def main() -> None:
         fastest = max(results, key=lambda r: r["tokens_per_s"])
         flops = fastest["flops"] / fastest["seconds"]
         best[name] = {**fastest, "pairs_per_s": args.steps * args.batch / fastest["seconds"],
-                      "peak_rss_mb": min(r["peak_rss_mb"] for r in results), "flops_per_s": flops}
+                      "peak_rss_mb": min(r["peak_rss_mb"] for r in results), "flops_per_s": flops,
+                      "of_peak": flops / peak}
         s1 = fastest["step1"]
         print(f"{name:<8}{fastest['tokens_per_s']:>10.1f}{best[name]['pairs_per_s']:>9.2f}{best[name]['peak_rss_mb']:>13.0f}"
               f"{flops / 1e9:>9.1f}{flops / peak:>9.1%}{s1['loss']:>13.4f}{_fmt(s1['logps/chosen']):>13}"
@@ -178,20 +179,21 @@ def main() -> None:
         print(f"throughput ours/trl: {best['ours']['tokens_per_s'] / best['trl']['tokens_per_s']:.2f}x   (target >= 2x)")
         print(f"peak memory ours/trl: {best['ours']['peak_rss_mb'] / best['trl']['peak_rss_mb']:.2f}x   (target <= 0.7x)")
         print(f"step-1 loss difference: {abs(best['ours']['step1']['loss'] - best['trl']['step1']['loss']):.2e}")
+    write_json(args, {"peak_flops": peak, "best": best})
 
 
 def _fmt(value: float | None) -> str:
     return "-" if value is None else f"{value:.3f}"
 
 
-def _response_share(data: Path, max_length: int) -> float:
+def _response_share(data: Path, max_length: int, model: str) -> float:
     """Response tokens / (prompt + response tokens) of the pair sequences, with our tokenizer (for TRL's FLOPs)."""
     from rlhf_workflow.data.io import read_rows
     from rlhf_workflow.data.schemas import PairRow
     from rlhf_workflow.models import load_tokenizer
     from rlhf_workflow.train.pairs import tokenize_pairs
 
-    examples = tokenize_pairs(read_rows(data, PairRow), load_tokenizer(MODEL), max_length=max_length,
+    examples = tokenize_pairs(read_rows(data, PairRow), load_tokenizer(model), max_length=max_length,
                               chat_template=True, source=str(data))
     responses = sum(len(e["chosen_ids"]) + len(e["rejected_ids"]) for e in examples)
     return responses / (responses + sum(2 * len(e["prompt_ids"]) for e in examples))

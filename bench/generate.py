@@ -1,6 +1,7 @@
 """Benchmark: sampling n responses per prompt, our hf backend vs plain batched `model.generate`.
 
-Both sample from SmolLM2-135M-Instruct (fp32, CPU) for the same prompts (chat template applied),
+Both sample from SmolLM2-135M-Instruct (or --model; fp32, or bf16 weights with --precision bf16; on the
+CPU, or the GPU when there is one) for the same prompts (chat template applied),
 the same n, temperature, top-p and max new tokens, and the same number of prompts per batch,
 each in its own process, alternating, `--repeats` times.
 
@@ -29,9 +30,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import WORDS, bench_parser, dispatch, peak_rss_mb, run_selected  # noqa: E402
-
-MODEL = "smollm2-135m-instruct"
+from common import WORDS, bench_parser, device, dispatch, peak_memory, run_selected, write_json  # noqa: E402
 TASKS = ["Write a short note about {}.", "Explain in one paragraph why {} matters.", "List three facts about {}.",
          "Answer briefly: what is {}?", "Describe {} to a child.", "Give an example of {} and explain it."]
 
@@ -61,8 +60,9 @@ def run_worker(args: argparse.Namespace) -> dict:
     from rlhf_workflow.models.loading import load_model
 
     torch.manual_seed(args.seed)
-    tokenizer = load_tokenizer(MODEL)
-    model = load_model(ModelConfig(name_or_path=MODEL)).eval()
+    tokenizer = load_tokenizer(args.model)
+    dtype = "bfloat16" if args.precision == "bf16" else "float32"
+    model = load_model(ModelConfig(name_or_path=args.model, dtype=dtype)).to(device()).eval()
     rows = [json.loads(line) for line in Path(args.prompts).read_text().splitlines()]
     sampling = SamplingConfig(n=args.n, temperature=args.temperature, top_p=args.top_p,
                               max_new_tokens=args.max_new_tokens, seed=args.seed + args.repeat)
@@ -83,8 +83,8 @@ def run_worker(args: argparse.Namespace) -> dict:
         for begin in range(0, len(prompts), args.batch):
             batch = prompts[begin : begin + args.batch]
             width = max(len(p) for p in batch)
-            ids = torch.tensor([[pad] * (width - len(p)) + p for p in batch])
-            mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in batch])
+            ids = torch.tensor([[pad] * (width - len(p)) + p for p in batch], device=model.device)
+            mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in batch], device=model.device)
             with torch.inference_mode():
                 out = model.generate(input_ids=ids, attention_mask=mask, do_sample=True, temperature=args.temperature,
                                      top_p=args.top_p, top_k=0, max_new_tokens=args.max_new_tokens,
@@ -94,8 +94,7 @@ def run_worker(args: argparse.Namespace) -> dict:
                 tokens += len(row) if end is None else end
                 ended += end is not None
         seconds = time.perf_counter() - start
-    return {"seconds": seconds, "tokens": tokens, "ended": ended, "samples": len(rows) * args.n,
-            "peak_rss_mb": peak_rss_mb()}
+    return {"seconds": seconds, "tokens": tokens, "ended": ended, "samples": len(rows) * args.n, **peak_memory()}
 
 
 def main() -> None:
@@ -120,7 +119,8 @@ def main() -> None:
                    str(args.max_new_tokens), "--temperature", str(args.temperature), "--top-p", str(args.top_p),
                    "--seed", str(args.seed)]
     runs = run_selected(__file__, args, WORKERS, worker_args)
-    print(f"\nGeneration, SmolLM2-135M-Instruct fp32 on CPU ({os.cpu_count()} cores): {args.prompts_count} prompts × "
+    where = "GPU" if device() == "cuda" else f"CPU ({os.cpu_count()} cores)"
+    print(f"\nGeneration, {args.model} {args.precision} on {where}: {args.prompts_count} prompts × "
           f"n={args.n}, {args.batch} prompts per batch, max_new_tokens {args.max_new_tokens}, temperature "
           f"{args.temperature}, top_p {args.top_p}; best of {args.repeats} runs each")
     print(f"{'generator':<10}{'tokens/s':>10}{'seconds':>9}{'tokens':>8}{'ended turn':>12}{'peak RSS MB':>13}")
@@ -133,6 +133,7 @@ def main() -> None:
     if len(best) == 2:
         print(f"throughput ours/plain: {best['ours']['tokens_per_s'] / best['plain']['tokens_per_s']:.2f}x   "
               "(target >= 1.5x)")
+    write_json(args, {"best": best})
 
 
 WORKERS = {"ours": run_worker, "plain": run_worker}  # one function; args.worker picks the generator

@@ -1,7 +1,7 @@
 """Benchmark: Bradley–Terry reward-model training, rlhf-workflow vs TRL's RewardTrainer.
 
-Both train SmolLM2-135M-Instruct (fp32, CPU, no gradient checkpointing, AdamW) as a reward
-model for the same number of optimizer steps on the same pairs with the same batch size, each
+Both train SmolLM2-135M-Instruct (or --model; fp32, or bf16 autocast with --precision bf16; on the
+CPU, or the GPU when there is one; no gradient checkpointing, AdamW) as a reward model for the same number of optimizer steps on the same pairs with the same batch size, each
 in its own process, alternating, `--repeats` times. Throughput is tokens per second of
 training, counted by each trainer itself the same way: the real (non-pad) tokens of the
 sequences prompt + chosen and prompt + rejected (our metrics.jsonl `tokens`, TRL's `num_tokens`).
@@ -30,8 +30,16 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 from common import (  # noqa: E402
-    add_pair_training_options, bench_parser, dispatch, pair_training_worker_args, peak_rss_mb, run_selected, write_pairs,
+    add_pair_training_options, bench_parser, device, dispatch, matmul_peak_flops, pair_training_worker_args, peak_memory,
+    run_selected, write_json, write_pairs,
 )
+
+
+def training_flops(model: object, tokens: float) -> float:
+    """6 FLOPs per non-embedding parameter per token computed (forward and backward; the scalar head
+    and attention not counted)."""
+    body = sum(p.numel() for n, p in model.named_parameters() if "embed_tokens" not in n)  # type: ignore[attr-defined]
+    return 6 * body * tokens
 
 
 def run_ours(args: argparse.Namespace) -> dict:
@@ -48,20 +56,26 @@ def run_ours(args: argparse.Namespace) -> dict:
     train_config = TrainConfig(max_steps=args.steps, per_device_batch_size=args.batch, lr=1e-5, scheduler="constant",
                                log_every=max(args.steps // 4, 1), seed=args.seed, group_by_length=not args.no_grouping,
                                max_tokens_per_forward=args.max_tokens, share_prefix=not args.no_share,
-                               pack_length=args.pack_length)
+                               pack_length=args.pack_length, precision=args.precision)
     out = Path(args.workdir) / f"ours-{args.repeat}"
     accelerator = make_accelerator(train_config, out)
-    tokenizer = prepare_reward_tokenizer(load_tokenizer("smollm2-135m-instruct"))
+    tokenizer = prepare_reward_tokenizer(load_tokenizer(args.model))
     rows = read_rows(args.data, PairRow)
     examples = tokenize_pairs(rows, tokenizer, max_length=args.max_length, chat_template=True, source=args.data)
-    model = load_reward_model(ModelConfig(name_or_path="smollm2-135m-instruct"), tokenizer)
+    model = load_reward_model(ModelConfig(name_or_path=args.model), tokenizer)
     start = time.perf_counter()
     objective = RewardObjective(tokenizer.pad_token_id, options=LayoutOptions.from_config(train_config))
     train(objective, model, examples, train_config, out, accelerator)
     seconds = time.perf_counter() - start
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    tokens = sum(r["tokens"] for r in rows if r["split"] == "train")
-    return {"seconds": seconds, "tokens": tokens, "peak_rss_mb": peak_rss_mb()}
+    rows = [r for r in rows if r["split"] == "train"]
+    tokens = sum(r["tokens"] for r in rows)
+    # tokens computed: the pairs trained (steps × batch) at the mean pair's tokens, its prompt once when shared
+    per_pair = [len(e["prompt_ids"]) * (2 if args.no_share else 1) + len(e["chosen_ids"]) + len(e["rejected_ids"])
+                for e in examples]
+    computed = sum(per_pair) / len(per_pair) * args.steps * args.batch
+    return {"seconds": seconds, "tokens": tokens, **peak_memory(), "flops": training_flops(model, computed),
+            "step1_loss": rows[0]["loss"]}
 
 
 def run_trl(args: argparse.Namespace) -> dict:
@@ -74,8 +88,8 @@ def run_trl(args: argparse.Namespace) -> dict:
     from rlhf_workflow.models.loading import local_directory
 
     torch.manual_seed(args.seed)
-    directory = local_directory("smollm2-135m-instruct")  # the same weights, already converted from GGUF
-    tokenizer = load_tokenizer("smollm2-135m-instruct")
+    directory = local_directory(args.model)  # the same weights (a built-in model already converted from GGUF)
+    tokenizer = load_tokenizer(args.model)
     model = AutoModelForSequenceClassification.from_pretrained(directory, num_labels=1, dtype=torch.float32)
     model.config.pad_token_id = tokenizer.pad_token_id
     rows = [json.loads(line) for line in Path(args.data).read_text().splitlines()]
@@ -84,14 +98,16 @@ def run_trl(args: argparse.Namespace) -> dict:
         output_dir=str(Path(args.workdir) / f"trl-{args.repeat}"), max_steps=args.steps, per_device_train_batch_size=args.batch,
         gradient_accumulation_steps=1, learning_rate=1e-5, lr_scheduler_type="constant", logging_steps=max(args.steps // 4, 1),
         save_strategy="no", report_to="none", gradient_checkpointing=False, max_length=args.max_length,
-        seed=args.seed, use_cpu=True, dataloader_num_workers=0, bf16=False, fp16=False,
+        seed=args.seed, use_cpu=device() == "cpu", dataloader_num_workers=0, bf16=args.precision == "bf16", fp16=False,
     )
     trainer = RewardTrainer(model=model, args=config, train_dataset=dataset, processing_class=tokenizer)
     start = time.perf_counter()
     trainer.train()
     seconds = time.perf_counter() - start
     tokens = max(row.get("num_tokens", 0) for row in trainer.state.log_history)  # TRL counts attention-mask ones
-    return {"seconds": seconds, "tokens": tokens, "peak_rss_mb": peak_rss_mb()}
+    first = next(row for row in trainer.state.log_history if "loss" in row)
+    return {"seconds": seconds, "tokens": tokens, **peak_memory(), "flops": training_flops(model, tokens),
+            "step1_loss": first["loss"]}
 
 
 def main() -> None:
@@ -104,23 +120,30 @@ def main() -> None:
 
     workdir, data = write_pairs(args, "bench-rm-")
     worker_args = pair_training_worker_args(args, workdir, data) + (["--no-grouping"] if args.no_grouping else [])
+    peak = matmul_peak_flops(precision=args.precision)
     runs = run_selected(__file__, args, WORKERS, worker_args)
 
-    print(f"\nBT reward model, SmolLM2-135M-Instruct fp32 on CPU ({os.cpu_count()} cores): {args.steps} steps × "
+    where = "GPU" if device() == "cuda" else f"CPU ({os.cpu_count()} cores)"
+    print(f"\nBT reward model, {args.model} {args.precision} on {where}: {args.steps} steps × "
           f"{args.batch} pairs, max_length {args.max_length}; best of {args.repeats} runs each")
     print(f"ours: group_by_length={not args.no_grouping}, max_tokens_per_forward={args.max_tokens}, "
           f"share_prefix={not args.no_share}, pack_length={args.pack_length}")
-    print(f"{'trainer':<10}{'real tokens/s':>15}{'pairs/s':>10}{'peak RSS MB':>14}")
+    print(f"{args.precision} matmul peak of this machine: {peak / 1e9:.1f} GFLOP/s")
+    print(f"{'trainer':<10}{'real tokens/s':>15}{'pairs/s':>10}{'peak RSS MB':>14}{'GFLOP/s':>9}{'of peak':>9}"
+          f"{'step-1 loss':>13}")
     best = {}
     for name, results in runs.items():
         fastest = max(results, key=lambda r: r["tokens_per_s"])
-        best[name] = {"tokens_per_s": fastest["tokens_per_s"], "pairs_per_s": args.steps * args.batch / fastest["seconds"],
-                      "peak_rss_mb": min(r["peak_rss_mb"] for r in results)}
-        print(f"{name:<10}{best[name]['tokens_per_s']:>15.1f}{best[name]['pairs_per_s']:>10.2f}{best[name]['peak_rss_mb']:>14.0f}")
+        flops = fastest["flops"] / fastest["seconds"]
+        best[name] = {**fastest, "pairs_per_s": args.steps * args.batch / fastest["seconds"],
+                      "peak_rss_mb": min(r["peak_rss_mb"] for r in results), "flops_per_s": flops, "of_peak": flops / peak}
+        print(f"{name:<10}{best[name]['tokens_per_s']:>15.1f}{best[name]['pairs_per_s']:>10.2f}{best[name]['peak_rss_mb']:>14.0f}"
+              f"{flops / 1e9:>9.1f}{flops / peak:>9.1%}{fastest['step1_loss']:>13.4f}")
     if len(best) == 2:
         print(f"throughput ours/trl: {best['ours']['tokens_per_s'] / best['trl']['tokens_per_s']:.2f}x in tokens/s, "
               f"{best['ours']['pairs_per_s'] / best['trl']['pairs_per_s']:.2f}x in pairs/s   (target >= 1.5x)")
         print(f"peak memory ours/trl: {best['ours']['peak_rss_mb'] / best['trl']['peak_rss_mb']:.2f}x   (target <= 0.8x)")
+    write_json(args, {"peak_flops": peak, "best": best})
 
 
 WORKERS = {"ours": run_ours, "trl": run_trl}

@@ -43,6 +43,7 @@ def reference(model, tok, groups, *, left: bool):
     """Per sequence: the last hidden state and the summed response log-probs, from plain padded forwards."""
     sequences = [(p, r) for p, responses in groups for r in responses]
     ids, mask = pad_batch([p + r for p, r in sequences], tok.pad_token_id, left=left)
+    ids, mask = ids.to(model.device), mask.to(model.device)  # bench/gpu_check.py runs this on a GPU
     with torch.no_grad():
         logits = model(input_ids=ids, attention_mask=mask,
                        position_ids=(mask.cumsum(-1) - 1).clamp(min=0), use_cache=False).logits
@@ -53,7 +54,7 @@ def reference(model, tok, groups, *, left: bool):
         end = start + len(p) + len(r)
         lasts.append(hidden[row, end - 1])
         logp = torch.log_softmax(logits[row, start + len(p) - 1 : end - 1].float(), -1)
-        logps.append(logp.gather(1, torch.tensor(r)[:, None]).sum())
+        logps.append(logp.gather(1, torch.tensor(r, device=logp.device)[:, None]).sum())
     return torch.stack(lasts), torch.stack(logps)
 
 

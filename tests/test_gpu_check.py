@@ -1,0 +1,32 @@
+"""The prepared GPU check's reduced mode on the CPU: every numerics check runs and passes, and the
+training and generation benchmarks it drives write their figures."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from pathlib import Path
+
+from conftest import cli_env
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_the_gpu_check_runs_reduced_on_the_cpu(tmp_path):
+    out = tmp_path / "check"
+    done = subprocess.run(["bash", str(ROOT / "scripts" / "gpu_check.sh"), str(out), "--cpu"], env=cli_env(),
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    summary = json.loads((out / "gpu_check.json").read_text())
+    assert summary["ok"] and summary["mode"] == "cpu"
+    assert set(summary["layouts"]) == {"padded", "shared", "packed", "shared+packed"}
+    assert all(c["ok"] and c["logp_rel"] < 2e-2 for c in summary["layouts"].values())
+    assert summary["end_of_turn"]["end_of_turn_certain"]["finish_reasons"] == ["stop"]
+    assert summary["end_of_turn"]["other_token_certain"]["finish_reasons"] == ["length"]
+    assert {"dpo_ours", "rm_ours"} <= set(summary["step1"]) and all(c["ok"] for c in summary["step1"].values())
+    for bench in ("dpo_vs_trl", "rm_vs_trl"):
+        ours = summary[bench]["best"]["ours"]
+        assert ours["tokens_per_s"] > 0 and 0 < ours["of_peak"] < 1 and summary[bench]["options"]["precision"] == "bf16"
+    assert summary["generate"]["best"]["ours"]["tokens"] > 0
+    page = (out / "gpu_check.md").read_text()
+    assert "## Numerics (bf16)" in page and "| DPO | ours |" in page and "| generation | hf backend |" in page
