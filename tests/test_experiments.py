@@ -92,43 +92,42 @@ def test_a_variant_from_the_demos_shared_stages_ends_as_the_whole_variant_run(ti
 
 
 def test_shared_stages_stop_at_the_first_stage_a_differing_key_feeds(tmp_path):
+    from rlhf_workflow.config import RunConfig, config_to_yaml, load_config
+    from rlhf_workflow.workflow import DEMO_RECIPE
+
     source = tmp_path / "demo-s0"
     source.mkdir()
-    config = {"output_dir": str(source), "seed": 0, "reference": "initial", "pairs": {"strategy": "max_min"},
-              "judge": {"ranking": "borda"}, "feedback": {"judge": "rm", "pm_train": {"lr": 1e-5}},
-              "dpo": {"train": {"lr": 4e-5}}, "length_penalty": {"coef": 0.0}}
-    (source / "config.yaml").write_text(yaml.safe_dump(config))
+    (source / "config.yaml").write_text(config_to_yaml(load_config(RunConfig, DEMO_RECIPE, [f"output_dir={source}"])))
     order = ["prompts", "feedback/generate", "feedback/annotate", "feedback/pairs", "feedback/rm", "feedback/eval-rm",
              "iter_0/eval", "iter_1/generate", "iter_1/annotate", "iter_1/pairs", "iter_1/dpo", "iter_1/eval",
              "iter_2/generate", "iter_2/annotate", "iter_2/pairs", "iter_2/dpo", "iter_2/eval", "offline/generate"]
     (source / "state.json").write_text(json.dumps({"completed": order}))
 
-    def shared(**changes) -> tuple[list[str], str]:
-        variant = json.loads(json.dumps(config))
-        for key, value in changes.items():
-            *parents, last = key.split("__")
-            node = variant
-            for part in parents:
-                node = node[part]
-            node[last] = value
-        variant["output_dir"] = str(tmp_path / "variant")
-        return claims.shared_stages(source, yaml.safe_dump(variant))
+    def shared(*overrides: str) -> tuple[list[str], str]:
+        variant = load_config(RunConfig, DEMO_RECIPE, [*overrides, f"output_dir={tmp_path / 'variant'}"])
+        return claims.shared_stages(source, config_to_yaml(variant))
 
-    def last(**changes) -> str | None:
-        stages, _ = shared(**changes)
+    def last(*overrides: str) -> str | None:
+        stages, _ = shared(*overrides)
         return stages[-1] if stages else None
 
     assert last() == "offline/generate"  # the same recipe in another directory: everything
-    assert last(pairs__strategy="random") == "iter_1/annotate"
-    assert last(reference="previous") == "iter_2/pairs"
-    assert last(length_penalty__coef=0.01) == "iter_1/generate"
-    assert last(feedback__judge="pm", judge__ranking="knockout", feedback__pm_train__lr=1e-4) == "feedback/eval-rm"
-    assert last(feedback__pm_train__lr=1e-4) == "offline/generate"  # the preference model judges nothing here
-    assert last(pairs__strategy="random", reference="previous") == "iter_1/annotate"  # the earliest cut wins
-    stages, why = shared(dpo__train__lr=1e-5, pairs__strategy="random")
+    assert last("pairs.strategy=random") == "iter_1/annotate"
+    assert last("reference=previous") == "iter_2/pairs"
+    assert last("length_penalty.coef=0.01") == "iter_1/generate"
+    assert last("feedback.judge=pm", "judge.ranking=knockout", "feedback.pm_train.lr=1e-4") == "feedback/eval-rm"
+    assert last("feedback.pm_train.lr=1e-4") == "offline/generate"  # the preference model judges nothing here
+    assert last("pairs.strategy=random", "reference=previous") == "iter_1/annotate"  # the earliest cut wins
+    stages, why = shared("dpo.train.lr=1e-5", "pairs.strategy=random")
     assert stages == [] and "dpo.train.lr differs" in why  # a key whose stages are not declared: no copy
-    stages, why = shared(seed=1)
+    stages, why = shared("seed=1")
     assert stages == [] and "seed differs" in why
+
+    # a config.yaml written before a key existed: the key's default is what its run used
+    held = yaml.safe_load((source / "config.yaml").read_text())
+    del held["generation"]["openai"]["base_urls"]
+    (source / "config.yaml").write_text(yaml.safe_dump(held, sort_keys=False))
+    assert last("pairs.strategy=random") == "iter_1/annotate"
 
 
 def test_stage_globs_name_each_iterations_outputs():
