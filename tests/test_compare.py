@@ -246,3 +246,28 @@ def test_the_report_of_a_run_whose_config_no_longer_loads_skips_the_paired_table
     report = write_report(run).read_text()
     assert "Paired differences" not in report and "| iter_1 |" in report
     assert "no paired comparisons" in caplog.text and "a_key_of_an_older_version" in caplog.text
+
+
+def test_reward_model_judges_are_known_by_their_weights(tmp_path):
+    """Two runs whose trained reward models have the same weights share a judge (their proxy rewards
+    compare); other weights, or a preference model, do not."""
+    from rlhf_workflow.eval.compare import _judge_identity
+
+    feedback_judge = "feedback.judge_function=rlhf_workflow.tasks.instructions:judge"
+
+    def run_with_rm(name: str, weights: bytes, *extra: str) -> tuple[Path, RunConfig]:
+        run = tmp_path / name
+        (run / "feedback" / "rm" / "model").mkdir(parents=True)
+        (run / "feedback" / "rm" / "model" / "model.safetensors").write_bytes(weights)
+        config = load_config(RunConfig, None, ["prompts.task=instructions", "prompts.per_iteration=4",
+                                               "feedback.enabled=true", feedback_judge, *extra, f"output_dir={run}"])
+        return run, config
+
+    same = [_judge_identity(*run_with_rm(name, b"weights of one model")) for name in ("a", "b")]
+    other = _judge_identity(*run_with_rm("c", b"weights of another"))
+    assert same[0] == same[1] and same[0].startswith("reward_model:sha256:") and other != same[0]
+    assert _judge_identity(*run_with_rm("d", b"weights of one model", "feedback.judge=pm")) is None
+    untrained = tmp_path / "e"
+    config = load_config(RunConfig, None, ["prompts.task=instructions", "prompts.per_iteration=4",
+                                           "feedback.enabled=true", feedback_judge, f"output_dir={untrained}"])
+    assert _judge_identity(untrained, config) == f"reward_model:trained in {untrained.resolve()}"

@@ -19,9 +19,10 @@ differences in every seed, d(x) = [d_s(x) for each seed s]. The estimate is the 
 from seed to seed. Runs are one recipe when their config.yaml files are equal but for ``seed`` and
 ``output_dir``; ``NAME=RUN`` names a recipe explicitly.
 
-The proxy reward is compared only where both sides were scored by one judge (a preference model's
-ranking scores are not comparable across prompts; runs with simulated feedback each train their
-own reward model). Runs whose eval prompts differ are refused, naming the first difference.
+The proxy reward is compared only where both sides were scored by one judge: a reward model
+known by its weights (runs with simulated feedback that trained the same reward model, as the
+runs of one seed on one machine do, share it) or one function; never a preference model, whose
+ranking scores are not comparable across prompts. Runs whose eval prompts differ are refused, naming the first difference.
 
 Writes OUTPUT/compare.md, compare.html, compare.png (one row per policy, the difference and its
 interval per metric, each seed's difference as a dot) and compare.json.
@@ -135,14 +136,35 @@ def _run_config(run_dir: Path) -> "RunConfig":
 
 def _judge_identity(run_dir: Path, config: "RunConfig") -> str | None:
     """What scored the run's eval samples, as a string equal for equal judges; None for a preference
-    model (its scores rank one prompt's responses only). With simulated feedback the judge is the
-    model the run trained, its own."""
+    model (its scores rank one prompt's responses only). A reward model is known by its weights
+    (`_weights_digest`): runs that trained the same one from the same feedback (one seed, one
+    machine), or copied it, share their judge; a reward model trained in each run is otherwise its own."""
     judge = config.judge
     if config.feedback.enabled:
-        return None if config.feedback.judge == "pm" else f"reward_model:trained in {run_dir.resolve()}"
+        if config.feedback.judge == "pm":
+            return None
+        trained = run_dir / "feedback" / "rm" / "model"
+        return f"reward_model:{_weights_digest(trained) or f'trained in {run_dir.resolve()}'}"
     if judge.type == "preference_model":
         return None
-    return f"{judge.type}:{judge.function if judge.type == 'function' else Path(judge.path or '').resolve()}"
+    if judge.type == "function":
+        return f"function:{judge.function}"
+    return f"reward_model:{_weights_digest(Path(judge.path)) or Path(judge.path or '').resolve()}"
+
+
+def _weights_digest(model_dir: Path) -> str | None:
+    """sha256 of a saved model's safetensors files, in name order (None when it has none)."""
+    import hashlib
+
+    files = sorted(model_dir.glob("*.safetensors")) if model_dir.is_dir() else []
+    if not files:
+        return None
+    digest = hashlib.sha256()
+    for path in files:
+        with path.open("rb") as handle:
+            for block in iter(lambda: handle.read(1 << 22), b""):
+                digest.update(block)
+    return "sha256:" + digest.hexdigest()
 
 
 def _recipe_key(config: "RunConfig") -> str:
