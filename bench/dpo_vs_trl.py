@@ -74,6 +74,7 @@ def run_ours(args: argparse.Namespace) -> dict:
 
     # the reference pass covers the pairs the run trains on (steps × batch of them), in its own batches
     trained = examples[: args.steps * args.batch] if args.steps * args.batch < len(examples) else examples
+    policy.to(accelerator.device)  # as `run_dpo` does: the reference pass on the device it trains on
     start = time.perf_counter()
     precompute_reference(policy, trained, rows, out / "pairs.ref.jsonl", accelerator,
                          pad_token_id=tokenizer.pad_token_id, options=options, batch_size=16)
