@@ -18,7 +18,8 @@ weights, the tokenizer is the test suite's locally trained one (tests/conftest.p
      at once ("stop", no text), with another token made certain every sample runs to
      max_new_tokens ("length");
    * the losses at step 1 (from the training runs below): DPO's is log 2 (the policy starts as its
-     reference), for ours and TRL's; the reward model's is near log 2 (a fresh scalar head).
+     reference), for ours and TRL's; the reward model's is near log 2 (a fresh scalar head:
+     RM_STEP1_TOLERANCE).
 2. **Training throughput** at max length 2048 (`bench/dpo_vs_trl.py`, `bench/rm_vs_trl.py`, each
    trainer in its own process, bf16 autocast): tokens/s and model FLOP utilisation against the
    bf16 matmul peak measured in the same run, ours and TRL's on the same pairs.
@@ -44,7 +45,10 @@ sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent / "tests"))  # the test suite's tokenizer and layout reference
 
 LAYOUT_TOLERANCE = 2e-2  # relative to the largest |value| of the reference (bf16; fp32 agrees to 1e-6)
-RM_STEP1_TOLERANCE = 0.1  # |loss - log 2| of a reward model with a fresh head
+# |loss - log 2| of a reward model with a fresh head: its rewards spread by about 0.02·sqrt(hidden)
+# (0.8 at hidden 1536), which makes the step-1 loss log 2 + 0.15 ± 0.3 for 8 pairs; a NaN, an
+# overflow or a wrong token read falls far outside
+RM_STEP1_TOLERANCE = 0.5
 DPO_STEP1_TOLERANCE = 1e-2  # |loss - log 2| when the policy is its own reference (bf16 autocast)
 
 # the model of each mode (Llama config; the vocabulary is the tokenizer's unless given: the full
@@ -184,10 +188,10 @@ def step1_checks(dpo: dict, rm: dict) -> dict:
     found = {}
     for name, figures in (dpo.get("best") or {}).items():
         loss = figures["step1"]["loss"]
-        found[f"dpo_{name}"] = {"loss": loss, "ok": abs(loss - math.log(2)) <= DPO_STEP1_TOLERANCE}
+        found[f"dpo_{name}"] = {"loss": loss, "ok": math.isfinite(loss) and abs(loss - math.log(2)) <= DPO_STEP1_TOLERANCE}
     for name, figures in (rm.get("best") or {}).items():
         loss = figures["step1_loss"]
-        found[f"rm_{name}"] = {"loss": loss, "ok": abs(loss - math.log(2)) <= RM_STEP1_TOLERANCE}
+        found[f"rm_{name}"] = {"loss": loss, "ok": math.isfinite(loss) and abs(loss - math.log(2)) <= RM_STEP1_TOLERANCE}
     return found
 
 
