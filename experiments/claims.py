@@ -265,11 +265,15 @@ def run_lines(root: Path, variants: list[str], seeds: list[int]) -> list[str]:
             rows = metrics_rows(path)
             gold = " → ".join(f"{rows[p]['gold']:.3f}" for p in ("iter_0", "iter_1", "iter_2") if p in rows)
             pairs = " + ".join(str(rows[p].get("pairs", "?")) for p in ("iter_1", "iter_2") if p in rows)
-            cells.append([variant, str(seed), judge_accuracy(path), pairs, gold, f"{rows['iter_2']['length_tokens']:.1f}"])
+            last = rows["iter_2"]
+            win = " / ".join(f"{last[k]:.2f}" if isinstance(last.get(k), (int, float)) else "–"
+                             for k in ("win_rate_vs_initial", "lc_win_rate_vs_initial"))
+            kl = f"{last['kl_vs_initial']:.2f}" if isinstance(last.get("kl_vs_initial"), (int, float)) else "–"
+            cells.append([variant, str(seed), judge_accuracy(path), pairs, gold, win, kl, f"{last['length_tokens']:.1f}"])
     if not cells:
         return []
     header = ["run", "seed", "judge's held-out accuracy", "pairs (iter_1 + iter_2)", "gold π0 → iter_1 → iter_2",
-              "iter_2 length (tokens)"]
+              "iter_2 win rate / length-controlled, vs π0 (its judge)", "iter_2 KL to π0", "iter_2 length (tokens)"]
     return ["### The runs", ""] + markdown_table(header, cells) + [""]
 
 

@@ -135,3 +135,28 @@ def test_stage_globs_name_each_iterations_outputs():
     assert claims.stage_globs("feedback/rm") == ["feedback/rm"]
     with pytest.raises(KeyError):
         claims.stage_globs("iter_x/pairs")
+
+
+def test_the_tables_of_a_question_list_its_runs_and_pool_the_rates_per_instruction(tmp_path):
+    def finished_run(variant: str, seed: int, iter2: dict, judge: str = "rm") -> None:
+        path = tmp_path / f"{variant}-s{seed}"
+        (path / "feedback").mkdir(parents=True)
+        (path / "config.yaml").write_text(yaml.safe_dump({"feedback": {"judge": judge}}))
+        (path / "state.json").write_text(json.dumps({"completed": ["iter_2/eval", "offline/eval"]}))
+        (path / "feedback" / f"{judge}_eval.json").write_text(json.dumps({"accuracy": 0.6, "pairs": 50}))
+        base = {"gold": 0.3, "length_tokens": 40.0, "ifeval_types": {"a": {"n": 10, "strict": 0.2}}}
+        rows = [{"id": "iter_0", **base}, {"id": "iter_1", "gold": 0.35, "pairs": 64, "length_tokens": 30.0},
+                {"id": "iter_2", "pairs": 63, "win_rate_vs_initial": 0.8, "lc_win_rate_vs_initial": 0.5,
+                 "kl_vs_initial": 2.0, **iter2}]
+        (path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+    finished_run("demo", 0, {"gold": 0.4, "length_tokens": 12.0, "ifeval_types": {"a": {"n": 10, "strict": 0.5}}})
+    finished_run("demo", 1, {"gold": 0.5, "length_tokens": 14.0, "ifeval_types": {"a": {"n": 10, "strict": 0.7}}})
+    finished_run("length-penalty-0.01", 0, {"gold": 0.45, "length_tokens": 20.0,
+                                            "ifeval_types": {"a": {"n": 10, "strict": 0.4}}})
+    lines = claims.run_lines(tmp_path, ["demo", "length-penalty-0.01"], [0, 1])
+    assert "| demo | 0 | RM 0.600 (50 pairs) | 64 + 63 | 0.300 → 0.350 → 0.400 | 0.80 / 0.50 | 2.00 | 12.0 |" in lines
+    assert sum(line.startswith("| length-penalty-0.01 |") for line in lines) == 1  # seed 1 is not done
+    rates = claims.type_rate_lines(tmp_path, ["demo", "length-penalty-0.01"], [0, 1])
+    # pooled over the seeds every variant has (seed 0 only): π0 2/10, demo 5/10, the penalty 4/10
+    assert rates[0].endswith("seeds 0 pooled") and "| `a` | 10 | 0.20 | 0.50 | 0.40 |" in rates
