@@ -39,6 +39,9 @@ VARIANTS: dict[str, list[str]] = {
     "reference-previous": ["reference=previous"],
     "length-penalty-0.01": ["length_penalty.coef=0.01"],
     "length-penalty-0.03": ["length_penalty.coef=0.03"],
+    # this task's reward model favours short answers (its scores correlate with length at about -0.6):
+    # the control that counters that bias is a bonus for length
+    "length-bonus-0.01": ["length_penalty.coef=-0.01"],
 }
 ONLY_DEMO_TRAINS_OFFLINE = ["offline.after_online=false"]
 
@@ -55,9 +58,10 @@ QUESTIONS: dict[str, tuple[str, list[str], list[tuple[str, str]]]] = {
               [("max-random/iter_2", "demo/iter_2"), ("random/iter_2", "demo/iter_2")]),
     "reference": ("DPO's reference: the previous iterate π_{t-1} vs the initial policy π0",
                   ["demo", "reference-previous"], [("reference-previous/iter_2", "demo/iter_2")]),
-    "length": ("A length penalty on the proxy reward, r − λ·tokens, vs none",
-               ["demo", "length-penalty-0.01", "length-penalty-0.03"],
-               [("length-penalty-0.01/iter_2", "demo/iter_2"), ("length-penalty-0.03/iter_2", "demo/iter_2")]),
+    "length": ("Length control of the proxy reward, r − λ·tokens (a penalty, λ > 0, or a bonus, λ < 0), vs none",
+               ["demo", "length-penalty-0.01", "length-penalty-0.03", "length-bonus-0.01"],
+               [("length-penalty-0.01/iter_2", "demo/iter_2"), ("length-penalty-0.03/iter_2", "demo/iter_2"),
+                ("length-bonus-0.01/iter_2", "demo/iter_2")]),
 }
 
 

@@ -183,6 +183,11 @@ def test_length_penalty_changes_the_chosen_response(generations, tmp_path):
     assert _annotate(generations, chars, "judge.type=function", f"judge.function={tmp_path}/myjudge.py:judge",
                      "length_penalty.coef=0.1", "length_penalty.unit=characters") == 0
     assert {r["id"]: r for r in _rows(chars)}["c"]["rewards"] == pytest.approx([2 - 0.7, -0.2])
+    # λ < 0: a bonus for length, against a judge that favours short answers
+    bonus = tmp_path / "bonus.jsonl"
+    assert _annotate(generations, bonus, "judge.type=function", f"judge.function={tmp_path}/myjudge.py:judge",
+                     "length_penalty.coef=-0.5", "length_penalty.unit=tokens") == 0
+    assert {r["id"]: r for r in _rows(bonus)}["a"]["rewards"] == pytest.approx([1.5, 6.5, 0.5, 3.0])  # r + 0.5 * tokens
 
 
 def test_annotate_failures_and_resume(generations, tmp_path, capsys):

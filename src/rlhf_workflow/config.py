@@ -484,9 +484,10 @@ class JudgeConfig(Strict):
 
 
 class LengthPenaltyConfig(Strict):
-    """r - λ·len(response): the paper's control of the reward model's length bias."""
+    """r - λ·len(response): the paper's control of the reward model's length bias (against a reward
+    model that favours long answers, λ > 0; against one that favours short ones, λ < 0)."""
 
-    coef: float = Field(0.0, ge=0, description="λ; 0 = off")
+    coef: float = Field(0.0, description="λ; 0 = off; below 0 a bonus for length")
     unit: Literal["tokens", "characters"] = Field(
         "tokens", description="tokens: the response_tokens the generate stage wrote; characters: len(text)")
 
