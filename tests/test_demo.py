@@ -95,8 +95,9 @@ from rlhf_workflow import workflow
 rank = int(os.environ["RANK"])
 workflow.cpu_bf16_speedup = lambda: float(sys.argv[2 + rank])  # each process "measures" its own speedup
 config = workflow.demo_config([f"output_dir={sys.argv[1]}"])
-print(f"rank {rank}: {config.generation.dtype} {config.judge.dtype} {config.feedback.rm_train.precision} "
-      f"{config.dpo.train.precision}", flush=True)
+with open(f"{sys.argv[1]}.rank{rank}", "w") as out:  # a file each: two processes' prints can interleave
+    out.write(f"{config.generation.dtype} {config.judge.dtype} {config.feedback.rm_train.precision} "
+              f"{config.dpo.train.precision}")
 dist.barrier()
 dist.destroy_process_group()
 '''
@@ -119,5 +120,4 @@ def test_every_process_of_a_launched_demo_runs_the_main_processs_precision(tmp_p
               str(script), str(tmp_path / "demo"), *speedups]
     result = subprocess.run(launch, env=cli_env(), capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
-    lines = sorted(line for line in result.stdout.splitlines() if line.startswith("rank "))
-    assert lines == [f"rank 0: {chosen}", f"rank 1: {chosen}"], result.stdout
+    assert [(tmp_path / f"demo.rank{rank}").read_text() for rank in (0, 1)] == [chosen, chosen], result.stdout
