@@ -132,19 +132,14 @@ def fed_stage(key: str) -> tuple[bool, str | None]:
 def shared_stages(source: Path, variant_yaml: str) -> tuple[list[str], str]:
     """The completed stages of the demo run ``source`` that a run of ``variant_yaml`` would make the
     same, in order, and why the list ends where it does."""
-    import tempfile
-
     import yaml
 
-    from rlhf_workflow.config import RunConfig, config_to_yaml, load_config
+    from rlhf_workflow.config import RunConfig
 
     def resolved(text: str) -> dict[str, Any]:
         """Every key of the recipe, defaults filled in: a config.yaml written before a key existed
         holds that key's default, as the run that wrote it did."""
-        with tempfile.NamedTemporaryFile("w", suffix=".yaml") as file:
-            file.write(text)
-            file.flush()
-            return flat(yaml.safe_load(config_to_yaml(load_config(RunConfig, file.name))))
+        return flat(RunConfig.model_validate(yaml.safe_load(text)).model_dump(mode="json"))
 
     ours = resolved((source / "config.yaml").read_text())
     theirs = resolved(variant_yaml)
