@@ -166,6 +166,15 @@ def test_dropout_is_off_so_the_policy_agrees_with_its_reference_at_step_one(drop
     assert abs(read_metrics(kept)[0]["loss"] - math.log(2)) > 1e-3
 
 
+def test_the_reference_pass_runs_in_the_training_precision(tiny_model_dir, pairs, tmp_path):
+    """With bf16 autocast training the reference log-probs are computed under the same autocast: the
+    first loss is log 2, as in fp32 (an fp32 reference against a bf16 policy is off by the rounding)."""
+    train, _ = pairs
+    out = tmp_path / "bf16"
+    assert main(_args(tiny_model_dir, train, out, "train.max_steps=1", "train.precision=bf16")) == 0
+    assert read_metrics(out)[0]["loss"] == pytest.approx(math.log(2), abs=1e-6)
+
+
 def test_disable_dropout_reaches_modules_attributes_and_configs():
     from torch import nn
 
