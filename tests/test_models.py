@@ -33,6 +33,27 @@ def test_hf_dir_round_trip(tiny_model_dir, tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["saved"]
 
 
+def test_a_tokenizer_is_parsed_once_and_handed_out_as_copies(tiny_model_dir, tmp_path):
+    """load_tokenizer parses a directory once per process; each caller gets a copy of its own, and a
+    directory whose tokenizer files change since is parsed again."""
+    import shutil
+
+    from rlhf_workflow.models import loading
+
+    folder = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, folder)
+    first = load_tokenizer(str(folder))
+    parsed = len(loading._TOKENIZERS)
+    second = load_tokenizer(str(folder))
+    assert len(loading._TOKENIZERS) == parsed and first is not second
+    assert first.encode("hello world") == second.encode("hello world")
+    first.chat_template = "changed"  # one caller's change reaches no other
+    assert load_tokenizer(str(folder)).chat_template == second.chat_template != "changed"
+    first.save_pretrained(folder)  # the directory now holds another template: parsed again
+    assert len(loading._TOKENIZERS) == parsed and load_tokenizer(str(folder)).chat_template == "changed"
+    assert len(loading._TOKENIZERS) == parsed + 1
+
+
 def test_options_are_applied(tiny_model_dir):
     model = load_model(
         ModelConfig(name_or_path=str(tiny_model_dir), dtype="bfloat16", attn_implementation="eager",
