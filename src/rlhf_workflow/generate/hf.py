@@ -36,6 +36,7 @@ from rlhf_workflow.generate.base import (
     cut_at_stop,
     prompt_seed,
 )
+from rlhf_workflow.models.decoding import GrowingCache, decode_step
 from rlhf_workflow.models.forward import pad_batch, position_ids_from_mask
 
 logger = logging.getLogger(__name__)
@@ -133,7 +134,17 @@ class HFGenerator:
         prompts = [r.prompt_ids or [] for r in batch]
         ids, mask = pad_batch(prompts, self.pad_id, left=True)
         ids, mask = ids.to(device), mask.to(device)
-        logits, cache = self._forward(ids, mask, position_ids_from_mask(mask), None)
+        budget = [sampling.max_new_tokens if self.context is None else min(sampling.max_new_tokens, self.context - len(p))
+                  for p in prompts for _ in range(n)]
+        with decode_step(self.model) as fast:
+            cache = GrowingCache(reserve=max(budget)) if fast else None  # else the model's DynamicCache
+            return self._sample(batch, sampling, budget, ids, mask, cache)
+
+    def _sample(self, batch: Sequence[GenerationRequest], sampling: Any, budget: list[int], ids: torch.Tensor,
+                mask: torch.Tensor, cache: Any) -> list[GenerationResult]:
+        n, device = sampling.n, self.device
+        prompts = [r.prompt_ids or [] for r in batch]
+        logits, cache = self._forward(ids, mask, position_ids_from_mask(mask), cache)
         # one prefill row per prompt; its cache and logits serve all n samples of that prompt
         if n > 1:
             cache.batch_repeat_interleave(n)
@@ -144,8 +155,6 @@ class HFGenerator:
         for request in batch:
             for k in range(n):
                 generators.append(torch.Generator(device=device).manual_seed(prompt_seed(sampling.seed, request.id, k)))
-        budget = [sampling.max_new_tokens if self.context is None else min(sampling.max_new_tokens, self.context - len(p))
-                  for p in prompts for _ in range(n)]
         tokens: list[list[int]] = [[] for _ in rows]
         logprobs = [0.0] * len(rows)
         cut: set[int] = set()  # rows whose text was cut at a stop string
