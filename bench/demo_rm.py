@@ -21,11 +21,13 @@ import subprocess
 import sys
 from pathlib import Path
 
+from rlhf_workflow.data.io import jsonl_lines
+
 CLI = [sys.executable, "-m", "rlhf_workflow"]
 
 
 def _rows(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return [json.loads(line) for line in jsonl_lines(path)]
 
 
 def build_dev_set(run: Path, work: Path, count: int, seed: int) -> Path:

@@ -40,6 +40,7 @@ from common import (  # noqa: E402
     add_pair_training_options, bench_parser, device, dispatch, matmul_peak_flops, pair_training_worker_args, peak_memory,
     run_selected, write_json, write_pairs,
 )
+from rlhf_workflow.data.io import jsonl_lines
 
 
 def model_flops(n_body: int, hidden: int, vocab: int, tokens: float, response_tokens: float, *, passes: int) -> float:
@@ -82,7 +83,7 @@ def run_ours(args: argparse.Namespace) -> dict:
     train(objective, policy, trained, config, out, accelerator)
     seconds = time.perf_counter() - start
 
-    logs = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    logs = [json.loads(line) for line in jsonl_lines(out / "metrics.jsonl")]
     logs = [r for r in logs if r["split"] == "train"]
     body = sum(p.numel() for n, p in policy.model.named_parameters() if "embed_tokens" not in n)
     cfg = policy.model.config
@@ -111,7 +112,7 @@ def run_trl(args: argparse.Namespace) -> dict:
     directory = local_directory(args.model)  # the same weights (a built-in model already converted from GGUF)
     tokenizer = load_tokenizer(args.model)
     model = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32)
-    rows = [json.loads(line) for line in Path(args.data).read_text().splitlines()]
+    rows = [json.loads(line) for line in jsonl_lines(args.data)]
     dataset = Dataset.from_list([{k: r[k] for k in ("prompt", "chosen", "rejected")} for r in rows])
     config = DPOConfig(
         output_dir=str(Path(args.workdir) / f"trl-{args.repeat}"), max_steps=args.steps,

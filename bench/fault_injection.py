@@ -41,6 +41,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))  # the tiny model builders, judge and words the loop tests use
 
 from conftest import LOOP_JUDGE, LOOP_WORDS  # noqa: E402
+from rlhf_workflow.data.io import jsonl_lines
 
 TOLERANCE = 1e-4
 EVENTS = {  # moments worth a kill that a random draw rarely hits, as seen from the run directory
@@ -100,7 +101,7 @@ def last_stage(log: Path) -> str:
 
 def jsonl_ids(path: Path) -> list[str]:
     ids = []
-    for line in path.read_text().splitlines():
+    for line in jsonl_lines(path):
         if line.strip():
             row = json.loads(line)
             ids.append(str(row.get("id", row.get("step"))) + ("/" + row["split"] if "split" in row else ""))
@@ -133,8 +134,8 @@ def compare(clean: Path, faulted: Path) -> list[str]:
             problems.append(f"{policy.relative_to(faulted)}: does not load ({exc})")
     leftovers = [p.relative_to(faulted) for p in faulted.glob("*/dpo/checkpoints") if any(p.iterdir())]
     problems += [f"{p}: checkpoints left behind" for p in leftovers]
-    metrics = {r["id"]: r for r in map(json.loads, (clean / "metrics.jsonl").read_text().splitlines())}
-    for row in map(json.loads, (faulted / "metrics.jsonl").read_text().splitlines()):
+    metrics = {r["id"]: r for r in map(json.loads, jsonl_lines(clean / "metrics.jsonl"))}
+    for row in map(json.loads, jsonl_lines(faulted / "metrics.jsonl")):
         for key, value in metrics[row["id"]].items():
             other = row.get(key)
             if isinstance(value, float) and (other is None or abs(value - other) > TOLERANCE):

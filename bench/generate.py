@@ -31,6 +31,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 from common import WORDS, bench_parser, device, dispatch, peak_memory, run_selected, write_json  # noqa: E402
+from rlhf_workflow.data.io import jsonl_lines
 TASKS = ["Write a short note about {}.", "Explain in one paragraph why {} matters.", "List three facts about {}.",
          "Answer briefly: what is {}?", "Describe {} to a child.", "Give an example of {} and explain it."]
 
@@ -63,7 +64,7 @@ def run_worker(args: argparse.Namespace) -> dict:
     tokenizer = load_tokenizer(args.model)
     dtype = "bfloat16" if args.precision == "bf16" else "float32"
     model = load_model(ModelConfig(name_or_path=args.model, dtype=dtype)).to(device()).eval()
-    rows = [json.loads(line) for line in Path(args.prompts).read_text().splitlines()]
+    rows = [json.loads(line) for line in jsonl_lines(args.prompts)]
     sampling = SamplingConfig(n=args.n, temperature=args.temperature, top_p=args.top_p,
                               max_new_tokens=args.max_new_tokens, seed=args.seed + args.repeat)
     stop = end_of_turn_ids(tokenizer, model)

@@ -33,6 +33,7 @@ from common import (  # noqa: E402
     add_pair_training_options, bench_parser, device, dispatch, matmul_peak_flops, pair_training_worker_args, peak_memory,
     run_selected, write_json, write_pairs,
 )
+from rlhf_workflow.data.io import jsonl_lines
 
 
 def training_flops(model: object, tokens: float) -> float:
@@ -67,7 +68,7 @@ def run_ours(args: argparse.Namespace) -> dict:
     objective = RewardObjective(tokenizer.pad_token_id, options=LayoutOptions.from_config(train_config))
     train(objective, model, examples, train_config, out, accelerator)
     seconds = time.perf_counter() - start
-    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    rows = [json.loads(line) for line in jsonl_lines(out / "metrics.jsonl")]
     rows = [r for r in rows if r["split"] == "train"]
     tokens = sum(r["tokens"] for r in rows)
     # tokens computed: the pairs trained (steps × batch) at the mean pair's tokens, its prompt once when shared
@@ -92,7 +93,7 @@ def run_trl(args: argparse.Namespace) -> dict:
     tokenizer = load_tokenizer(args.model)
     model = AutoModelForSequenceClassification.from_pretrained(directory, num_labels=1, dtype=torch.float32)
     model.config.pad_token_id = tokenizer.pad_token_id
-    rows = [json.loads(line) for line in Path(args.data).read_text().splitlines()]
+    rows = [json.loads(line) for line in jsonl_lines(args.data)]
     dataset = Dataset.from_list([{k: r[k] for k in ("prompt", "chosen", "rejected")} for r in rows])
     config = RewardConfig(
         output_dir=str(Path(args.workdir) / f"trl-{args.repeat}"), max_steps=args.steps, per_device_train_batch_size=args.batch,

@@ -29,6 +29,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from rlhf_workflow.data.io import jsonl_lines
+
 # variant -> overrides of the demo recipe
 VARIANTS: dict[str, list[str]] = {
     "demo": [],
@@ -196,8 +198,7 @@ def copy_shared(source: Path, target: Path, stages: list[str]) -> None:
         if destination.parent.is_dir() and not destination.exists():
             shutil.copy2(owner, destination)
     evaluated = {stage.split("/")[0] for stage in stages if stage.endswith("/eval")}
-    rows = [line for line in (source / "metrics.jsonl").read_text().splitlines()
-            if line.strip() and json.loads(line)["id"] in evaluated] if (source / "metrics.jsonl").exists() else []
+    rows = [line for line in jsonl_lines(source / "metrics.jsonl") if json.loads(line)["id"] in evaluated] if (source / "metrics.jsonl").exists() else []
     (partial / "metrics.jsonl").write_text("".join(line + "\n" for line in rows))
     (partial / "state.json").write_text(json.dumps({"completed": stages, "last": stages[-1],
                                                     "seconds": {stage: 0.0 for stage in stages}}, indent=1) + "\n")
@@ -235,7 +236,7 @@ def run(root: Path, variant: str, seed: int, split: str, log: Path) -> float:
 
 def metrics_rows(path: Path) -> dict[str, dict]:
     """A run's metrics.jsonl by policy id."""
-    rows = [json.loads(line) for line in (path / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    rows = [json.loads(line) for line in jsonl_lines(path / "metrics.jsonl")]
     return {row["id"]: row for row in rows}
 
 

@@ -411,3 +411,33 @@ def test_appender_reports_corruption_before_the_last_line(tmp_path):
     path.write_bytes(b'{"id": "a"}\nnot json\n{"id": "c"}\n')
     with pytest.raises(UserError, match=r"g\.jsonl:2: invalid JSON"):
         JsonlAppender(path)
+
+
+SEPARATORS = "a\u2028b\u2029c\x85d\x0be\x0cf\x1cg\x1dh\x1ei"  # str.splitlines splits at each
+
+
+def test_rows_whose_text_holds_line_separators_are_read_whole(tmp_path):
+    """Model outputs hold U+2028 and the like, which json.dumps(ensure_ascii=False) writes as they are:
+    every reader of row files splits at newlines only (an iteration's pairs holding one counted as
+    two pairs and set the offline baseline's budget one too high, and the report failed on it)."""
+    from rlhf_workflow.data.io import count_jsonl_rows, jsonl_lines
+    from rlhf_workflow.eval.report import read_metrics
+    from rlhf_workflow.models.card import _last_rows
+    from rlhf_workflow.online.loop import online_pair_count
+    from rlhf_workflow.train.metrics import _truncate_after
+
+    rows = [{"id": f"r{i}", "prompt": SEPARATORS, "chosen": SEPARATORS, "rejected": "no", "step": i, "split": "train"}
+            for i in range(1, 4)]
+    run = tmp_path / "run"
+    pairs = write_jsonl(run / "iter_1" / "pairs.jsonl", rows) and run / "iter_1" / "pairs.jsonl"
+    text = pairs.read_text(encoding="utf-8")
+    assert "\u2028" in text and "\u2029" in text and "\x85" in text  # written as they are (ASCII ones escaped)
+    assert count_jsonl_rows(pairs) == 3 and [json.loads(line) for line in jsonl_lines(pairs)] == rows
+    assert [row for _, row in iter_jsonl(pairs)] == rows
+    assert online_pair_count(run) == 3
+    metrics = run / "metrics.jsonl"
+    write_jsonl(metrics, rows)
+    assert read_metrics(run) == rows
+    assert _last_rows(metrics)[0] == rows[-1]
+    _truncate_after(metrics, 2)
+    assert [row for _, row in iter_jsonl(metrics)] == rows[:2]

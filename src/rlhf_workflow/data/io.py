@@ -140,6 +140,21 @@ def iter_jsonl(path: str | os.PathLike[str], *, allow_empty: bool = False) -> It
         raise UserError(f"{shown}: no rows")
 
 
+def jsonl_lines(path: str | os.PathLike[str]) -> list[str]:
+    """The non-blank lines of a JSON Lines file as text, split at newlines only.
+
+    Not ``str.splitlines``: it also splits at U+2028, U+2029, U+0085 and the ASCII separators
+    \\x0b, \\x0c, \\x1c-\\x1e, which ``json.dumps(..., ensure_ascii=False)`` leaves inside strings,
+    and model outputs hold them: a row would come back cut in two."""
+    text = Path(path).read_text(encoding="utf-8")
+    return [line.rstrip("\r") for line in text.split("\n") if line.strip()]
+
+
+def count_jsonl_rows(path: str | os.PathLike[str]) -> int:
+    """The number of rows (non-blank lines) of a JSON Lines file; see `jsonl_lines`."""
+    return len(jsonl_lines(path))
+
+
 def _read_json(path: str | os.PathLike[str]) -> list[tuple[str, dict[str, Any]]]:
     """A ``.json`` file: a JSON array of objects, or JSON Lines content under a .json name."""
     shown = os.fspath(path)

@@ -19,6 +19,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
+from rlhf_workflow.data.io import iter_jsonl
 from rlhf_workflow.errors import UserError
 from rlhf_workflow.eval.compare import html_parts as compare_html
 from rlhf_workflow.eval.compare import markdown_lines as compare_markdown
@@ -43,7 +44,7 @@ def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
     path = run_dir / "metrics.jsonl"
     if not path.exists():
         raise UserError(f"{run_dir} has no metrics.jsonl: not a run directory, or no policy evaluated yet")
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return [row for _, row in iter_jsonl(path)]
 
 
 def _cell(row: dict[str, Any], key: str) -> str:
@@ -193,7 +194,7 @@ def _plot_pair_rewards(run_dir: Path, out: Path) -> tuple[str, str] | None:
         return None
     fig, axes = plt.subplots(1, len(files), figsize=(3.2 * len(files), 3), dpi=110, squeeze=False)
     for ax, path in zip(axes[0], files):
-        rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        rows = [row for _, row in iter_jsonl(path, allow_empty=True)]
         chosen = [r["chosen_reward"] for r in rows if r.get("chosen_reward") is not None]
         rejected = [r["rejected_reward"] for r in rows if r.get("rejected_reward") is not None]
         values = chosen + rejected

@@ -23,6 +23,8 @@ from typing import Any
 
 import yaml
 
+from rlhf_workflow.data.io import jsonl_lines
+
 # Built-in models: the Hub id they were converted from and its license.
 BUILTIN_ORIGINS = {"smollm2-135m-instruct": ("HuggingFaceTB/SmolLM2-135M-Instruct", "apache-2.0")}
 
@@ -72,7 +74,7 @@ def read_front_matter(path: Path) -> dict[str, Any]:
 def _last_rows(metrics_file: Path) -> tuple[dict[str, Any] | None, dict[str, Any] | None]:
     train = held_out = None
     try:
-        lines = metrics_file.read_text(encoding="utf-8").splitlines()
+        lines = jsonl_lines(metrics_file)
     except OSError:
         return None, None
     for line in lines:

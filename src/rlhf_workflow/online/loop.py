@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING, Any, Callable
 
 from rlhf_workflow.config import (AnnotateConfig, DataConfig, DPOConfig, GenerateConfig, JudgeConfig, ModelConfig,
                                   PairsConfig, ReferenceConfig, RunConfig, config_to_yaml, stage_config)
+from rlhf_workflow.data.io import count_jsonl_rows
 from rlhf_workflow.errors import UserError
 from rlhf_workflow.online import feedback
 from rlhf_workflow.processes import process_state, release_memory
@@ -270,7 +271,7 @@ class Runner:
         run_pairs(stage_config(PairsConfig, self.config.pairs, input=str(directory / "scored.jsonl"), output=str(output),
                                seed=self.config.seeded(self.config.prompts.seed), max_pairs=budget))
         if budget:
-            made = sum(1 for line in output.read_text().splitlines() if line.strip())
+            made = count_jsonl_rows(output)
             if made < budget:
                 logger.warning("offline: %d pairs, fewer than the budget of %d", made, budget)
 
@@ -403,5 +404,5 @@ def online_pair_count(run_dir: Path) -> int:
     files = sorted(run_dir.glob("iter_*/pairs.jsonl"))
     if not files:
         raise UserError(f"offline.match_run: {run_dir} has no iter_*/pairs.jsonl; run the online recipe first")
-    return sum(sum(1 for line in f.read_text().splitlines() if line.strip()) for f in files)
+    return sum(count_jsonl_rows(f) for f in files)
 

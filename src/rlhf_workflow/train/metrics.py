@@ -9,6 +9,8 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
+from rlhf_workflow.data.io import jsonl_lines
+
 
 def _truncate_after(path: Path, step: int) -> None:
     """Drop rows logged after ``step`` (a resumed run logs them again) and any torn last line.
@@ -24,7 +26,7 @@ def _truncate_after(path: Path, step: int) -> None:
         path.replace(backup_path(path))
         return
     keep = []
-    for line in path.read_text(encoding="utf-8").splitlines():
+    for line in jsonl_lines(path):
         try:
             row = json.loads(line)
         except json.JSONDecodeError:
