@@ -29,7 +29,7 @@ def _decode(model, prompts, pad_id, *, fast: bool, reserve: int = 3):
     out = []
     with torch.inference_mode(), decoding.decode_step(model) as applied:
         assert applied == fast
-        cache = decoding.GrowingCache(reserve=reserve) if fast else DynamicCache()
+        cache = decoding.GrowingCache(reserve=reserve) if fast else DynamicCache(config=model.config)
         logits = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True,
                        logits_to_keep=1, **{cache_arg: cache}).logits[:, -1]
         cache.batch_repeat_interleave(2)
@@ -50,10 +50,27 @@ def _decode(model, prompts, pad_id, *, fast: bool, reserve: int = 3):
     return out
 
 
-def test_growing_cache_and_decode_attention_match_the_dynamic_cache_and_sdpa(tiny, monkeypatch):
+def _sliding_window_model(tokenizer):
+    """A tiny Qwen2 whose layers all attend to the last 4 positions only."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(5)
+    config = Qwen2Config(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                         use_sliding_window=True, sliding_window=4, max_window_layers=0,
+                         pad_token_id=tokenizer.pad_token_id, attn_implementation="sdpa")
+    return Qwen2ForCausalLM(config).eval()
+
+
+@pytest.mark.parametrize("kind", ["llama", "sliding-window"])
+def test_growing_cache_and_decode_attention_match_the_dynamic_cache_and_sdpa(tiny, monkeypatch, kind):
     """Prompts of different lengths (left padding in the mask), rows repeated and dropped, buffers that
-    must grow (reserve 3 for 12 tokens): every step's logits equal the default path's (fp32)."""
+    must grow (reserve 3 for 12 tokens): every step's logits equal the default path's (fp32). With
+    sliding-window layers the cache keeps every token and the mask limits what attention reads."""
     tokenizer, model = tiny
+    if kind == "sliding-window":
+        model = _sliding_window_model(tokenizer)
+        assert set(model.config.layer_types) == {"sliding_attention"}
     prompts = [tokenizer.encode("the sky is"), tokenizer.encode("a b c d e f g h i j"), tokenizer.encode("hi")]
     fast = _decode(model, prompts, tokenizer.pad_token_id, fast=True)
     monkeypatch.setattr(decoding, "applies", lambda model: False)
@@ -72,6 +89,12 @@ def test_decode_step_leaves_the_model_as_it_was(tiny):
     with pytest.raises(RuntimeError), decoding.decode_step(model):
         raise RuntimeError("a failed step")
     assert model.config._attn_implementation == "sdpa"
+    model.config.layer_types = ["full_attention", "linear_attention"]
+    try:  # a model with layers a KV cache does not serve: nothing is changed
+        with decoding.decode_step(model) as applied:
+            assert not applied
+    finally:
+        del model.config.layer_types
     model.train()
     try:  # training, or another attention implementation: nothing is changed
         with decoding.decode_step(model) as applied:

@@ -150,13 +150,23 @@ def _register() -> None:
     AttentionMaskInterface.register(ATTENTION, sdpa_mask)
 
 
+ATTENTION_LAYERS = ("full_attention", "sliding_attention")  # layer types a plain KV cache serves
+
+
 def applies(model: Any) -> bool:
-    """Whether `decode_step` changes anything for ``model``: on a CPU, with sdpa attention, in eval mode."""
+    """Whether `decode_step` changes anything for ``model``: on a CPU, with sdpa attention, in eval
+    mode, and every decoder layer an attention layer (``config.layer_types``, where the config has
+    them: a model with linear-attention or state-space layers keeps the cache it makes for itself;
+    a sliding-window layer keeps every token, and the mask it is given limits what it reads)."""
     try:
         device = next(model.parameters()).device
     except StopIteration:
         return False
-    return device.type == "cpu" and getattr(model.config, "_attn_implementation", None) == "sdpa" and not model.training
+    config = model.config
+    text = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
+    layer_types = getattr(text, "layer_types", None) or ()
+    return (device.type == "cpu" and getattr(config, "_attn_implementation", None) == "sdpa" and not model.training
+            and all(kind in ATTENTION_LAYERS for kind in layer_types))
 
 
 @contextlib.contextmanager
