@@ -8,7 +8,10 @@ Where the time goes in plain batched ``model.generate`` and what this backend do
 * finished rows leave the batch: when a row samples its end-of-turn token (or a stop string, or
   runs out of tokens) it is dropped from the cache, so the decode steps that follow compute only
   rows still writing (``generate`` keeps computing every row until the longest one ends);
-* no logits over the vocabulary for prompt positions: only the last position's are computed.
+* no logits over the vocabulary for prompt positions: only the last position's are computed;
+* on a CPU, the KV cache grows in place and a one-token query is computed per KV-head group
+  (`models.decoding`), where transformers concatenates the whole cache at every step and runs
+  its flash kernel for a query of one token.
 
 Each sample also carries its log-probability under the model (the sum over its sampled tokens of
 log softmax of the raw logits), so that the evaluation's KL estimate needs no second forward pass
