@@ -123,3 +123,21 @@ def test_the_cache_layer_grows_crops_and_selects_rows():
     torch.testing.assert_close(layer.keys, torch.cat(written, dim=-2)[1:, :, :5], rtol=0, atol=0)
     layer.batch_repeat_interleave(3)
     assert layer.keys.shape == (3, 1, 5, 4) and layer.values.shape == (3, 1, 5, 4)
+
+
+def test_decode_attention_leaves_what_it_does_not_compute_to_sdpa(tiny):
+    """A one-token query with a float mask per head (ALiBi-style biases) is computed by sdpa."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    _, model = tiny
+    module = model.model.layers[0].self_attn
+    torch.manual_seed(0)
+    query, key, value = torch.randn(2, 4, 1, 8), torch.randn(2, 2, 5, 8), torch.randn(2, 2, 5, 8)
+    bias = torch.randn(2, 4, 1, 5)
+    ours, _ = decoding.decode_attention(module, query, key, value, bias, scaling=0.3)
+    theirs, _ = sdpa_attention_forward(module, query, key, value, bias, scaling=0.3)
+    torch.testing.assert_close(ours, theirs, rtol=0, atol=0)
+    shared = torch.randn(2, 1, 1, 5)  # one mask for all heads: computed here, the same up to rounding
+    ours, _ = decoding.decode_attention(module, query, key, value, shared, scaling=0.3)
+    theirs, _ = sdpa_attention_forward(module, query, key, value, shared, scaling=0.3)
+    torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-6)

@@ -115,13 +115,15 @@ def decode_attention(module: Any, query: torch.Tensor, key: torch.Tensor, value:
 
     query ``[B, H, 1, D]``, key / value ``[B, Hkv, L, D]`` with H = g · Hkv; the g query heads of
     KV head j are rows of one matmul against that head's keys. The mask (sdpa's: boolean, True =
-    attend, or additive floats; or None) is read at the last query position. Returns
-    ``[B, 1, H, D]``, as transformers' attention functions do. Anything else goes to sdpa."""
+    attend, or additive floats, one for all heads; or None) is read at the last query position.
+    Returns ``[B, 1, H, D]``, as transformers' attention functions do. Anything else (a longer
+    query, training, a mask per head, attention sinks, soft-capping) goes to sdpa."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     batch, heads, length, width = query.shape
     kv_heads = key.shape[1]
-    if length != 1 or module.training or heads % kv_heads or kwargs.get("s_aux") is not None \
+    per_head_mask = attention_mask is not None and attention_mask.dim() == 4 and attention_mask.shape[1] != 1
+    if length != 1 or module.training or heads % kv_heads or per_head_mask or kwargs.get("s_aux") is not None \
             or kwargs.get("softcap") is not None:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       **kwargs)
