@@ -192,18 +192,19 @@ def _from_pretrained(loader: Any, location: str, what: str, **kwargs: Any) -> An
 
 
 _TOKENIZERS: dict[tuple[str, str, bool], Any] = {}  # loaded tokenizers by location and files' digest
-_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".ckpt", ".msgpack", ".h5")
+# the files a tokenizer can be read from (and the config that may name its class); not weights, not data
+_TOKENIZER_SUFFIXES = (".json", ".txt", ".model", ".jinja", ".tiktoken", ".vocab", ".py")
 
 
 def _tokenizer_key(location: str) -> str:
-    """The sha256 of the names and contents of every file in a local directory that is not weights,
-    so that a directory rewritten since (a policy saved again) is parsed again; "" for a Hub id."""
+    """The sha256 of the names and contents of a local directory's tokenizer files (by suffix), so
+    that a directory rewritten since (a policy saved again) is parsed again; "" for a Hub id."""
     folder = Path(location)
     if not folder.is_dir():
         return ""
     digest = hashlib.sha256()
     for file in sorted(folder.iterdir()):
-        if file.is_file() and not file.name.endswith(_WEIGHT_SUFFIXES):
+        if file.is_file() and file.name.endswith(_TOKENIZER_SUFFIXES):
             digest.update(file.name.encode() + b"\0" + file.read_bytes() + b"\0")
     return digest.hexdigest()
 
