@@ -54,6 +54,22 @@ def test_a_tokenizer_is_parsed_once_and_handed_out_as_copies(tiny_model_dir, tmp
     assert len(loading._TOKENIZERS) == parsed + 1
 
 
+def test_a_tokenizer_that_cannot_be_copied_is_parsed_again(tiny_model_dir, monkeypatch):
+    """A tokenizer class whose state cannot be copied (a remote-code tokenizer holding, say, a
+    tiktoken encoding) is parsed for each caller, as before the cache."""
+    from rlhf_workflow.models import loading
+
+    first = load_tokenizer(str(tiny_model_dir))
+    cached = next(t for key, t in loading._TOKENIZERS.items() if key[0] == str(tiny_model_dir))
+
+    def refuse(memo):
+        raise TypeError("cannot pickle 'Encoding' object")
+
+    monkeypatch.setattr(cached, "__deepcopy__", refuse, raising=False)
+    again = load_tokenizer(str(tiny_model_dir))
+    assert again is not first and again is not cached and again.encode("hello world") == first.encode("hello world")
+
+
 def test_options_are_applied(tiny_model_dir):
     model = load_model(
         ModelConfig(name_or_path=str(tiny_model_dir), dtype="bfloat16", attn_implementation="eager",

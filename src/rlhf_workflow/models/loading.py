@@ -215,19 +215,26 @@ def load_tokenizer(name_or_path: str, *, trust_remote_code: bool = False) -> Any
     A process parses each tokenizer once (0.4 s for SmolLM2's; the demo asks for one about 40
     times) and hands out copies, so a caller that changes its tokenizer changes no one else's."""
     import copy
+    import pickle
 
     from transformers import AutoTokenizer
 
-    location = local_directory(name_or_path)
-    key = (location, _tokenizer_key(location), trust_remote_code)
-    if key not in _TOKENIZERS:
+    def parse() -> Any:
         tokenizer = _from_pretrained(AutoTokenizer, location, "tokenizer", trust_remote_code=trust_remote_code)
         if tokenizer.pad_token is None:
             if tokenizer.eos_token is None:
                 raise UserError(f"tokenizer of {name_or_path} has neither a pad nor an eos token")
             tokenizer.pad_token = tokenizer.eos_token
-        _TOKENIZERS[key] = tokenizer
-    return copy.deepcopy(_TOKENIZERS[key])
+        return tokenizer
+
+    location = local_directory(name_or_path)
+    key = (location, _tokenizer_key(location), trust_remote_code)
+    if key not in _TOKENIZERS:
+        _TOKENIZERS[key] = parse()
+    try:
+        return copy.deepcopy(_TOKENIZERS[key])
+    except (TypeError, AttributeError, copy.Error, pickle.PicklingError):  # a tokenizer class that cannot be copied
+        return parse()
 
 
 def torch_dtype(name: str) -> Any:
