@@ -141,12 +141,11 @@ class HFGenerator:
                   for p in prompts for _ in range(n)]
         with decode_step(self.model) as fast:
             cache = GrowingCache(reserve=max(budget)) if fast else None  # else the model's DynamicCache
-            return self._sample(batch, sampling, budget, ids, mask, cache)
+            return self._sample(batch, prompts, sampling, budget, ids, mask, cache)
 
-    def _sample(self, batch: Sequence[GenerationRequest], sampling: Any, budget: list[int], ids: torch.Tensor,
-                mask: torch.Tensor, cache: Any) -> list[GenerationResult]:
-        n, device = sampling.n, self.device
-        prompts = [r.prompt_ids or [] for r in batch]
+    def _sample(self, batch: Sequence[GenerationRequest], prompts: list[list[int]], sampling: Any, budget: list[int],
+                ids: torch.Tensor, mask: torch.Tensor, cache: Any) -> list[GenerationResult]:
+        n, device = sampling.n, ids.device
         logits, cache = self._forward(ids, mask, position_ids_from_mask(mask), cache)
         # one prefill row per prompt; its cache and logits serve all n samples of that prompt
         if n > 1:
