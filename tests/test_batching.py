@@ -128,6 +128,57 @@ def test_chunked_logprobs_and_their_gradients_match_the_full_projection(bias):
         assert (g - w).abs().max() < 1e-5
 
 
+@pytest.mark.parametrize("how", ["autocast", "bf16 weights"])
+def test_a_16_bit_projection_corrects_its_log_probs_in_fp32(how):
+    """Under bf16 autocast, or with bf16 weights, the projection's products run in bf16, and the
+    target's and each row's top logits are recomputed in fp32: far closer to fp32 log-probs than
+    bf16 logits are, with gradients as close as bf16 products allow."""
+    torch.manual_seed(0)
+    vocab, width, rows = 3000, 64, 40
+    head = torch.nn.Linear(width, vocab, bias=False)
+    head.weight.data.mul_(8)  # logits of a few tens, as a real head's, where bf16 steps are 1/8 apart
+    hidden = torch.randn(rows, width, requires_grad=True)
+    targets = torch.randint(0, vocab, (rows,))
+    weights = torch.randn(rows)
+
+    exact = torch.log_softmax(hidden.double() @ head.weight.double().t(), -1).gather(1, targets[:, None]).squeeze(1)
+    (exact * weights).sum().backward()
+    want = [hidden.grad.clone(), head.weight.grad.clone()]
+    hidden.grad = None
+    head.zero_grad()
+    plain = torch.log_softmax((hidden.bfloat16() @ head.weight.bfloat16().t()).float(), -1).gather(1, targets[:, None])
+
+    if how == "autocast":
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            got = token_logprobs(hidden, head, targets, chunk=16)
+        (got * weights).sum().backward()
+        grads = [hidden.grad, head.weight.grad]
+    else:
+        low = torch.nn.Linear(width, vocab, bias=False).to(torch.bfloat16)
+        low.weight.data.copy_(head.weight.data)
+        low_hidden = hidden.detach().bfloat16().requires_grad_()
+        got = token_logprobs(low_hidden, low, targets, chunk=16)
+        (got * weights).sum().backward()
+        grads = [low_hidden.grad.float(), low.weight.grad.float()]
+        # the exact answer for the bf16-rounded operands
+        exact = torch.log_softmax(low_hidden.double() @ low.weight.double().t(), -1).gather(1, targets[:, None]).squeeze(1)
+    assert got.dtype == torch.float32
+    error, plain_error = (got.double() - exact).abs().mean(), (plain.squeeze(1).double() - exact).abs().mean()
+    assert error < plain_error / 5, (error, plain_error)
+    for g, w in zip(grads, want):
+        assert ((g.double() - w.double()).norm() / w.double().norm()) < 3e-2
+
+
+def test_an_fp32_projection_stays_fp32():
+    """Without autocast and with fp32 weights, the chunked log-probs are those of fp32 logits."""
+    torch.manual_seed(0)
+    head = torch.nn.Linear(32, 500, bias=True)
+    hidden = torch.randn(20, 32)
+    targets = torch.randint(0, 500, (20,))
+    want = torch.log_softmax(hidden @ head.weight.t() + head.bias, -1).gather(1, targets[:, None]).squeeze(1)
+    assert (token_logprobs(hidden, head, targets, chunk=8) - want).abs().max() < 1e-5
+
+
 def test_layout_refuses_empty_pieces(tok):
     with pytest.raises(ValueError, match="at least one token"):
         layout([([1, 2], [[3], []])], tok.pad_token_id)

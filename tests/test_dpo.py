@@ -168,11 +168,13 @@ def test_dropout_is_off_so_the_policy_agrees_with_its_reference_at_step_one(drop
 
 def test_the_reference_pass_runs_in_the_training_precision(tiny_model_dir, pairs, tmp_path):
     """With bf16 autocast training the reference log-probs are computed under the same autocast: the
-    first loss is log 2, as in fp32 (an fp32 reference against a bf16 policy is off by the rounding)."""
+    first loss is log 2, as in fp32 (an fp32 reference against a bf16 policy was off by 1.4e-5). Not to
+    the last digit: the reference pass batches the pairs otherwise than training does, so the bf16
+    body rounds otherwise, and the bf16 projection passes that on (1.6e-6 here)."""
     train, _ = pairs
     out = tmp_path / "bf16"
     assert main(_args(tiny_model_dir, train, out, "train.max_steps=1", "train.precision=bf16")) == 0
-    assert read_metrics(out)[0]["loss"] == pytest.approx(math.log(2), abs=1e-6)
+    assert read_metrics(out)[0]["loss"] == pytest.approx(math.log(2), abs=5e-6)
 
 
 def test_disable_dropout_reaches_modules_attributes_and_configs():
