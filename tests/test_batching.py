@@ -169,6 +169,16 @@ def test_a_16_bit_projection_corrects_its_log_probs_in_fp32(how):
         assert ((g.double() - w.double()).norm() / w.double().norm()) < 3e-2
 
 
+def test_a_16_bit_projection_of_a_vocabulary_smaller_than_its_exact_top():
+    torch.manual_seed(0)
+    head = torch.nn.Linear(8, 5, bias=True)
+    hidden, targets = torch.randn(6, 8), torch.randint(0, 5, (6,))
+    want = torch.log_softmax(hidden @ head.weight.t() + head.bias, -1).gather(1, targets[:, None]).squeeze(1)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = token_logprobs(hidden, head, targets, chunk=4)
+    assert (got - want).abs().max() < 1e-5  # every logit recomputed in fp32
+
+
 def test_an_fp32_projection_stays_fp32():
     """Without autocast and with fp32 weights, the chunked log-probs are those of fp32 logits."""
     torch.manual_seed(0)

@@ -43,7 +43,7 @@ class _ChunkedTokenLogprobs(torch.autograd.Function):
             if low is None:
                 picked = logits.gather(1, targets[rows, None]).squeeze(1)
             else:  # the target's logit and each row's largest, in fp32
-                top = logits.topk(EXACT_TOP, dim=-1).indices
+                top = logits.topk(min(EXACT_TOP, logits.size(-1)), dim=-1).indices
                 logits.scatter_(1, top, _exact_logits(hidden[rows], weight, bias, top))
                 picked = _exact_logits(hidden[rows], weight, bias, targets[rows, None]).squeeze(1)
             lse[rows] = _logsumexp_(logits)
