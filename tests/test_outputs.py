@@ -135,6 +135,22 @@ def test_a_second_run_into_a_run_directory_is_refused(recipe, tmp_path, capsys):
         held.release()
 
 
+def test_an_output_under_a_dangling_link_or_a_file_names_it(tiny_model_dir, files, recipe, tmp_path, capsys):
+    """A folder on the output's way that cannot be a directory (a symbolic link to nothing, as a
+    `runs` link committed from another machine, or a file) is named, for a run and for a stage."""
+    link = tmp_path / "runs"
+    link.symlink_to(tmp_path / "elsewhere")
+    assert main(["run", *recipe, f"output_dir={link / 'demo'}"]) == 2
+    err = capsys.readouterr().err
+    assert f"goes through {link}, a symbolic link to {tmp_path / 'elsewhere'}, which does not exist" in err
+    assert len(err.strip().splitlines()) == 1
+    blocker = tmp_path / "taken"
+    blocker.write_text("a file")
+    assert main(gen_args(tiny_model_dir, files["prompts"], blocker / "out" / "gen.jsonl")) == 2
+    assert f"goes through {blocker}, which is a file, not a directory" in capsys.readouterr().err
+    assert blocker.read_text() == "a file" and not (tmp_path / "elsewhere").exists()
+
+
 def test_a_killed_holder_leaves_no_stale_lock(tmp_path):
     out = tmp_path / "o.jsonl"
     holder = subprocess.Popen([sys.executable, "-c", (

@@ -96,7 +96,8 @@ def _real(path: str | os.PathLike[str]) -> Path:
 
 def unwritable(outputs: Mapping[str, str]) -> list[str]:
     """One message per output that cannot be written as the kind it is: a file output that is a
-    directory, a directory output that is a file, or a path through a file."""
+    directory, a directory output that is a file, or a path through a file or through a symbolic
+    link to nothing (no directory can be made there: a `runs` link copied from another machine)."""
     found = []
     for key, value in outputs.items():
         if not value:
@@ -108,8 +109,13 @@ def unwritable(outputs: Mapping[str, str]) -> list[str]:
         elif not is_dir and path.is_dir():
             found.append(f"{key}={value} is a directory; give a file name")
         else:
+            folders = [path, *path.parents] if is_dir else list(path.parents)
+            dangling = next((p for p in reversed(folders) if p.is_symlink() and not p.exists()), None)
             blocking = next((p for p in path.parents if p.exists() and not p.is_dir()), None)
-            if blocking is not None:
+            if dangling is not None:
+                found.append(f"{key}={value} goes through {dangling}, a symbolic link to {os.readlink(dangling)}, "
+                             "which does not exist; remove the link or create what it points to")
+            elif blocking is not None:
                 found.append(f"{key}={value} goes through {blocking}, which is a file, not a directory")
     return found
 
