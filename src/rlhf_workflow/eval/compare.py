@@ -419,6 +419,7 @@ def plot(comparisons: Sequence[Comparison], path: Path) -> bool:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     shown = [(key, title) for key, title in METRICS if any(c.metrics[key].mean is not None for c in comparisons)]
     if not shown:
@@ -437,6 +438,7 @@ def plot(comparisons: Sequence[Comparison], path: Path) -> bool:
             err = [[d.mean - d.ci95[0]], [d.ci95[1] - d.mean]] if d.ci95 else None
             ax.errorbar([d.mean], [row], xerr=err, fmt="o", color="tab:blue", capsize=3)
         ax.axvline(0, color="k", linewidth=0.8)
+        ax.xaxis.set_major_locator(MaxNLocator(5))  # labels such as −0.050 and −0.025 would run together
         ax.set_title(f"{title} Δ", fontsize=9)
         ax.grid(alpha=0.3, axis="x")
     axes[0][0].set_yticks(range(len(comparisons)))
