@@ -169,6 +169,25 @@ def test_a_16_bit_projection_corrects_its_log_probs_in_fp32(how):
         assert ((g.double() - w.double()).norm() / w.double().norm()) < 3e-2
 
 
+def test_the_projection_backward_runs_in_its_forward_precision():
+    """The backward's products are in the dtype the forward chose, whether or not autocast is still
+    on when backward runs (the autograd engine may run it elsewhere)."""
+    torch.manual_seed(0)
+    head = torch.nn.Linear(32, 400, bias=False)
+    targets = torch.randint(0, 400, (24,))
+    grads = []
+    for backward_inside in (True, False):
+        hidden = torch.randn(24, 32, generator=torch.Generator().manual_seed(1), requires_grad=True)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = token_logprobs(hidden, head, targets, chunk=8)
+            if backward_inside:
+                out.sum().backward()
+        if not backward_inside:
+            out.sum().backward()
+        grads.append(hidden.grad)
+    assert torch.equal(grads[0], grads[1])
+
+
 def test_a_16_bit_projection_of_a_vocabulary_smaller_than_its_exact_top():
     torch.manual_seed(0)
     head = torch.nn.Linear(8, 5, bias=True)

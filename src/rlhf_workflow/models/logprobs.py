@@ -50,12 +50,13 @@ class _ChunkedTokenLogprobs(torch.autograd.Function):
             out[rows] = picked - lse[rows]
         ctx.save_for_backward(hidden, weight, bias, targets, lse)
         ctx.chunk = chunk
+        ctx.low = low  # the backward's products in the forward's dtype, whatever autocast says then
         return out
 
     @staticmethod
     def backward(ctx, grad_out):  # type: ignore[override]
         hidden, weight, bias, targets, lse = ctx.saved_tensors
-        dtype = _projection(hidden, weight) or torch.float32  # the products' dtype
+        dtype = ctx.low or torch.float32  # the products' dtype
         product_weight = weight.to(dtype)
         grad_hidden = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
         grad_weight: torch.Tensor | None = None
