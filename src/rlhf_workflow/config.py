@@ -506,6 +506,9 @@ class AnnotateConfig(Strict):
     length_penalty: LengthPenaltyConfig = LengthPenaltyConfig()
     rows_per_write: int = Field(32, ge=1, description="rows scored between two writes of the output")
     apply_chat_template: ApplyChatTemplate = True
+    keep_prompt_states: bool = Field(
+        False, description="reward-model judge: keep each prompt's keys and values in this process (up to 1 GiB "
+        "a model) so that a later annotate of the same prompts computes only the responses (a run's evaluations)")
 
     @model_validator(mode="after")
     def _judge_given(self) -> "AnnotateConfig":

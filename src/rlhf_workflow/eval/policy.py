@@ -108,20 +108,27 @@ def ifeval_metrics(rows: list[dict[str, Any]], resamples: int) -> dict[str, Any]
 
 
 def response_logps(model_config: ModelConfig, tokenizer: Any, rows: list[dict], *, chat_template: bool, device: Any,
-                   chunk: int = 1024, batch_prompts: int = 8) -> dict[tuple[str, int], float]:
+                   chunk: int = 1024, batch_prompts: int = 8, keep_prompt_states: bool = False) -> dict[tuple[str, int], float]:
     """log π(response | prompt) under the model of ``model_config`` for every response of ``rows``
     (each prompt computed once for its responses: the shared-prefix layout). A row's sampled token
     ids (``response_token_ids``) are scored as they are; otherwise a response is its text as the
-    chat template tokenizes it."""
+    chat template tokenizes it. ``keep_prompt_states``: keep each prompt's keys and values in the
+    process (`models.prompt_states`), so that a later call on the same prompts (π0 reading the next
+    policy's answers) computes only the responses."""
     import torch
 
     from rlhf_workflow.data.templating import encode_prompt, encode_prompt_response, end_of_turn_ids
     from rlhf_workflow.models.layout import LayoutOptions, layout
-    from rlhf_workflow.models.loading import load_model
-    from rlhf_workflow.models.logprobs import SequenceLogprobs
+    from rlhf_workflow.models.loading import load_model, local_directory
+    from rlhf_workflow.models.logprobs import SequenceLogprobs, token_logprobs
+    from rlhf_workflow.models.prompt_states import model_identity, response_hidden_states, shared, supports
 
     loaded = load_model(model_config.model_copy(update={"lora": model_config.lora.model_copy(update={"r": 0})}))
     model = SequenceLogprobs(loaded.to(device).eval(), chunk)
+    states = None
+    if keep_prompt_states and supports(loaded):
+        states = shared(model_identity(local_directory(model_config.name_or_path),
+                                       [model_config.model_dump(mode="json"), str(device)]))
     options = LayoutOptions(share_prefix=True)
     end_of_turn = end_of_turn_ids(tokenizer, loaded, chat_template=chat_template)
     groups, keys = [], []
@@ -147,8 +154,19 @@ def response_logps(model_config: ModelConfig, tokenizer: Any, rows: list[dict], 
     values: list[float] = []
     with torch.inference_mode():
         for start in range(0, len(groups), batch_prompts):
-            batch = layout(groups[start : start + batch_prompts], tokenizer.pad_token_id, options)
-            values.extend(model({k: v.to(device) for k, v in batch.items()})[0].double().tolist())
+            if states is None:
+                batch = layout(groups[start : start + batch_prompts], tokenizer.pad_token_id, options)
+                values.extend(model({k: v.to(device) for k, v in batch.items()})[0].double().tolist())
+                continue
+            sequences = [(prompt, response) for prompt, responses in groups[start : start + batch_prompts]
+                         for response in responses]
+            hidden, prompt_last, lengths = response_hidden_states(
+                loaded, [p for p, _ in sequences], [r for _, r in sequences], states, tokenizer.pad_token_id)
+            # the state before each response token predicts it: the prompt's last, then the response's own
+            before = torch.cat([torch.cat([prompt_last[s, None], hidden[s, : lengths[s] - 1]]) for s in range(len(sequences))])
+            targets = torch.tensor([t for _, r in sequences for t in r], device=hidden.device)
+            logp = token_logprobs(before, loaded.get_output_embeddings(), targets, chunk)
+            values.extend(torch.stack([part.sum() for part in logp.split(lengths.tolist())]).double().tolist())
     return dict(zip(keys, values))
 
 
@@ -237,7 +255,7 @@ def evaluate_policy(config: RunConfig, run_dir: Path, name: str, policy: ModelCo
             mine_logp = {(row["id"], k): value for row, values in zip(rows, sampled) for k, value in enumerate(values)}
         else:
             mine_logp = response_logps(policy, tokenizer, rows, **kwargs)
-        initial_logp = response_logps(initial, tokenizer, rows, **kwargs)
+        initial_logp = response_logps(initial, tokenizer, rows, keep_prompt_states=True, **kwargs)
         groups: dict[str, list[float]] = {}
         for key, value in mine_logp.items():
             if key in initial_logp:

@@ -25,6 +25,7 @@ from tqdm.auto import tqdm
 from rlhf_workflow.models.forward import pad_batch, read_states
 from rlhf_workflow.models.layout import LayoutOptions, layout
 from rlhf_workflow.models.lora import unwrap
+from rlhf_workflow.models.prompt_states import response_hidden_states, supports
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +42,10 @@ class RewardModel(nn.Module):
         """Rewards read at each row's last real token, or at ``(read_rows, read_cols)`` of a packed /
         prefix-shared layout (`models.forward.read_states`)."""
         return read_states(self.model, "score", input_ids, attention_mask, position_ids, read_rows, read_cols).squeeze(-1).float()
+
+    def head(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Rewards of last-token hidden states ``[rows, hidden]`` (the body already run)."""
+        return unwrap(self.model).score(hidden).squeeze(-1).float()
 
 
 def distinct_pad_token(tokenizer: Any) -> str | None:
@@ -127,6 +132,9 @@ class RewardScorer:
     Prompts are rendered with the tokenizer's chat template exactly as in training and cut from
     the left when a sequence is longer than ``max_length``; a response that alone does not fit
     gets NaN (counted in ``unscored``) rather than a score of a response it never saw whole.
+
+    With ``prompt_states`` set (`models.prompt_states`), `score_groups` keeps each prompt's keys
+    and values there and computes only the responses of a prompt it has seen (the run's evaluations).
     """
 
     def __init__(self, reward_model: RewardModel, tokenizer: Any, *, max_length: int = 1024,
@@ -137,6 +145,7 @@ class RewardScorer:
         self.chat_template = chat_template
         self.batch_size = batch_size
         self.unscored = 0
+        self.prompt_states: Any = None
 
     def encode(self, prompt: Any, response: Any) -> list[int] | None:
         from rlhf_workflow.data.templating import encode_prompt_response, truncate_prompt_left
@@ -195,12 +204,19 @@ class RewardScorer:
         self.model.eval()
         order = sorted(todo, key=lambda g: len(groups[g][0]) + sum(len(r) for r in groups[g][1]))
         pieces = [(g, range(len(groups[g][1]))) for g in order]  # positions in each group's fitting responses
+        states = self.prompt_states if self.prompt_states is not None and supports(self.model.model) else None
         for chunk in tqdm(sequence_batches(pieces, batch_size or self.batch_size), desc="score", disable=not progress):
-            batch = layout([(groups[g][0], [groups[g][1][i] for i in kept]) for g, kept in chunk],
-                           self.tokenizer.pad_token_id, LayoutOptions(share_prefix=True))
-            batch = {k: v.to(device) for k, v in batch.items()}
-            values = iter(self.model(batch["input_ids"], batch["attention_mask"], batch["position_ids"],
-                                     batch["last_row"], batch["last_col"]).tolist())
+            if states is not None:
+                hidden, _, lengths = response_hidden_states(
+                    self.model.model, [groups[g][0] for g, kept in chunk for _ in kept],
+                    [groups[g][1][i] for g, kept in chunk for i in kept], states, self.tokenizer.pad_token_id)
+                values = iter(self.model.head(hidden[torch.arange(hidden.size(0)), lengths - 1]).tolist())
+            else:
+                batch = layout([(groups[g][0], [groups[g][1][i] for i in kept]) for g, kept in chunk],
+                               self.tokenizer.pad_token_id, LayoutOptions(share_prefix=True))
+                batch = {k: v.to(device) for k, v in batch.items()}
+                values = iter(self.model(batch["input_ids"], batch["attention_mask"], batch["position_ids"],
+                                         batch["last_row"], batch["last_col"]).tolist())
             for g, kept in chunk:
                 for i in kept:
                     out[g][groups[g][2][i]] = next(values)

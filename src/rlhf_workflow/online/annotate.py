@@ -53,7 +53,8 @@ def run_annotate(config: AnnotateConfig, *, force: bool = False, progress: bool 
     from rlhf_workflow.data.io import read_rows, row_to_dict
     from rlhf_workflow.data.schemas import GenerationRow
     from rlhf_workflow.data.shards import run_sharded
-    from rlhf_workflow.online.judges import make_judge
+    from rlhf_workflow.models.prompt_states import model_identity, shared
+    from rlhf_workflow.online.judges import RewardModelJudge, make_judge
     from rlhf_workflow.processes import process_state
 
     state = process_state()
@@ -70,6 +71,9 @@ def run_annotate(config: AnnotateConfig, *, force: bool = False, progress: bool 
         if not mine:
             return scored, unscored, total, 0, first_error
         judge = make_judge(config.judge, device=state.device, chat_template=config.apply_chat_template)
+        if config.keep_prompt_states and isinstance(judge, RewardModelJudge):
+            judge.scorer.prompt_states = shared(model_identity(config.judge.path,
+                                                               [config.judge.dtype, str(state.device)]))
         bar = tqdm(total=len(mine), desc="annotate", unit="row", disable=not (progress and state.is_main_process))
         try:
             for begin in range(0, len(mine), config.rows_per_write):

@@ -336,8 +336,9 @@ class Runner:
                                   output=str(generations), model=self.config.sampling_model(policy), hf=hf, token_ids=c.eval.kl,
                                   sampling=c.eval.sampling.model_copy(update={"seed": c.seeded(c.eval.sampling.seed)}),
                                   apply_chat_template=c.apply_chat_template))
+        # every evaluation scores answers to the same prompts: the judge keeps their states between them
         run_annotate(AnnotateConfig(input=str(generations), output=str(scored), judge=self.judge,
-                                    apply_chat_template=c.apply_chat_template))
+                                    apply_chat_template=c.apply_chat_template, keep_prompt_states=True))
         if not self.state.is_main_process:
             return
         baseline = "iter_0"
