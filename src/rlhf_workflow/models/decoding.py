@@ -95,9 +95,13 @@ class GrowingLayer(DynamicLayer):
             self._views()
 
     def batch_select_indices(self, indices: torch.Tensor) -> None:
-        if self._keys is not None:
-            self._keys = self._keys[indices, ...]
-            self._values = self._values[indices, ...]  # type: ignore[index]
+        if self._keys is not None and self._values is not None:
+            # copy the filled positions only: the room left after them holds nothing yet
+            keys = self._keys.new_empty((len(indices), *self._keys.shape[1:]))
+            values = self._values.new_empty((len(indices), *self._values.shape[1:]))
+            keys[..., : self._length, :] = self._keys[indices, ..., : self._length, :]
+            values[..., : self._length, :] = self._values[indices, ..., : self._length, :]
+            self._keys, self._values = keys, values
             self._views()
 
 
