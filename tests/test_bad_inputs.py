@@ -206,6 +206,8 @@ CASES: list[Case] = [
     Case("output-is-a-directory", "prompts output={empty_dir}", ("output={empty_dir} is a directory; give a file name",)),
     Case("output-through-a-file", "prompts output={good_prompts}/more.jsonl",
          ("output={good_prompts}/more.jsonl goes through {good_prompts}, which is a file",)),
+    Case("output-through-a-dangling-link", "prompts output={dangling_link}/more.jsonl",
+         ("goes through {dangling_link}, a symbolic link to {tmp}/moved-away, which does not exist",)),
     Case("state-json-cut-short", "run prompts.train={good_prompts} prompts.eval={good_prompts} judge.type=function "
          "judge.function=rlhf_workflow.tasks.arithmetic:judge policy.name_or_path={model} output_dir={run_with_bad_state}",
          ("{run_with_bad_state}/state.json:1: invalid JSON",)),
@@ -309,6 +311,13 @@ def _run_with_bad_state(tmp: Path) -> Path:
     return path
 
 
+def _dangling_link(tmp: Path) -> Path:
+    """A `runs` link to a folder of another machine (how a clone of a repository can hold one)."""
+    path = tmp / "runs"
+    path.symlink_to(tmp / "moved-away")
+    return path
+
+
 def _empty_dir(tmp: Path) -> Path:
     path = tmp / "empty-model-dir"
     path.mkdir()
@@ -338,6 +347,7 @@ BUILDERS: dict[str, Callable[[Path], Path]] = {
     "ten_mb_line": _ten_mb_line,
     "ten_mb_unterminated_line": _ten_mb_unterminated_line,
     "empty_dir": _empty_dir,
+    "dangling_link": _dangling_link,
 }
 
 
