@@ -11,7 +11,8 @@ attends to its keys and values through the model's KV cache, its positions conti
 prompt's end: the computation of one pass over prompt + response, grouped otherwise, so the
 values agree with it to float rounding (the tests hold them to 1e-5 in fp32), not bit for bit.
 
-`PromptStates` holds them for one model, within a memory budget (prompts beyond it are computed
+`PromptStates` holds them for one model, in host memory whatever the model's device (a GPU keeps
+all of its memory for the stages in between), within a budget (prompts beyond it are computed
 each time, as without it); `shared` gives the process's store for a model, so the stages of a
 run, each loading the model afresh, find what the earlier ones kept.
 """
@@ -114,10 +115,12 @@ def _compute(body: Any, cache_arg: str, prompts: list[tuple[int, ...]], pad_toke
     cache = out.past_key_values if cache is None else cache
     width = ids.size(1)
     entries = []
+    cpu = torch.device("cpu")
     for row, prompt in enumerate(prompts):
         start = width - len(prompt)
-        layers = [(layer.keys[row, :, start:].clone(), layer.values[row, :, start:].clone()) for layer in cache.layers]
-        entries.append((layers, out.last_hidden_state[row, -1].clone()))
+        layers = [(layer.keys[row, :, start:].to(cpu, copy=True), layer.values[row, :, start:].to(cpu, copy=True))
+                  for layer in cache.layers]
+        entries.append((layers, out.last_hidden_state[row, -1].to(cpu, copy=True)))
     return entries
 
 
@@ -153,8 +156,9 @@ def response_hidden_states(model: Any, prompts: Sequence[Sequence[int]], respons
     layers = []
     for layer in range(len(found[keys[0]][0])):
         first_keys, first_values = found[keys[0]][0][layer]
-        past_keys = first_keys.new_zeros((len(keys), first_keys.size(0), longest, first_keys.size(-1)))
-        past_values = first_values.new_zeros((len(keys), first_values.size(0), longest, first_values.size(-1)))
+        past_keys = first_keys.new_zeros((len(keys), first_keys.size(0), longest, first_keys.size(-1)), device=device)
+        past_values = first_values.new_zeros((len(keys), first_values.size(0), longest, first_values.size(-1)),
+                                             device=device)
         for row, ids in enumerate(keys):
             k, v = found[ids][0][layer]
             past_keys[row, :, longest - len(ids):] = k
@@ -166,5 +170,5 @@ def response_hidden_states(model: Any, prompts: Sequence[Sequence[int]], respons
     positions = lengths[:, None] + torch.arange(ids.size(1))[None, :]
     out = body(input_ids=ids.to(device), attention_mask=torch.cat([prompt_mask, response_mask], 1).to(device),
                position_ids=positions.to(device), use_cache=True, **{cache_arg: DynamicCache(ddp_cache_data=layers)})
-    prompt_last = torch.stack([found[ids][1] for ids in keys])
+    prompt_last = torch.stack([found[ids][1] for ids in keys]).to(device)
     return out.last_hidden_state, prompt_last, response_mask.sum(1).to(device)
