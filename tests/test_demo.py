@@ -29,7 +29,14 @@ def test_miniature_demo_runs_end_to_end(tiny_model_dir, tmp_path):
     # the reward model and DPO train with bf16 autocast (the recipe's, pinned here: on a CPU with slow
     # bf16 the demo would choose fp32), the preference model in fp32 (its default): stages of one
     # process with different precisions
+    from rlhf_workflow.models import prompt_states
+
+    prompt_states._SHARED.clear()
     assert main(["demo", *overrides]) == 0
+    # the evaluations after π0's computed only the answers: the reward model read the eval prompts
+    # π0's evaluation kept (twice: iter_1's and offline's), π0 for the KL those iter_1's kept (once)
+    stores = sorted(prompt_states._SHARED.values(), key=lambda store: store.reused)
+    assert [(len(store), store.reused) for store in stores] == [(6, 6), (6, 12)]
     fb = run_dir / "feedback"
     for name in ("prompts.jsonl", "generations.jsonl", "scored.jsonl", "pairs.jsonl", "heldout_pairs.jsonl",
                  "rm/model/model.safetensors", "rm_eval.json", "pm/model/model.safetensors", "pm_eval.json"):
