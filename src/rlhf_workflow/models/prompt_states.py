@@ -3,8 +3,9 @@ model, so that a later pass over the same prompt computes only the response.
 
 A run evaluates every policy on the same held-out prompts: the reward model scores the answers
 of π0 and of each iterate, and π0 reads each iterate's answers for the KL. In the demo a prompt
-(system message, instruction, chat markup) is about 55 % of such a sequence's tokens, so from the
-second pass over the eval prompts on, a pass computes a little under half of what it did.
+(system message, instruction, chat markup: 71 tokens on average) is 63–72 % of such a sequence's
+tokens, so from the second pass over the eval prompts on, a pass computes about a third of what
+it did.
 
 The prompt is computed alone (prompts batched together, padded on the left), the response then
 attends to its keys and values through the model's KV cache, its positions continuing from the
