@@ -39,7 +39,7 @@ from rlhf_workflow.generate.base import (
     cut_at_stop,
     prompt_seed,
 )
-from rlhf_workflow.models.decoding import GrowingCache, decode_step
+from rlhf_workflow.models.decoding import GrowingCache, cache_argument, decode_step
 from rlhf_workflow.models.forward import pad_batch, position_ids_from_mask
 
 logger = logging.getLogger(__name__)
@@ -94,8 +94,7 @@ class HFGenerator:
         self.context = getattr(model.config, "max_position_embeddings", None)
         parameters = inspect.signature(model.forward).parameters
         self._logits_to_keep = "logits_to_keep" in parameters
-        # transformers >= 5.2x names the KV cache argument `cache`; earlier 5.x `past_key_values`
-        self._cache_arg = "cache" if "cache" in parameters else "past_key_values"
+        self._cache_arg = cache_argument(model.forward)
 
     @property
     def device(self) -> torch.device:

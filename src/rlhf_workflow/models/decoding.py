@@ -159,6 +159,21 @@ def _register() -> None:
 ATTENTION_LAYERS = ("full_attention", "sliding_attention")  # layer types a plain KV cache serves
 
 
+def attention_layers_only(config: Any) -> bool:
+    """Whether every decoder layer of a model's ``config`` is an attention layer (``layer_types``,
+    where the config has them): a plain KV cache of keys and values then holds its whole state."""
+    text = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
+    return all(kind in ATTENTION_LAYERS for kind in getattr(text, "layer_types", None) or ())
+
+
+def cache_argument(forward: Any) -> str:
+    """The name a model's ``forward`` takes its KV cache by: transformers >= 5.2x says ``cache``,
+    earlier 5.x ``past_key_values`` (also the attribute of the output that returns it)."""
+    import inspect
+
+    return "cache" if "cache" in inspect.signature(forward).parameters else "past_key_values"
+
+
 def applies(model: Any) -> bool:
     """Whether `decode_step` changes anything for ``model``: on a CPU, with sdpa attention, in eval
     mode, and every decoder layer an attention layer (``config.layer_types``, where the config has
@@ -169,10 +184,8 @@ def applies(model: Any) -> bool:
     except StopIteration:
         return False
     config = model.config
-    text = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
-    layer_types = getattr(text, "layer_types", None) or ()
     return (device.type == "cpu" and getattr(config, "_attn_implementation", None) == "sdpa" and not model.training
-            and all(kind in ATTENTION_LAYERS for kind in layer_types))
+            and attention_layers_only(config))
 
 
 @contextlib.contextmanager

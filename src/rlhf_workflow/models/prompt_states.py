@@ -20,7 +20,6 @@ run, each loading the model afresh, find what the earlier ones kept.
 
 from __future__ import annotations
 
-import inspect
 import json
 import os
 from pathlib import Path
@@ -28,7 +27,7 @@ from typing import Any, Sequence
 
 import torch
 
-from rlhf_workflow.models.decoding import ATTENTION_LAYERS
+from rlhf_workflow.models.decoding import attention_layers_only, cache_argument
 from rlhf_workflow.models.forward import pad_batch, position_ids_from_mask
 from rlhf_workflow.models.lora import unwrap
 
@@ -90,17 +89,13 @@ def supports(model: Any) -> bool:
     """Whether the prompt's keys and values can stand in for it: a model whose decoder layers all
     attend (no state-space or linear-attention layer) with sdpa or eager attention."""
     config = unwrap(model).config
-    text = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
-    layer_types = getattr(text, "layer_types", None) or ()
-    return (getattr(config, "_attn_implementation", None) in ("sdpa", "eager")
-            and all(kind in ATTENTION_LAYERS for kind in layer_types))
+    return getattr(config, "_attn_implementation", None) in ("sdpa", "eager") and attention_layers_only(config)
 
 
 def _body(model: Any) -> tuple[Any, str]:
     base = unwrap(model)
     body = getattr(base, base.base_model_prefix)
-    # transformers >= 5.2x names the KV cache argument `cache`; earlier 5.x `past_key_values`
-    return body, ("cache" if "cache" in inspect.signature(body.forward).parameters else "past_key_values")
+    return body, cache_argument(body.forward)
 
 
 def _compute(body: Any, cache_arg: str, prompts: list[tuple[int, ...]], pad_token_id: int,
