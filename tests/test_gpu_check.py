@@ -9,6 +9,8 @@ from pathlib import Path
 
 from conftest import cli_env
 
+from rlhf_workflow.workflow import cpu_has_native_bf16
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -24,9 +26,13 @@ def test_the_gpu_check_runs_reduced_on_the_cpu(tmp_path):
     assert summary["end_of_turn"]["end_of_turn_certain"]["finish_reasons"] == ["stop"]
     assert summary["end_of_turn"]["other_token_certain"]["finish_reasons"] == ["length"]
     assert {"dpo_ours", "rm_ours"} <= set(summary["step1"]) and all(c["ok"] for c in summary["step1"].values())
+    # a CPU without bf16 instructions emulates bf16 matmuls (about 1 GFLOP/s for the 1024² matrices
+    # of the peak measurement, more for the tiny model's): its "peak" bounds nothing there
+    bounded = cpu_has_native_bf16()
     for bench in ("dpo_vs_trl", "rm_vs_trl"):
         ours = summary[bench]["best"]["ours"]
-        assert ours["tokens_per_s"] > 0 and 0 < ours["of_peak"] < 1 and summary[bench]["options"]["precision"] == "bf16"
+        assert ours["tokens_per_s"] > 0 and summary[bench]["options"]["precision"] == "bf16"
+        assert 0 < ours["of_peak"] < (1 if bounded else float("inf"))
     assert summary["generate"]["best"]["ours"]["tokens"] > 0
     page = (out / "gpu_check.md").read_text()
     assert "## Numerics (bf16)" in page and "| DPO | ours |" in page and "| generation | hf backend |" in page

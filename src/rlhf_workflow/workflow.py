@@ -107,7 +107,7 @@ def cpu_bf16_speedup(repeats: int = 7, budget_s: float = 1.0) -> float:
 
     import torch
 
-    rows = 1024 if _native_bf16() else 64
+    rows = 1024 if cpu_has_native_bf16() else 64
     pairs = {dtype: (torch.randn(rows, 576, dtype=dtype), torch.randn(576, 1536, dtype=dtype))
              for dtype in (torch.float32, torch.bfloat16)}
     best = {dtype: float("inf") for dtype in pairs}
@@ -125,7 +125,7 @@ def cpu_bf16_speedup(repeats: int = 7, budget_s: float = 1.0) -> float:
     return best[torch.float32] / best[torch.bfloat16]
 
 
-def _native_bf16() -> bool:
+def cpu_has_native_bf16() -> bool:
     """Whether oneDNN runs bf16 on this CPU's own instructions (True where torch cannot say)."""
     import torch
 
