@@ -91,7 +91,8 @@ def test_demo_runs_in_fp32_on_a_cpu_where_bf16_is_slower(tmp_path, monkeypatch):
 def test_bf16_speedup_is_measured_on_this_cpu():
     """A ratio on every CPU, those that emulate bf16 (about 100x slower than fp32) included, where
     the probe must still choose fp32."""
-    from rlhf_workflow.workflow import BF16_MIN_SPEEDUP, cpu_has_native_bf16, cpu_bf16_speedup
+    from rlhf_workflow.processes import cpu_has_native_bf16
+    from rlhf_workflow.workflow import BF16_MIN_SPEEDUP, cpu_bf16_speedup
 
     speedup = cpu_bf16_speedup(repeats=2)
     assert 0.001 < speedup < 50

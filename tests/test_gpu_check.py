@@ -9,7 +9,7 @@ from pathlib import Path
 
 from conftest import cli_env
 
-from rlhf_workflow.workflow import cpu_has_native_bf16
+from rlhf_workflow.processes import cpu_has_native_bf16
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -80,6 +80,30 @@ def test_options_are_applied(tiny_model_dir):
     assert getattr(model, "is_activation_checkpointing", None) or model.is_gradient_checkpointing
 
 
+def test_bf16_on_a_cpu_that_emulates_it_is_said_once_per_setting(tiny_model_dir, monkeypatch, caplog,
+                                                                fresh_accelerate_state):
+    """bf16 asked of a CPU without bf16 instructions (about 100x slower than fp32 there) is a
+    warning, from loading (dtype) and from training (precision), once each per process; fp32 and
+    CPUs with bf16 instructions say nothing."""
+    from rlhf_workflow import processes
+    from rlhf_workflow.config import TrainConfig
+    from rlhf_workflow.train.loop import make_accelerator
+
+    monkeypatch.setattr(processes, "_warned_bf16", set())
+    monkeypatch.setattr(processes, "no_accelerator", lambda: True)
+    monkeypatch.setattr(processes, "cpu_has_native_bf16", lambda: True)
+    load_model(ModelConfig(name_or_path=str(tiny_model_dir), dtype="bfloat16"))
+    assert "emulates bf16" not in caplog.text
+    monkeypatch.setattr(processes, "cpu_has_native_bf16", lambda: False)
+    load_model(ModelConfig(name_or_path=str(tiny_model_dir)))
+    assert "emulates bf16" not in caplog.text
+    for _ in range(2):
+        load_model(ModelConfig(name_or_path=str(tiny_model_dir), dtype="bfloat16"))
+    assert caplog.text.count("dtype: bfloat16: this CPU has no bf16 instructions") == 1
+    make_accelerator(TrainConfig(precision="bf16"), tiny_model_dir.parent / "acc")
+    assert caplog.text.count("precision: bf16: this CPU has no bf16 instructions") == 1
+
+
 def test_lora_trains_adapters_and_saves_a_plain_model(tiny_model_dir, tmp_path):
     model = load_model(ModelConfig(name_or_path=str(tiny_model_dir), lora=LoraConfig(r=4, alpha=8)))
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}

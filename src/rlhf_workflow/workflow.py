@@ -107,6 +107,8 @@ def cpu_bf16_speedup(repeats: int = 7, budget_s: float = 1.0) -> float:
 
     import torch
 
+    from rlhf_workflow.processes import cpu_has_native_bf16
+
     rows = 1024 if cpu_has_native_bf16() else 64
     pairs = {dtype: (torch.randn(rows, 576, dtype=dtype), torch.randn(576, 1536, dtype=dtype))
              for dtype in (torch.float32, torch.bfloat16)}
@@ -124,13 +126,3 @@ def cpu_bf16_speedup(repeats: int = 7, budget_s: float = 1.0) -> float:
             break
     return best[torch.float32] / best[torch.bfloat16]
 
-
-def cpu_has_native_bf16() -> bool:
-    """Whether oneDNN runs bf16 on this CPU's own instructions (True where torch cannot say)."""
-    import torch
-
-    check = getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", None)
-    try:
-        return bool(check()) if check is not None else True
-    except RuntimeError:
-        return True

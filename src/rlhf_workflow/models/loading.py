@@ -257,6 +257,10 @@ def load_model(config: "ModelConfig", *, model_class: Any = None, **extra: Any) 
     from transformers import AutoModelForCausalLM
 
     model_class = model_class or AutoModelForCausalLM
+    if config.dtype == "bfloat16" and (config.device or "cpu").startswith("cpu"):
+        from rlhf_workflow.processes import warn_if_bf16_is_emulated
+
+        warn_if_bf16_is_emulated("dtype: bfloat16")
     location = local_directory(config.name_or_path)
     check_loadable(config, location, causal_lm=model_class is AutoModelForCausalLM)
     model = _from_pretrained(

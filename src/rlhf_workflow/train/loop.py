@@ -55,9 +55,11 @@ def make_accelerator(config: TrainConfig, output_dir: str | Path) -> Any:
     # --multi_gpu`) as CPU data parallel over gloo instead of treating each as a lone process.
     from accelerate.state import AcceleratorState
 
-    from rlhf_workflow.processes import no_accelerator
+    from rlhf_workflow.processes import no_accelerator, warn_if_bf16_is_emulated
 
     precision = "bf16" if config.precision == "bf16" else "no"
+    if precision == "bf16":
+        warn_if_bf16_is_emulated("precision: bf16")
     state = AcceleratorState._shared_state
     if state and state.get("_mixed_precision") not in (None, precision):
         # An earlier stage of this process (a run trains the reward model, then DPO) left accelerate's
