@@ -80,7 +80,7 @@ def test_options_are_applied(tiny_model_dir):
     assert getattr(model, "is_activation_checkpointing", None) or model.is_gradient_checkpointing
 
 
-def test_bf16_on_a_cpu_that_emulates_it_is_said_once_per_setting(tiny_model_dir, monkeypatch, caplog,
+def test_bf16_on_a_cpu_that_emulates_it_is_said_once_per_setting(tiny_model_dir, tmp_path, monkeypatch, caplog,
                                                                 fresh_accelerate_state):
     """bf16 asked of a CPU without bf16 instructions (about 100x slower than fp32 there) is a
     warning, from loading (dtype) and from training (precision), once each per process; fp32 and
@@ -100,7 +100,7 @@ def test_bf16_on_a_cpu_that_emulates_it_is_said_once_per_setting(tiny_model_dir,
     for _ in range(2):
         load_model(ModelConfig(name_or_path=str(tiny_model_dir), dtype="bfloat16"))
     assert caplog.text.count("dtype: bfloat16: this CPU has no bf16 instructions") == 1
-    make_accelerator(TrainConfig(precision="bf16"), tiny_model_dir.parent / "acc")
+    make_accelerator(TrainConfig(precision="bf16"), tmp_path)
     assert caplog.text.count("precision: bf16: this CPU has no bf16 instructions") == 1
 
 

@@ -125,4 +125,3 @@ def cpu_bf16_speedup(repeats: int = 7, budget_s: float = 1.0) -> float:
         if turn >= 2 and time.perf_counter() - measuring_since > budget_s:
             break
     return best[torch.float32] / best[torch.bfloat16]
-
