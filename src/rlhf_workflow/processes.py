@@ -34,16 +34,15 @@ def cpu_has_native_bf16() -> bool:
 _warned_bf16: set[str] = set()
 
 
-def warn_if_bf16_is_emulated(setting: str) -> bool:
+def warn_if_bf16_is_emulated(setting: str) -> None:
     """Say once per process and setting when bf16 is asked of a machine whose only processor, a CPU,
     emulates it: a bf16 matmul there runs about 100x slower than an fp32 one (an AVX2-only AMD EPYC:
-    about 1 GFLOP/s against 110), so a stage of minutes in fp32 takes hours. True when it warned."""
+    about 1 GFLOP/s against 110), so a stage of minutes in fp32 takes hours."""
     if setting in _warned_bf16 or not no_accelerator() or cpu_has_native_bf16():
-        return False
+        return
     _warned_bf16.add(setting)
     logger.warning("%s: this CPU has no bf16 instructions (no AVX512-BF16, no AMX) and emulates bf16 matmuls "
                    "about 100x slower than fp32; use float32 / fp32 here", setting)
-    return True
 
 
 @dataclass(frozen=True)
