@@ -14,7 +14,7 @@ from conftest import write_jsonl
 from rlhf_workflow.cli import main
 from rlhf_workflow.config import RunConfig, config_to_yaml, load_config
 from rlhf_workflow.eval.compare import compare, load
-from rlhf_workflow.eval.stats import bootstrap_interval, length_controlled_win_rate, sign_flip_pvalue
+from rlhf_workflow.eval.stats import bootstrap_interval, length_controlled_win_rate, sign_flip_pvalue, t_interval
 
 PROMPTS = [f"p{i}" for i in range(12)]
 
@@ -86,6 +86,8 @@ def test_seeds_of_one_recipe_pool_with_the_prompt_as_the_unit(tmp_path):
     assert gold.p_value == pytest.approx(sign_flip_pvalue(groups))
     assert {r["seed"]: r["mean"] for r in gold.per_seed} == pytest.approx(
         {s: sum(expected[s].values()) / 12 for s in (0, 1, 2)})
+    # the spread from seed to seed, which the interval over prompts leaves out
+    assert gold.seed_ci95 == pytest.approx(t_interval([r["mean"] for r in gold.per_seed]))
 
 
 def test_a_recipe_against_another_pairs_equal_seeds(tmp_path):
@@ -165,7 +167,8 @@ def test_length_controlled_win_rate_recovers_the_win_rate_at_equal_length(true_l
             u = rng.random()
             group.append((1.0 if u < p - tie / 2 else 0.5 if u < p + tie / 2 else 0.0, d))
         groups.append(group)
-    lc, interval, raw = length_controlled_win_rate(groups, resamples=100)
+    lc, interval, raw, why_not = length_controlled_win_rate(groups, resamples=100)
+    assert why_not == ""
     assert abs(raw - true_lc) > 0.1
     assert lc == pytest.approx(true_lc, abs=0.03)
     assert interval[0] < true_lc < interval[1] and interval[1] - interval[0] < 0.1
@@ -174,12 +177,95 @@ def test_length_controlled_win_rate_recovers_the_win_rate_at_equal_length(true_l
 def test_length_controlled_win_rate_without_a_length_effect_is_the_win_rate():
     rng = random.Random(8)
     groups = [[(float(rng.random() < 0.7), rng.gauss(0, 10)) for _ in range(2)] for _ in range(1000)]
-    lc, _, raw = length_controlled_win_rate(groups, resamples=0)
+    lc, _, raw, _ = length_controlled_win_rate(groups, resamples=0)
     assert lc == pytest.approx(raw, abs=0.02)
     assert length_controlled_win_rate([], 10) is None
     # every length equal: nothing to control for
     same = [[(1.0, 0.0), (0.0, 0.0), (1.0, 0.0)]]
     assert length_controlled_win_rate(same, 0)[0] == pytest.approx(2 / 3, abs=1e-3)
+
+
+@pytest.mark.parametrize("groups, reason", [
+    # every comparison 30 tokens apart: nothing was ever compared at equal length
+    ([[(1.0, 30.0), (0.0, 30.0)], [(1.0, 30.0)]], "every comparison differs in length by 30 tokens"),
+    # the wins are the longer answers, the losses the shorter (a tie at the boundary): no finite slope
+    ([[(1, 40), (1, 25)], [(0, -5), (1, 12)], [(0, 3), (0, -20)], [(1, 8), (0.5, 5)]], "separate the wins"),
+    ([[(0, 10), (1, -3)], [(0, 4), (1, -8)]], "separate the wins"),  # the other way round
+])
+def test_no_length_controlled_win_rate_where_the_data_cannot_give_one(groups, reason):
+    """With the ridge alone deciding the slope, the first of these gave 7e-5 for a raw win rate of
+    0.56; now there is no value and the reason says why."""
+    lc, interval, raw, why_not = length_controlled_win_rate(groups, resamples=50)
+    outcomes = [o for g in groups for o, _ in g]
+    assert lc is None and interval is None and reason in why_not
+    assert raw == pytest.approx(sum(outcomes) / len(outcomes))
+
+
+def test_overlapping_lengths_and_one_sided_outcomes_still_give_a_rate():
+    # a win and a loss at lengths that overlap: estimable
+    lc, _, _, why_not = length_controlled_win_rate([[(1, 5), (0, 8)], [(1, -2), (0, -6)]], resamples=0)
+    assert lc is not None and why_not == ""
+    # all wins: the win rate at equal length is all wins too
+    lc, _, raw, _ = length_controlled_win_rate([[(1, 5), (1, -3)], [(1, 0)]], resamples=0)
+    assert raw == 1 and lc > 0.99
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
+def test_statistics_refuse_non_finite_values(bad):
+    """A NaN made the sign-flip p-value 0 and swapped the interval's ends, silently."""
+    groups = [[0.0], [0.1], [-0.1], [bad], [0.05]]
+    for call in (lambda: sign_flip_pvalue(groups), lambda: bootstrap_interval(groups, 100),
+                 lambda: t_interval([0.1, bad, 0.2]),
+                 lambda: length_controlled_win_rate([[(1.0, bad), (0.0, 3.0)]], 10)):
+        with pytest.raises(ValueError, match="finite"):
+            call()
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("rewards", float("nan"), "rewards[1] is nan"),
+    ("rewards", float("inf"), "rewards[1] is inf"),
+    ("rewards", "0.3", "rewards[1] is '0.3'"),
+    ("response_tokens", True, "response_tokens[1] is True"),
+    ("gold", float("nan"), "gold[1] is nan"),
+])
+def test_a_bad_score_in_an_eval_file_is_refused_with_its_line(tmp_path, capsys, field, value, message):
+    rng = random.Random(10)
+    run = make_run(tmp_path, "demo", 0, {"iter_0": random_policy(rng, 0), "iter_1": random_policy(rng, 0.2)})
+    name = "gold.jsonl" if field == "gold" else "scored.jsonl"
+    path = run / "iter_1" / "eval" / name
+    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    rows[4][field][1] = value
+    write_jsonl(path, rows)  # json.dumps writes NaN and Infinity, and json.loads reads them back
+    assert main(["compare", str(run), "-o", str(tmp_path / "out")]) == 2
+    assert f"{path}, line 5: {message}" in capsys.readouterr().err
+
+
+def test_an_eval_row_without_an_id_or_with_a_repeated_one_is_refused(tmp_path, capsys):
+    rng = random.Random(11)
+    run = make_run(tmp_path, "demo", 0, {"iter_0": random_policy(rng, 0), "iter_1": random_policy(rng, 0.2)})
+    path = run / "iter_1" / "eval" / "gold.jsonl"
+    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    write_jsonl(path, rows + [rows[2]])  # p2 twice: the second would replace the first
+    assert main(["compare", str(run), "-o", str(tmp_path / "out")]) == 2
+    assert f"{path}, line 13: id 'p2' again (first on line 3)" in capsys.readouterr().err
+    del rows[0]["id"]
+    write_jsonl(path, rows)
+    assert main(["compare", str(run), "-o", str(tmp_path / "out")]) == 2
+    assert f"{path}, line 1: no id" in capsys.readouterr().err
+
+
+def test_t_interval_over_seeds_against_a_direct_computation():
+    values = [-0.024, 0.084, -0.042]
+    centre = sum(values) / 3
+    s = math.sqrt(sum((v - centre) ** 2 for v in values) / 2)
+    low, high = t_interval(values)
+    assert (low + high) / 2 == pytest.approx(centre)
+    assert (high - low) / 2 == pytest.approx(4.303 * s / math.sqrt(3))
+    assert t_interval([0.1, 0.2]) is None
+    many = [0.01 * k for k in range(41)]  # 40 degrees of freedom: t = 2.021
+    centre = sum(many) / len(many)
+    s = math.sqrt(sum((v - centre) ** 2 for v in many) / 40)
+    assert (t_interval(many)[1] - centre) == pytest.approx(2.0211 * s / math.sqrt(41), rel=1e-4)
 
 
 def test_the_run_seed_changes_training_prompts_not_the_eval_set(tmp_path):
@@ -271,3 +357,47 @@ def test_reward_model_judges_are_known_by_their_weights(tmp_path):
     config = load_config(RunConfig, None, ["prompts.task=instructions", "prompts.per_iteration=4",
                                            "feedback.enabled=true", feedback_judge, f"output_dir={untrained}"])
     assert _judge_identity(untrained, config) == f"reward_model:trained in {untrained.resolve()}"
+
+
+def test_seeds_that_disagree_are_shown_with_an_interval_over_seeds(tmp_path):
+    """Seed effects +0.3, −0.25, +0.2 on every prompt: the interval over prompts (given these seeds)
+    is narrow and away from 0; the seeds' own t-interval is wide and covers it; the notes say both."""
+    from rlhf_workflow.eval.compare import notes, tables
+
+    runs = []
+    for seed, effect in ((0, 0.3), (1, -0.25), (2, 0.2)):
+        base = {i: ([0.4, 0.4], [0.0, 0.0], [10, 10]) for i in PROMPTS}
+        online = {i: ([0.4 + effect] * 2, [0.0, 0.0], [10, 10]) for i in PROMPTS}
+        runs.append(make_run(tmp_path, f"demo-s{seed}", seed, {"iter_2": online, "offline": base}))
+    [result] = compare(load([str(r) for r in runs]), [("demo/iter_2", "demo/offline")], resamples=200)
+    gold = result.metrics["gold"]
+    assert gold.mean == pytest.approx(0.25 / 3) and gold.ci95 == pytest.approx((0.25 / 3, 0.25 / 3))
+    low, high = gold.seed_ci95
+    assert low < 0 < high and (low, high) == pytest.approx(t_interval([0.3, -0.25, 0.2]))
+    per_seed_table = tables([result])[1]
+    assert per_seed_table[2][-1][2] == "over seeds (t)" and per_seed_table[2][-1][3] == \
+        f"{0.25 / 3:+.3f} [{low:+.3f}, {high:+.3f}]"
+    said = notes([result])
+    assert any("given these seeds" in n for n in said)
+    assert "iter_2 − offline, gold: the seeds disagree in sign (+0.300, -0.250, +0.200)" in said
+
+
+def test_wins_and_losses_that_meet_at_equal_length_fix_the_rate_there():
+    """Longer answers always win, but at Δ = 0 there are a win and two losses: the rate at equal
+    length is what those say (1/3), however steep the slope."""
+    lc, _, _, why_not = length_controlled_win_rate([[(1, 0), (0, 0), (0, 0)], [(1, 12), (1, 20)]], resamples=0)
+    assert why_not == "" and lc == pytest.approx(1 / 3, abs=0.02)
+
+
+def test_the_report_says_why_a_policy_has_no_length_controlled_win_rate(tmp_path):
+    from rlhf_workflow.eval.report import write_report
+
+    rng = random.Random(12)
+    run = make_run(tmp_path, "small", 0, {"iter_0": random_policy(rng, 0), "iter_1": random_policy(rng, 0.2)})
+    why = "the length differences separate the wins from the losses: nothing is known at equal length"
+    write_jsonl(run / "metrics.jsonl", [{"id": "iter_0", "iteration": 0, "gold": 0.3},
+                                        {"id": "iter_1", "iteration": 1, "gold": 0.4, "win_rate_vs_initial": 0.6,
+                                         "lc_win_rate_vs_initial_note": why}])
+    report = write_report(run).read_text()
+    assert f"iter_1: no length-controlled win rate ({why})." in report
+    assert f"iter_1: no length-controlled win rate ({why})." in (run / "report" / "report.html").read_text()

@@ -15,14 +15,17 @@ Several runs of one recipe that differ only in their ``seed`` are pooled: each s
 A and B paired within it (A of seed s against B of seed s: the same run's policies, or the runs of
 two recipes with equal seeds), and the unit of resampling and of sign flips is the prompt with its
 differences in every seed, d(x) = [d_s(x) for each seed s]. The estimate is the mean over prompts
-× seeds; the per-seed differences are reported too, so a reader sees how much the recipe varies
-from seed to seed. Runs are one recipe when their config.yaml files are equal but for ``seed`` and
+× seeds. Its interval and p-value are over prompts given these seeds: they leave out how much
+other seeds would differ. So the per-seed differences are reported too, with (three seeds or
+more) the seeds' mean and its t-interval over seeds (`eval.stats.t_interval`), and a note where
+the seeds disagree in sign. Runs are one recipe when their config.yaml files are equal but for ``seed`` and
 ``output_dir``; ``NAME=RUN`` names a recipe explicitly.
 
 The proxy reward is compared only where both sides were scored by one judge: a reward model
 known by its weights (runs with simulated feedback that trained the same reward model, as the
 runs of one seed on one machine do, share it) or one function; never a preference model, whose
-ranking scores are not comparable across prompts. Runs whose eval prompts differ are refused, naming the first difference.
+ranking scores are not comparable across prompts. Runs whose eval prompts differ are refused, naming the first difference;
+so is a score in an eval file that is not a finite number or null, and a row without an id or with a repeated one.
 
 Writes OUTPUT/compare.md, compare.html, compare.png (one row per policy, the difference and its
 interval per metric, each seed's difference as a dot) and compare.json.
@@ -32,16 +35,17 @@ from __future__ import annotations
 
 import html
 import json
+import math
 import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import TYPE_CHECKING, Any, Iterator, Sequence
 
 from rlhf_workflow.data.schemas import GENERATED_FIELDS
 from rlhf_workflow.errors import UserError
 from rlhf_workflow.eval.render import html_page, html_table, markdown_table
-from rlhf_workflow.eval.stats import bootstrap_interval, mean, sign_flip_pvalue
+from rlhf_workflow.eval.stats import bootstrap_interval, mean, sign_flip_pvalue, t_interval
 
 if TYPE_CHECKING:
     from rlhf_workflow.config import RunConfig
@@ -79,6 +83,7 @@ class Difference:
     baseline_mean: float | None
     per_seed: list[dict[str, Any]]
     note: str = ""
+    seed_ci95: tuple[float, float] | None = None  # t-interval of the per-seed means (three seeds or more)
 
 
 @dataclass
@@ -92,14 +97,45 @@ class Comparison:
 # ---------------------------------------------------------------- reading runs
 
 
-def _per_prompt_mean(values: Sequence[Any]) -> float | None:
-    return mean([float(v) for v in values if isinstance(v, (int, float)) and not isinstance(v, bool)])
+def _numbers(row: dict[str, Any], key: str, where: str) -> list[float]:
+    """The scores of ``row[key]``, a list of numbers with null where a sample was not scored (as the
+    evaluation writes it). Anything else is the file's error, named with its line: a NaN read back
+    from JSON would otherwise make a p-value 0 and an interval's ends swap."""
+    values = row.get(key)
+    if values is None:
+        return []
+    if not isinstance(values, list):
+        raise UserError(f"{where}: {key} is {type(values).__name__}, expected a list of numbers (null where unscored)")
+    found = []
+    for k, value in enumerate(values):
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise UserError(f"{where}: {key}[{k}] is {value!r}, expected a finite number (or null where unscored)")
+        found.append(float(value))
+    return found
+
+
+def _rows_by_id(path: Path) -> Iterator[tuple[str, str, dict[str, Any]]]:
+    """``(prompt id, "FILE, line N", row)`` of an evaluation file; a row without an id, or an id seen
+    before, is the file's error (the second would silently replace the first)."""
+    from rlhf_workflow.data.io import iter_jsonl
+
+    first_line: dict[str, int] = {}
+    for line, row in iter_jsonl(path):
+        where = f"{path}, line {line}"
+        if row.get("id") is None:
+            raise UserError(f"{where}: no id")
+        prompt_id = str(row["id"])
+        if prompt_id in first_line:
+            raise UserError(f"{where}: id {prompt_id!r} again (first on line {first_line[prompt_id]})")
+        first_line[prompt_id] = line
+        yield prompt_id, where, row
 
 
 def read_policy(path: Path, *, judge: str | None = None, seed: int | None = None) -> PolicyEval:
     """The per-prompt metrics of the policy evaluated in ``path`` (RUN/<policy>): eval/scored.jsonl
     for the proxy reward and length, eval/gold.jsonl for the gold score."""
-    from rlhf_workflow.data.io import iter_jsonl
     from rlhf_workflow.eval.policy import EVAL_DIR, GOLD_FILE
 
     scored = path / EVAL_DIR / "scored.jsonl"
@@ -107,20 +143,19 @@ def read_policy(path: Path, *, judge: str | None = None, seed: int | None = None
         raise UserError(f"{path} holds no evaluated policy ({scored} is missing)")
     found = PolicyEval(path=path, policy=path.name, seed=seed, judge=judge)
     proxy, length, gold = {}, {}, {}
-    for _, row in iter_jsonl(scored):
-        prompt_id = str(row["id"])
+    for prompt_id, where, row in _rows_by_id(scored):
         found.prompts[prompt_id] = json.dumps({k: v for k, v in row.items() if k not in GENERATED_FIELDS},
                                               sort_keys=True, ensure_ascii=False)
-        for target, values in ((proxy, row.get("rewards") or []), (length, row.get("response_tokens") or [])):
-            value = _per_prompt_mean(values)
+        for target, key in ((proxy, "rewards"), (length, "response_tokens")):
+            value = mean(_numbers(row, key, where))
             if value is not None:
                 target[prompt_id] = value
     gold_file = path / EVAL_DIR / GOLD_FILE
     if gold_file.exists():
-        for _, row in iter_jsonl(gold_file):
-            value = _per_prompt_mean(row.get("gold") or [])
+        for prompt_id, where, row in _rows_by_id(gold_file):
+            value = mean(_numbers(row, "gold", where))
             if value is not None:
-                gold[str(row["id"])] = value
+                gold[prompt_id] = value
     found.values = {"gold": gold, "proxy": proxy if judge is not None else {}, "length": length}
     return found
 
@@ -308,7 +343,7 @@ def difference(pairs: list[tuple[PolicyEval, PolicyEval]], metric: str, resample
         return Difference(None, None, None, 0, None, None, [], note or "no prompt scored on both sides")
     flat = [d for g in groups for d in g]
     return Difference(mean(flat), bootstrap_interval(groups, resamples), sign_flip_pvalue(groups), len(groups),
-                      mean(mine), mean(theirs), per_seed, note)
+                      mean(mine), mean(theirs), per_seed, note, t_interval([r["mean"] for r in per_seed]))
 
 
 def compare(policies: Sequence[PolicyEval], wanted: Sequence[tuple[str, str]], resamples: int = 1000) -> list[Comparison]:
@@ -398,17 +433,34 @@ def tables(comparisons: Sequence[Comparison]) -> list[tuple[str, list[str], list
                     entry = next((r for r in runs if r["seed"] == seed), None)
                     line.append("–" if entry is None else _fmt(entry["mean"], key, entry["ci95"]))
                 cells.append(line)
-        out.append(("Each seed's paired difference", header, cells))
+            if any(c.metrics[key].seed_ci95 for key, _ in METRICS):
+                line = [_short(c.policy, recipes), _short(c.baseline, recipes), "over seeds (t)"]
+                for key, _ in METRICS:
+                    d = c.metrics[key]
+                    line.append(_fmt(mean([r["mean"] for r in d.per_seed]), key, d.seed_ci95) if d.seed_ci95 else "–")
+                cells.append(line)
+        out.append(("Each seed's paired difference (brackets: over prompts; the row 'over seeds': the seeds' mean "
+                    "with its 95 % t-interval over seeds)", header, cells))
     return out
 
 
 def notes(comparisons: Sequence[Comparison]) -> list[str]:
     seen = []
+    recipes = {c.policy.split("/")[0] for c in comparisons} | {c.baseline.split("/")[0] for c in comparisons}
+    if any(len(c.seeds) > 1 for c in comparisons):
+        seen.append("Over several seeds, the pooled intervals and p-values resample the prompts given these seeds: "
+                    "they leave out how much other seeds would differ. The seeds' own spread is in the per-seed "
+                    "table (with three seeds or more, a t-interval over seeds).")
     for c in comparisons:
         for key, title in METRICS:
-            note = c.metrics[key].note
-            if note and f"{title}: {note}" not in seen:
-                seen.append(f"{title}: {note}")
+            d = c.metrics[key]
+            if d.note and f"{title}: {d.note}" not in seen:
+                seen.append(f"{title}: {d.note}")
+            means = [r["mean"] for r in d.per_seed]
+            if len(means) > 1 and min(means) < 0 < max(means):
+                shown = ", ".join(_fmt(m, key) for m in means)
+                seen.append(f"{_short(c.policy, recipes)} − {_short(c.baseline, recipes)}, {title}: the seeds "
+                            f"disagree in sign ({shown})")
     return seen
 
 
@@ -454,7 +506,8 @@ def to_json(comparisons: Sequence[Comparison]) -> list[dict[str, Any]]:
     return [{"policy": c.policy, "baseline": c.baseline, "seeds": c.seeds,
              "metrics": {key: {"mean": d.mean, "ci95": list(d.ci95) if d.ci95 else None, "p_value": d.p_value,
                                "prompts": d.prompts, "policy_mean": d.policy_mean, "baseline_mean": d.baseline_mean,
-                               "per_seed": d.per_seed, "note": d.note}
+                               "per_seed": d.per_seed, "note": d.note,
+                               "seed_ci95": list(d.seed_ci95) if d.seed_ci95 else None}
                          for key, d in c.metrics.items()}} for c in comparisons]
 
 

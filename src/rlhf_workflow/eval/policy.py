@@ -232,9 +232,13 @@ def evaluate_policy(config: RunConfig, run_dir: Path, name: str, policy: ModelCo
     length_controlled = length_controlled_win_rate(
         _with_length_differences(outcomes, rows, base_rows), resamples)
     if length_controlled is not None:
-        metrics["lc_win_rate_vs_initial"] = length_controlled[0]
-        if length_controlled[1] is not None:
-            metrics["lc_win_rate_vs_initial_ci95"] = list(length_controlled[1])
+        lc, interval, _, why_not = length_controlled
+        if lc is None:
+            metrics["lc_win_rate_vs_initial_note"] = why_not
+        else:
+            metrics["lc_win_rate_vs_initial"] = lc
+        if interval is not None:
+            metrics["lc_win_rate_vs_initial_ci95"] = list(interval)
     if gold is not None:
         base_list = list(base_rows.values())
         base_gold = dict(zip((r["id"] for r in base_list), gold.score(base_list).rewards))

@@ -1,5 +1,6 @@
 """Small statistics shared by the evaluations: means, pairwise outcomes with ties, bootstrap
-intervals over prompts, correlation."""
+intervals over prompts, a t-interval over seeds, the paired sign-flip test, correlation, the
+length-controlled win rate. They take finite numbers only (`_finite`)."""
 
 from __future__ import annotations
 
@@ -22,9 +23,18 @@ def pair_outcome(chosen_score: float, rejected_score: float) -> float:
     return 0.5
 
 
+def _finite(groups: Sequence[Sequence[float]]) -> None:
+    """Refuse NaN and ±inf: a NaN makes every comparison false, so a p-value would come out 0 and
+    an interval's ends swapped, with nothing to show that anything went wrong."""
+    bad = next((v for g in groups for v in g if not math.isfinite(v)), None)
+    if bad is not None:
+        raise ValueError(f"a value to summarise is {bad}: only finite numbers can be averaged or tested")
+
+
 def bootstrap_interval(groups: Sequence[Sequence[float]], resamples: int, seed: int = 0) -> tuple[float, float] | None:
     """95 % percentile interval of the mean, resampling whole groups (the samples of one prompt
     together, as they are not independent). None with fewer than two groups or no resamples."""
+    _finite(groups)
     groups = [g for g in groups if g]
     if len(groups) < 2 or resamples <= 0:
         return None
@@ -59,6 +69,7 @@ def sign_flip_pvalue(groups: Sequence[Sequence[float]], resamples: int = 10000, 
     groups: p = (1 + #{flips with |Σ d*| ≥ |Σ d|}) / (1 + flips). With at most 16 groups every one of
     the 2^k flips is enumerated (p exact, no ``+1``); otherwise ``resamples`` random flips (seeded).
     None with no groups."""
+    _finite(groups)
     sums = [sum(g) for g in groups if g]
     if not sums:
         return None
@@ -72,6 +83,30 @@ def sign_flip_pvalue(groups: Sequence[Sequence[float]], resamples: int = 10000, 
     rng = random.Random(seed)
     hits = sum(abs(sum(s if rng.random() < 0.5 else -s for s in sums)) >= observed for _ in range(resamples))
     return (1 + hits) / (1 + resamples)
+
+
+# t quantiles t_{0.975}(df) for df = 1 … 30; beyond, the Cornish-Fisher expansion in z = 1.96,
+# z + (z³ + z) / (4 df) + (5z⁵ + 16z³ + 3z) / (96 df²), within 0.0002 of them
+_T975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145, 2.131,
+         2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045, 2.042)
+
+
+def t_interval(values: Sequence[float]) -> tuple[float, float] | None:
+    """95 % Student-t interval of the mean of independent ``values`` (a recipe's per-seed results):
+    mean ± t_{0.975}(k − 1) · s / √k, s the sample standard deviation. None with fewer than three
+    values (with two, t(1) = 12.7 says nothing)."""
+    _finite([values])
+    k = len(values)
+    if k < 3:
+        return None
+    centre = sum(values) / k
+    spread = math.sqrt(sum((v - centre) ** 2 for v in values) / (k - 1))
+    df = k - 1
+    z = 1.96
+    quantile = _T975[df - 1] if df <= len(_T975) else \
+        z + (z**3 + z) / (4 * df) + (5 * z**5 + 16 * z**3 + 3 * z) / (96 * df**2)
+    half = quantile * spread / math.sqrt(k)
+    return centre - half, centre + half
 
 
 def fit_length_logistic(outcomes: Sequence[float], length_diffs: Sequence[float], scale: float,
@@ -100,25 +135,54 @@ def fit_length_logistic(outcomes: Sequence[float], length_diffs: Sequence[float]
     return float(theta[0]), float(theta[1])
 
 
+def length_separates(outcomes: Sequence[float], length_diffs: Sequence[float]) -> bool:
+    """Whether the length differences separate the wins from the losses, so that the model of
+    `fit_length_logistic` has no win rate at equal length: every win at a Δ at least as large as
+    every loss's, or at most as small (a tie is half a win and half a loss). The likelihood then
+    grows without bound as |b| does, and the prediction at Δ = 0 goes to 0 or 1 (without the ridge
+    there is no estimate; with it, the ridge alone decides). Not so where wins and losses meet
+    exactly at Δ = 0: the comparisons made there fix the rate at equal length, whatever b does."""
+    wins = [d for o, d in zip(outcomes, length_diffs) if o > 0]
+    losses = [d for o, d in zip(outcomes, length_diffs) if o < 1]
+    if not wins or not losses:
+        return False  # all wins or all losses: the intercept runs off, the win rate at equal length is that one
+    for low, high in ((max(losses), min(wins)), (max(wins), min(losses))):
+        if low < high or low == high != 0:
+            return True
+    return False
+
+
 def length_controlled_win_rate(groups: Sequence[Sequence[tuple[float, float]]], resamples: int,
-                               seed: int = 0) -> tuple[float, tuple[float, float] | None, float] | None:
-    """The win rate at equal length, its 95 % interval and the raw win rate.
+                               seed: int = 0) -> tuple[float | None, tuple[float, float] | None, float, str] | None:
+    """The win rate at equal length, its 95 % interval, the raw win rate, and why there is no
+    win rate at equal length where there is none.
 
     ``groups`` hold (outcome, length difference) for the comparisons of one prompt. A logistic model
     of the outcome on tanh(Δ / s), s the standard deviation of Δ (`fit_length_logistic`), says how
     much of the win rate comes with length; the length-controlled win rate is its prediction at
-    Δ = 0, σ(a). The interval resamples prompts and refits. None with no comparisons."""
+    Δ = 0, σ(a). The interval resamples prompts and refits. Where few comparisons are near equal
+    length that prediction is an extrapolation, and the interval is wide.
+
+    The data cannot say it, and the first value is None with the reason, when the lengths always
+    differ by the same nonzero amount (no comparison at another length to learn from) or when they
+    separate the wins from the losses (`length_separates`: the fitted slope would be the ridge's, a
+    4-prompt example gave 7e-5 for a raw win rate of 0.56). None with no comparisons."""
     pairs = [item for group in groups for item in group]
     if not pairs:
         return None
     outcomes, diffs = [o for o, _ in pairs], [d for _, d in pairs]
+    _finite([outcomes, diffs])
+    raw = sum(outcomes) / len(outcomes)
+    if len(set(diffs)) == 1 and diffs[0] != 0:
+        return None, None, raw, f"every comparison differs in length by {diffs[0]:g} tokens: none at equal length"
+    if length_separates(outcomes, diffs):
+        return None, None, raw, "the length differences separate the wins from the losses: nothing is known at equal length"
     centre = sum(diffs) / len(diffs)
     scale = math.sqrt(sum((d - centre) ** 2 for d in diffs) / len(diffs))
     a, _ = fit_length_logistic(outcomes, diffs, scale)
-    raw = sum(outcomes) / len(outcomes)
     groups = [g for g in groups if g]
     if len(groups) < 2 or resamples <= 0:
-        return _sigmoid(a), None, raw
+        return _sigmoid(a), None, raw, ""
     rng = random.Random(seed)
     values = []
     for _ in range(resamples):
@@ -126,7 +190,7 @@ def length_controlled_win_rate(groups: Sequence[Sequence[tuple[float, float]]], 
         a_star, _ = fit_length_logistic([o for o, _ in picked], [d for _, d in picked], scale)
         values.append(_sigmoid(a_star))
     values.sort()
-    return _sigmoid(a), (values[int(0.025 * (resamples - 1))], values[int(math.ceil(0.975 * (resamples - 1)))]), raw
+    return _sigmoid(a), (values[int(0.025 * (resamples - 1))], values[int(math.ceil(0.975 * (resamples - 1)))]), raw, ""
 
 
 def _sigmoid(value: float) -> float:
