@@ -99,8 +99,8 @@ def matmul_peak_flops(size: int = 1024, repeats: int = 20, precision: str = "fp3
         return time.perf_counter() - start
 
     first = timed(1)  # warm-up
-    if first > budget_s / 4:  # a kernel this slow is measured by one more matmul
-        return 2 * size**3 / timed(1)
+    if first > budget_s / 4:  # a kernel this slow is measured by that one matmul: warming up is nothing beside it
+        return 2 * size**3 / first
     one = min(timed(1) for _ in range(3))  # warm-up, and one matmul's time
     repeats = max(1, min(repeats, int(budget_s / 4 / max(one, 1e-9))))
     return max(2 * size**3 * repeats / timed(repeats) for _ in range(3))
@@ -154,13 +154,35 @@ def bench_parser(doc: str, workers: Sequence[str], what: str = "trainer") -> arg
     return parser
 
 
-def dispatch(args: argparse.Namespace, workers: dict[str, Worker]) -> bool:
+def dispatch(args: argparse.Namespace, workers: dict[str, Worker], *, measure_peak: bool = False) -> bool:
     """In a worker process (``--worker NAME``): run that worker and print its ``RESULT {json}`` line
-    for `run_workers`; returns True. In the benchmark's own process it does nothing and returns False."""
+    for `run_workers`; returns True. In the benchmark's own process it does nothing and returns False.
+
+    With ``measure_peak`` the worker's process also measures the matmul peak (`matmul_peak_flops`,
+    in --precision) just before and just after the worker's run, and the result carries the higher
+    of the two as ``peak_flops`` (both in ``peak_flops_before_after``). A peak measured once, minutes
+    before the run, is not the peak the run had: a shared 2-core VM measured 112 to 178 GFLOP/s
+    within one hour, which moved a run's fraction of the peak by half of itself."""
     if not args.worker:
         return False
-    print("RESULT " + json.dumps(workers[args.worker](args)), flush=True)
+    before = matmul_peak_flops(precision=args.precision, budget_s=1.0) if measure_peak else None
+    result = workers[args.worker](args)
+    if before is not None:
+        after = matmul_peak_flops(precision=args.precision, budget_s=1.0)
+        result.update(peak_flops=max(before, after), peak_flops_before_after=[before, after])
+    print("RESULT " + json.dumps(result), flush=True)
     return True
+
+
+def of_peak(result: dict) -> float:
+    """A worker's model FLOP/s as a fraction of the matmul peak measured around its run (`dispatch`)."""
+    return result["flops"] / result["seconds"] / result["peak_flops"]
+
+
+def peak_range(results: Sequence[dict]) -> str:
+    """The matmul peaks measured around ``results``' runs, for a line of a benchmark's report."""
+    peaks = [p for r in results for p in r["peak_flops_before_after"]]
+    return f"{min(peaks) / 1e9:.1f} to {max(peaks) / 1e9:.1f} GFLOP/s"
 
 
 def run_selected(script: str, args: argparse.Namespace, workers: dict[str, Worker],

@@ -7,6 +7,7 @@ import json
 import subprocess
 from pathlib import Path
 
+import pytest
 from conftest import cli_env
 
 from rlhf_workflow.processes import cpu_has_native_bf16
@@ -33,6 +34,9 @@ def test_the_gpu_check_runs_reduced_on_the_cpu(tmp_path):
         ours = summary[bench]["best"]["ours"]
         assert ours["tokens_per_s"] > 0 and summary[bench]["options"]["precision"] == "bf16"
         assert 0 < ours["of_peak"] < (1 if bounded else float("inf"))
+        # the peak is the trainer's own, measured in its process just before and just after its run
+        assert ours["peak_flops"] == max(ours["peak_flops_before_after"]) > 0
+        assert ours["of_peak"] == pytest.approx(ours["flops"] / ours["seconds"] / ours["peak_flops"])
     assert summary["generate"]["best"]["ours"]["tokens"] > 0
     page = (out / "gpu_check.md").read_text()
     assert "## Numerics (bf16)" in page and "| DPO | ours |" in page and "| generation | hf backend |" in page
