@@ -401,3 +401,18 @@ def test_the_report_says_why_a_policy_has_no_length_controlled_win_rate(tmp_path
     report = write_report(run).read_text()
     assert f"iter_1: no length-controlled win rate ({why})." in report
     assert f"iter_1: no length-controlled win rate ({why})." in (run / "report" / "report.html").read_text()
+
+
+def test_a_seed_without_a_baseline_run_is_left_out_and_said(tmp_path):
+    from rlhf_workflow.eval.compare import notes, to_json
+
+    rng = random.Random(13)
+    inputs = [f"pm={make_run(tmp_path, f'pm-{s}', s, {'iter_2': random_policy(rng, 0.1)}, judge='pm.py:j')}"
+              for s in (0, 1, 2)]
+    inputs += [f"rm={make_run(tmp_path, f'rm-{s}', s, {'iter_2': random_policy(rng, 0)}, judge='rm.py:j')}"
+               for s in (0, 1)]
+    [result] = compare(load(inputs), [("pm/iter_2", "rm/iter_2")], resamples=50)
+    assert sorted(result.seeds) == [0, 1] and result.left_out == [2]
+    assert "pm/iter_2 − rm/iter_2: seed(s) 2 of pm/iter_2 have no run of rm/iter_2 with that seed and are left out" \
+        in notes([result])
+    assert to_json([result])[0]["seeds_left_out"] == [2]

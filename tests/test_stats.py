@@ -1,5 +1,6 @@
 """The evaluations' statistics: the paired sign-flip permutation test, checked against exact binomial
-and enumeration results worked out by hand."""
+and enumeration results worked out by hand; the bootstrap interval against normal theory; the
+length model's fit against its own optimality condition."""
 
 from __future__ import annotations
 
@@ -45,3 +46,40 @@ def test_bootstrap_interval_covers_the_mean_and_resamples_groups():
     low, high = bootstrap_interval(groups, 500)
     assert low < 2.0 < high
     assert bootstrap_interval([[1.0]], 500) is None
+
+
+def test_bootstrap_interval_against_the_normal_theory_one_and_with_whole_groups():
+    """400 draws of N(0, 1): the percentile interval is the mean ± 1.96·s/√n to within a few per
+    cent. A prompt whose two samples are the same value counts once: twins resampled as a group give
+    exactly the interval of the single values (resampled apart they would narrow it by √2)."""
+    rng = random.Random(3)
+    values = [rng.gauss(0, 1) for _ in range(400)]
+    n, centre = len(values), sum(values) / len(values)
+    s = math.sqrt(sum((v - centre) ** 2 for v in values) / (n - 1))
+    low, high = bootstrap_interval([[v] for v in values], 4000)
+    assert (low + high) / 2 == pytest.approx(centre, abs=0.01)
+    assert (high - low) / 2 == pytest.approx(1.96 * s / math.sqrt(n), rel=0.06)
+    assert bootstrap_interval([[v, v] for v in values], 4000) == pytest.approx((low, high))
+
+
+def test_the_length_fit_is_the_maximum_of_its_objective():
+    """On random judgements, separated or nearly so included: the returned (a, b) zero the gradient of
+    the ridge-penalised log-likelihood, which is strictly concave, so it is the maximum."""
+    import numpy as np
+
+    from rlhf_workflow.eval.stats import fit_length_logistic
+
+    rng = random.Random(4)
+    for _ in range(200):
+        n = rng.randint(3, 40)
+        diffs = [rng.gauss(rng.uniform(-30, 30), rng.uniform(1, 20)) for _ in range(n)]
+        slope, level = rng.uniform(-8, 8), rng.uniform(-3, 3)
+        scale = float(np.std(diffs))
+        outcomes = [rng.choice([0.0, 0.5, 1.0]) if rng.random() < 0.1 else
+                    float(rng.random() < 1 / (1 + math.exp(-(level + slope * math.tanh(d / scale))))) for d in diffs]
+        a, b = fit_length_logistic(outcomes, diffs, scale, ridge=1e-2)
+        x = np.tanh(np.asarray(diffs) / scale)
+        p = 1 / (1 + np.exp(-(a + b * x)))
+        y = np.asarray(outcomes)
+        gradient = [float(np.sum(y - p) - 1e-2 * a), float(np.sum((y - p) * x) - 1e-2 * b)]
+        assert gradient == pytest.approx([0.0, 0.0], abs=1e-6)

@@ -92,6 +92,7 @@ class Comparison:
     baseline: str  # label of B
     seeds: list[int | None]
     metrics: dict[str, Difference]
+    left_out: list[int | None] = field(default_factory=list)  # seeds of the policy with no baseline to pair
 
 
 # ---------------------------------------------------------------- reading runs
@@ -359,7 +360,9 @@ def compare(policies: Sequence[PolicyEval], wanted: Sequence[tuple[str, str]], r
                             f"{sorted(str(p.seed) for p in by_label[policy])} and "
                             f"{sorted(str(p.seed) for p in by_label[baseline])})")
         metrics = {key: difference(pairs, key, resamples) for key, _ in METRICS}
-        out.append(Comparison(policy, baseline, [a.seed for a, _ in pairs], metrics))
+        paired = [a for a, _ in pairs]
+        left_out = [a.seed for a in by_label[policy] if not any(a is b for b in paired)]
+        out.append(Comparison(policy, baseline, [a.seed for a in paired], metrics, left_out))
     return out
 
 
@@ -452,6 +455,10 @@ def notes(comparisons: Sequence[Comparison]) -> list[str]:
                     "they leave out how much other seeds would differ. The seeds' own spread is in the per-seed "
                     "table (with three seeds or more, a t-interval over seeds).")
     for c in comparisons:
+        if c.left_out:
+            seen.append(f"{_short(c.policy, recipes)} − {_short(c.baseline, recipes)}: seed(s) "
+                        f"{', '.join(str(s) for s in c.left_out)} of {_short(c.policy, recipes)} have no run of "
+                        f"{_short(c.baseline, recipes)} with that seed and are left out")
         for key, title in METRICS:
             d = c.metrics[key]
             if d.note and f"{title}: {d.note}" not in seen:
@@ -503,7 +510,7 @@ def plot(comparisons: Sequence[Comparison], path: Path) -> bool:
 
 
 def to_json(comparisons: Sequence[Comparison]) -> list[dict[str, Any]]:
-    return [{"policy": c.policy, "baseline": c.baseline, "seeds": c.seeds,
+    return [{"policy": c.policy, "baseline": c.baseline, "seeds": c.seeds, "seeds_left_out": c.left_out,
              "metrics": {key: {"mean": d.mean, "ci95": list(d.ci95) if d.ci95 else None, "p_value": d.p_value,
                                "prompts": d.prompts, "policy_mean": d.policy_mean, "baseline_mean": d.baseline_mean,
                                "per_seed": d.per_seed, "note": d.note,

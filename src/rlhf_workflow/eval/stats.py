@@ -117,19 +117,33 @@ def fit_length_logistic(outcomes: Sequence[float], length_diffs: Sequence[float]
     ``outcomes`` are y ∈ [0, 1] (1 a win, ½ a tie, 0 a loss: a tie counts as half a win and half a
     loss); ``length_diffs`` are Δ, the length of the response minus the length of the one it was
     compared with. tanh bounds what a very long answer can weigh, as AlpacaEval 2's length-
-    controlled win rate does; the small ridge keeps (a, b) finite when lengths separate wins from losses."""
+    controlled win rate does; the small ridge keeps (a, b) finite when lengths separate wins from losses.
+
+    A Newton step that would lower the objective is halved until it does not (the objective is
+    strictly concave, so this converges from anywhere); where a full step never overshoots, as on
+    every eval measured, the iterates are plain Newton's."""
     import numpy as np
 
     y = np.asarray(outcomes, dtype=float)
     x = np.tanh(np.asarray(length_diffs, dtype=float) / scale) if scale > 0 else np.zeros(len(y))
     features = np.stack([np.ones_like(x), x], axis=1)
+
+    def objective(t: "np.ndarray") -> float:  # log σ(η) = −softplus(−η), log(1 − σ(η)) = −softplus(η)
+        eta = features @ t
+        return float(-(y * np.logaddexp(0, -eta) + (1 - y) * np.logaddexp(0, eta)).sum() - ridge * (t @ t) / 2)
+
     theta = np.zeros(2)
+    current = objective(theta)
     for _ in range(100):
         p = 1.0 / (1.0 + np.exp(-(features @ theta)))
         gradient = features.T @ (y - p) - ridge * theta
         hessian = (features * (p * (1 - p))[:, None]).T @ features + ridge * np.eye(2)
         step = np.linalg.solve(hessian, gradient)
-        theta += step
+        value = objective(theta + step)
+        while value < current - 1e-12 * abs(current) and np.abs(step).max() > 1e-12:
+            step = step / 2
+            value = objective(theta + step)
+        theta, current = theta + step, value
         if np.abs(step).max() < 1e-10:
             break
     return float(theta[0]), float(theta[1])
