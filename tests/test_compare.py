@@ -416,3 +416,16 @@ def test_a_seed_without_a_baseline_run_is_left_out_and_said(tmp_path):
     assert "pm/iter_2 − rm/iter_2: seed(s) 2 of pm/iter_2 have no run of rm/iter_2 with that seed and are left out" \
         in notes([result])
     assert to_json([result])[0]["seeds_left_out"] == [2]
+
+
+def test_a_prompt_scored_on_one_side_only_is_left_out_and_said(tmp_path):
+    from rlhf_workflow.eval.compare import notes
+
+    rng = random.Random(14)
+    base, policy = random_policy(rng, 0), random_policy(rng, 0.2)
+    policy["p3"] = ([None, None], policy["p3"][1], policy["p3"][2])  # the gold judge could not score p3
+    run = make_run(tmp_path, "demo", 0, {"iter_0": base, "iter_1": policy})
+    [result] = compare(load([str(run)]), [("demo/iter_1", "demo/iter_0")], resamples=50)
+    gold = result.metrics["gold"]
+    assert gold.prompts == 11 and result.metrics["length"].prompts == 12
+    assert "gold: 1 prompt(s) scored on one side only (over all seeds) are left out" in notes([result])

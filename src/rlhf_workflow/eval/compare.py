@@ -327,9 +327,11 @@ def difference(pairs: list[tuple[PolicyEval, PolicyEval]], metric: str, resample
     mine: list[float] = []
     theirs: list[float] = []
     per_seed = []
+    one_sided = 0  # prompts (in any seed) with a value on one side only: unscored samples on the other
     for a, b in pairs:
         va, vb = a.values[metric], b.values[metric]
         shared = sorted(set(va) & set(vb))
+        one_sided += len(set(va) ^ set(vb))
         diffs = [[va[i] - vb[i]] for i in shared]
         for i in shared:
             by_prompt.setdefault(i, []).append(va[i] - vb[i])
@@ -342,6 +344,8 @@ def difference(pairs: list[tuple[PolicyEval, PolicyEval]], metric: str, resample
     groups = list(by_prompt.values())
     if not groups:
         return Difference(None, None, None, 0, None, None, [], note or "no prompt scored on both sides")
+    if one_sided:
+        note = f"{one_sided} prompt(s) scored on one side only (over all seeds) are left out"
     flat = [d for g in groups for d in g]
     return Difference(mean(flat), bootstrap_interval(groups, resamples), sign_flip_pvalue(groups), len(groups),
                       mean(mine), mean(theirs), per_seed, note, t_interval([r["mean"] for r in per_seed]))
