@@ -99,8 +99,8 @@ def matmul_peak_flops(size: int = 1024, repeats: int = 20, precision: str = "fp3
         return time.perf_counter() - start
 
     first = timed(1)  # warm-up
-    if first > budget_s / 4:  # a kernel this slow is measured by that one matmul: warming up is nothing beside it
-        return 2 * size**3 / first
+    if first > budget_s / 4:  # a kernel this slow is measured by one more matmul (a GPU's first call also sets up cuBLAS)
+        return 2 * size**3 / timed(1)
     one = min(timed(1) for _ in range(3))  # warm-up, and one matmul's time
     repeats = max(1, min(repeats, int(budget_s / 4 / max(one, 1e-9))))
     return max(2 * size**3 * repeats / timed(repeats) for _ in range(3))

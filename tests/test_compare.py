@@ -187,7 +187,11 @@ def test_length_controlled_win_rate_without_a_length_effect_is_the_win_rate():
 
 @pytest.mark.parametrize("groups, reason", [
     # every comparison 30 tokens apart: nothing was ever compared at equal length
-    ([[(1.0, 30.0), (0.0, 30.0)], [(1.0, 30.0)]], "every comparison differs in length by 30 tokens"),
+    ([[(1.0, 30.0), (0.0, 30.0)], [(1.0, 30.0)]], "every answer is longer than the one it was compared with (by 30 to 30"),
+    # every answer longer, outcomes unrelated to length: the fit only extrapolates (it gave 1.5e-24)
+    ([[(1, 139), (0.5, 143)], [(1, 102), (0.5, 77)], [(0.5, 67), (1, 101)], [(0.5, 69), (0, 57)]],
+     "every answer is longer than the one it was compared with (by 57 to 143 tokens)"),
+    ([[(0.5, -30), (0, -20)], [(0.5, -20)]], "every answer is shorter"),
     # the wins are the longer answers, the losses the shorter (a tie at the boundary): no finite slope
     ([[(1, 40), (1, 25)], [(0, -5), (1, 12)], [(0, 3), (0, -20)], [(1, 8), (0.5, 5)]], "separate the wins"),
     ([[(0, 10), (1, -3)], [(0, 4), (1, -8)]], "separate the wins"),  # the other way round
@@ -399,8 +403,8 @@ def test_the_report_says_why_a_policy_has_no_length_controlled_win_rate(tmp_path
                                         {"id": "iter_1", "iteration": 1, "gold": 0.4, "win_rate_vs_initial": 0.6,
                                          "lc_win_rate_vs_initial_note": why}])
     report = write_report(run).read_text()
-    assert f"iter_1: no length-controlled win rate ({why})." in report
-    assert f"iter_1: no length-controlled win rate ({why})." in (run / "report" / "report.html").read_text()
+    assert f"iter_1, length-controlled win rate vs π0: {why}." in report
+    assert f"iter_1, length-controlled win rate vs π0: {why}." in (run / "report" / "report.html").read_text()
 
 
 def test_a_seed_without_a_baseline_run_is_left_out_and_said(tmp_path):
@@ -429,3 +433,17 @@ def test_a_prompt_scored_on_one_side_only_is_left_out_and_said(tmp_path):
     gold = result.metrics["gold"]
     assert gold.prompts == 11 and result.metrics["length"].prompts == 12
     assert "gold: 1 prompt(s) scored on one side only (over all seeds) are left out" in notes([result])
+
+
+def test_no_lc_interval_when_resamples_fall_where_the_model_only_extrapolates():
+    """One win and one loss across equal length, the rest on one side: a fifth of the resamples hold
+    only one-sided or separated comparisons, whose values were the ridge's (an interval of
+    (0.0002, 0.99999999)); now the estimate stands without an interval, and the note says why."""
+    groups = [[(1, 5), (0, -2)], [(1, 3)], [(0, -4)], [(0, 6)]]
+    lc, interval, _, note = length_controlled_win_rate(groups, resamples=200)
+    assert lc is not None and interval is None and note.startswith("no interval: in ")
+    # 200 prompts of mixed lengths: no resample is degenerate, the interval is there
+    rng = random.Random(15)
+    many = [[(float(rng.random() < 0.6), rng.gauss(-5, 10))] for _ in range(200)]
+    lc, interval, _, note = length_controlled_win_rate(many, resamples=200)
+    assert interval is not None and note == "" and interval[0] < lc < interval[1]

@@ -233,10 +233,10 @@ def evaluate_policy(config: RunConfig, run_dir: Path, name: str, policy: ModelCo
         _with_length_differences(outcomes, rows, base_rows), resamples)
     if length_controlled is not None:
         lc, interval, _, why_not = length_controlled
-        if lc is None:
-            metrics["lc_win_rate_vs_initial_note"] = why_not
-        else:
+        if lc is not None:
             metrics["lc_win_rate_vs_initial"] = lc
+        if why_not:  # no value, or no interval, and why
+            metrics["lc_win_rate_vs_initial_note"] = why_not
         if interval is not None:
             metrics["lc_win_rate_vs_initial_ci95"] = list(interval)
     if gold is not None:

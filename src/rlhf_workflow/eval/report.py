@@ -317,7 +317,7 @@ def write_report(run_dir: str | Path) -> Path:
     state_file = run_dir / "state.json"
     seconds = json.loads(state_file.read_text()).get("seconds", {}) if state_file.exists() else {}
     title = f"rlhf-workflow report: {run_dir.name}"
-    feedback_lines = [f"{row['id']}: no length-controlled win rate ({row['lc_win_rate_vs_initial_note']})."
+    feedback_lines = [f"{row['id']}, length-controlled win rate vs π0: {row['lc_win_rate_vs_initial_note']}."
                       for row in rows if row.get("lc_win_rate_vs_initial_note")]
     for kind, what in (("rm", "Bradley–Terry reward model"), ("pm", "pairwise preference model")):
         path = run_dir / "feedback" / f"{kind}_eval.json"

@@ -166,10 +166,23 @@ def length_separates(outcomes: Sequence[float], length_diffs: Sequence[float]) -
     return False
 
 
+def _no_rate_at_equal_length(outcomes: Sequence[float], length_diffs: Sequence[float]) -> str:
+    """Why these comparisons give no win rate at equal length, or "" where they give one."""
+    if min(length_diffs) > 0 or max(length_diffs) < 0:
+        side = "longer" if min(length_diffs) > 0 else "shorter"
+        return (f"every answer is {side} than the one it was compared with (by {min(map(abs, length_diffs)):g} to "
+                f"{max(map(abs, length_diffs)):g} tokens): none at or across equal length, where the model "
+                "would only extrapolate")
+    if length_separates(outcomes, length_diffs):
+        return ("the length differences separate the wins from the losses: the model's win rate at equal length "
+                "runs off to 0 or 1")
+    return ""
+
+
 def length_controlled_win_rate(groups: Sequence[Sequence[tuple[float, float]]], resamples: int,
                                seed: int = 0) -> tuple[float | None, tuple[float, float] | None, float, str] | None:
-    """The win rate at equal length, its 95 % interval, the raw win rate, and why there is no
-    win rate at equal length where there is none.
+    """The win rate at equal length, its 95 % interval, the raw win rate, and a note: why there is
+    no win rate at equal length, or no interval, where there is none ("" otherwise).
 
     ``groups`` hold (outcome, length difference) for the comparisons of one prompt. A logistic model
     of the outcome on tanh(Δ / s), s the standard deviation of Δ (`fit_length_logistic`), says how
@@ -177,20 +190,22 @@ def length_controlled_win_rate(groups: Sequence[Sequence[tuple[float, float]]], 
     Δ = 0, σ(a). The interval resamples prompts and refits. Where few comparisons are near equal
     length that prediction is an extrapolation, and the interval is wide.
 
-    The data cannot say it, and the first value is None with the reason, when the lengths always
-    differ by the same nonzero amount (no comparison at another length to learn from) or when they
-    separate the wins from the losses (`length_separates`: the fitted slope would be the ridge's, a
-    4-prompt example gave 7e-5 for a raw win rate of 0.56). None with no comparisons."""
+    The data cannot say it, and the first value is None with the reason
+    (`_no_rate_at_equal_length`), when every length difference has one sign (no comparison at or
+    across equal length: 8 answers 57-143 tokens longer gave 1.5e-24 for a raw win rate of 0.62) or
+    when they separate the wins from the losses (`length_separates`: the slope is then the ridge's;
+    a 4-prompt example gave 7e-5 for 0.56). A resample where either holds has no value either; if
+    more than 2.5 % of them do, the interval's ends would be theirs, and there is none (the note
+    says so). None with no comparisons."""
     pairs = [item for group in groups for item in group]
     if not pairs:
         return None
     outcomes, diffs = [o for o, _ in pairs], [d for _, d in pairs]
     _finite([outcomes, diffs])
     raw = sum(outcomes) / len(outcomes)
-    if len(set(diffs)) == 1 and diffs[0] != 0:
-        return None, None, raw, f"every comparison differs in length by {diffs[0]:g} tokens: none at equal length"
-    if length_separates(outcomes, diffs):
-        return None, None, raw, "the length differences separate the wins from the losses: nothing is known at equal length"
+    why_not = _no_rate_at_equal_length(outcomes, diffs)
+    if why_not:
+        return None, None, raw, why_not
     centre = sum(diffs) / len(diffs)
     scale = math.sqrt(sum((d - centre) ** 2 for d in diffs) / len(diffs))
     a, _ = fit_length_logistic(outcomes, diffs, scale)
@@ -201,10 +216,16 @@ def length_controlled_win_rate(groups: Sequence[Sequence[tuple[float, float]]], 
     values = []
     for _ in range(resamples):
         picked = [item for _ in groups for item in groups[rng.randrange(len(groups))]]
-        a_star, _ = fit_length_logistic([o for o, _ in picked], [d for _, d in picked], scale)
-        values.append(_sigmoid(a_star))
+        picked_outcomes, picked_diffs = [o for o, _ in picked], [d for _, d in picked]
+        if not _no_rate_at_equal_length(picked_outcomes, picked_diffs):
+            values.append(_sigmoid(fit_length_logistic(picked_outcomes, picked_diffs, scale)[0]))
+    failed = resamples - len(values)
+    if failed > 0.025 * resamples:
+        return _sigmoid(a), None, raw, (f"no interval: in {failed} of {resamples} resamples of the prompts the lengths "
+                                        "leave no win rate at equal length (one-sided or separating)")
     values.sort()
-    return _sigmoid(a), (values[int(0.025 * (resamples - 1))], values[int(math.ceil(0.975 * (resamples - 1)))]), raw, ""
+    m = len(values)
+    return _sigmoid(a), (values[int(0.025 * (m - 1))], values[int(math.ceil(0.975 * (m - 1)))]), raw, ""
 
 
 def _sigmoid(value: float) -> float:
