@@ -179,9 +179,9 @@ def of_peak(result: dict) -> float:
     return result["flops"] / result["seconds"] / result["peak_flops"]
 
 
-def peak_range(results: Sequence[dict]) -> str:
-    """The matmul peaks measured around ``results``' runs, for a line of a benchmark's report."""
-    peaks = [p for r in results for p in r["peak_flops_before_after"]]
+def peak_range(runs: dict[str, list[dict]]) -> str:
+    """The matmul peaks measured around every run of ``runs`` (`run_selected`), for a line of a benchmark's report."""
+    peaks = [p for results in runs.values() for r in results for p in r["peak_flops_before_after"]]
     return f"{min(peaks) / 1e9:.1f} to {max(peaks) / 1e9:.1f} GFLOP/s"
 
 

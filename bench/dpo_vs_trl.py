@@ -162,7 +162,7 @@ def main() -> None:
           f"max_tokens_per_forward={args.max_tokens}, logprob_chunk={args.chunk}, reference precomputed (timed); "
           f"TRL: precompute_ref_log_probs={args.trl_precompute}")
     print(f"{args.precision} matmul peak of this machine, measured around each run: "
-          f"{peak_range([r for results in runs.values() for r in results])}")
+          f"{peak_range(runs)}")
     print(f"{'trainer':<8}{'tokens/s':>10}{'pairs/s':>9}{'peak RSS MB':>13}{'GFLOP/s':>9}{'of peak':>9}"
           f"{'step-1 loss':>13}{'logp chosen':>13}{'logp rejected':>15}")
     best = {}

@@ -131,7 +131,7 @@ def main() -> None:
     print(f"ours: group_by_length={not args.no_grouping}, max_tokens_per_forward={args.max_tokens}, "
           f"share_prefix={not args.no_share}, pack_length={args.pack_length}")
     print(f"{args.precision} matmul peak of this machine, measured around each run: "
-          f"{peak_range([r for results in runs.values() for r in results])}")
+          f"{peak_range(runs)}")
     print(f"{'trainer':<10}{'real tokens/s':>15}{'pairs/s':>10}{'peak RSS MB':>14}{'GFLOP/s':>9}{'of peak':>9}"
           f"{'step-1 loss':>13}")
     best = {}
