@@ -34,8 +34,9 @@ from rlhf_workflow.data.io import jsonl_lines
 # variant -> overrides of the demo recipe
 VARIANTS: dict[str, list[str]] = {
     "demo": [],
-    "pm-knockout": ["feedback.judge=pm", "judge.ranking=knockout", "feedback.pm_train.precision=bf16"],
-    "pm-copeland": ["feedback.judge=pm", "judge.ranking=copeland", "feedback.pm_train.precision=bf16"],
+    # the preference model trains in the demo's precision (the recipe's bf16, fp32 where the demo chose it)
+    "pm-knockout": ["feedback.judge=pm", "judge.ranking=knockout"],
+    "pm-copeland": ["feedback.judge=pm", "judge.ranking=copeland"],
     "max-random": ["pairs.strategy=max_random"],
     "random": ["pairs.strategy=random"],
     "reference-previous": ["reference=previous"],

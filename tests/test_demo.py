@@ -25,10 +25,11 @@ def test_miniature_demo_runs_end_to_end(tiny_model_dir, tmp_path):
         "judge.max_length=96", "dpo.max_length=96", "dpo.train.epochs=1", "dpo.train.lr=1e-3",
         "eval.sampling.max_new_tokens=8", "eval.bootstrap=100", "feedback.train_pm=true",
         "feedback.pm_train.per_device_batch_size=2", "feedback.rm_train.precision=bf16", "dpo.train.precision=bf16",
+        "feedback.pm_train.precision=fp32",
     ]
     # the reward model and DPO train with bf16 autocast (the recipe's, pinned here: on a CPU with slow
-    # bf16 the demo would choose fp32), the preference model in fp32 (its default): stages of one
-    # process with different precisions
+    # bf16 the demo would choose fp32), the preference model in fp32: stages of one process with
+    # different precisions
     from rlhf_workflow.models import prompt_states
 
     prompt_states._SHARED.clear()
@@ -86,6 +87,38 @@ def test_demo_runs_in_fp32_on_a_cpu_where_bf16_is_slower(tmp_path, monkeypatch):
         raise AssertionError("a run directory that holds a run is continued with its own precision")
     monkeypatch.setattr(workflow, "cpu_bf16_speedup", measured)
     assert _precision(workflow.demo_config([out])) == ("float32", "float32", "fp32", "fp32")
+
+
+def _bf16_settings(config):
+    """The dotted keys of a run config whose value is bf16, however a setting spells it."""
+    from rlhf_workflow.config import config_to_yaml
+
+    def walk(node, prefix=""):
+        if isinstance(node, dict):
+            for key, value in node.items():
+                yield from walk(value, f"{prefix}{key}.")
+        elif str(node).lower() in ("bf16", "bfloat16"):
+            yield prefix[:-1]
+
+    return sorted(walk(__import__("yaml").safe_load(config_to_yaml(config))))
+
+
+@pytest.mark.parametrize("variant", [[], ["feedback.train_pm=true"], ["feedback.judge=pm", "judge.ranking=copeland"]])
+def test_the_demos_fp32_choice_covers_every_bf16_setting_of_its_recipe(tmp_path, monkeypatch, variant):
+    """Every bf16 setting the recipe holds, the preference model's among them (which only a variant
+    that trains it uses), turns fp32 where the demo chooses fp32: one left in bf16 would run emulated
+    bf16 on a CPU without bf16 instructions, about 100x slower. And PRECISION_KEYS names only such
+    settings, so that a run directory continued keeps each of them."""
+    from rlhf_workflow import workflow
+
+    out = f"output_dir={tmp_path / 'demo'}"
+    monkeypatch.setattr(workflow, "cpu_bf16_speedup", lambda: 2.5)
+    fast = workflow.demo_config([out, *variant])
+    assert _bf16_settings(fast) == sorted(workflow.PRECISION_KEYS)
+    monkeypatch.setattr(workflow, "cpu_bf16_speedup", lambda: 0.5)
+    slow = workflow.demo_config([out, *variant])
+    assert _bf16_settings(slow) == []
+    assert {key: slow.value_at(key) for key in workflow.PRECISION_KEYS} == workflow.PRECISION_KEYS
 
 
 def test_bf16_speedup_is_measured_on_this_cpu():
