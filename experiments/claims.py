@@ -177,8 +177,9 @@ def stage_globs(stage: str) -> list[str]:
 
 def copy_shared(source: Path, target: Path, stages: list[str]) -> None:
     """Start ``target`` as a run holding ``source``'s outputs of ``stages`` (each marked done, its time
-    0 s, as it cost nothing here): their files, their directories' owner files and their rows of
-    metrics.jsonl. Lock files are not copied. Written into a temporary directory, then renamed."""
+    0 s, as it cost nothing here, made by what made it in ``source``): their files, their directories'
+    owner files and their rows of metrics.jsonl. Lock files are not copied. Written into a temporary
+    directory, then renamed."""
     import shutil
 
     partial = target.with_name(target.name + ".copying")
@@ -201,8 +202,11 @@ def copy_shared(source: Path, target: Path, stages: list[str]) -> None:
     evaluated = {stage.split("/")[0] for stage in stages if stage.endswith("/eval")}
     rows = [line for line in jsonl_lines(source / "metrics.jsonl") if json.loads(line)["id"] in evaluated] if (source / "metrics.jsonl").exists() else []
     (partial / "metrics.jsonl").write_text("".join(line + "\n" for line in rows))
+    made_by = json.loads((source / "state.json").read_text()).get("made_by", {})  # what made them: the source's set-up
     (partial / "state.json").write_text(json.dumps({"completed": stages, "last": stages[-1],
-                                                    "seconds": {stage: 0.0 for stage in stages}}, indent=1) + "\n")
+                                                    "seconds": {stage: 0.0 for stage in stages},
+                                                    "made_by": {s: made_by[s] for s in stages if s in made_by}},
+                                                   indent=1) + "\n")
     (partial / "reused.json").write_text(json.dumps({"from": str(source), "stages": stages}, indent=1) + "\n")
     os.replace(partial, target)
 
@@ -258,11 +262,15 @@ def run_lines(root: Path, variants: list[str], seeds: list[int]) -> list[str]:
     from rlhf_workflow.eval.render import markdown_table
 
     cells = []
+    setups: dict[str, list[str]] = {}  # what made the runs' stages (state.json's made_by) -> the runs
     for variant in variants:
         for seed in seeds:
             path = run_dir(root, variant, seed)
             if not finished(path):
                 continue
+            state = json.loads((path / "state.json").read_text())
+            for setup in dict.fromkeys(state.get("made_by", {}).values()):
+                setups.setdefault(setup, []).append(path.name)
             rows = metrics_rows(path)
             gold = " → ".join(f"{rows[p]['gold']:.3f}" for p in ("iter_0", "iter_1", "iter_2") if p in rows)
             pairs = " + ".join(str(rows[p].get("pairs", "?")) for p in ("iter_1", "iter_2") if p in rows)
@@ -270,12 +278,16 @@ def run_lines(root: Path, variants: list[str], seeds: list[int]) -> list[str]:
             win = " / ".join(f"{last[k]:.2f}" if isinstance(last.get(k), (int, float)) else "–"
                              for k in ("win_rate_vs_initial", "lc_win_rate_vs_initial"))
             kl = f"{last['kl_vs_initial']:.2f}" if isinstance(last.get("kl_vs_initial"), (int, float)) else "–"
-            cells.append([variant, str(seed), judge_accuracy(path), pairs, gold, win, kl, f"{last['length_tokens']:.1f}"])
+            seconds = sum(state.get("seconds", {}).values())  # its own stages' (a copied stage counts 0 s)
+            cells.append([variant, str(seed), judge_accuracy(path), pairs, gold, win, kl, f"{last['length_tokens']:.1f}",
+                          f"{seconds:.0f}"])
     if not cells:
         return []
     header = ["run", "seed", "judge's held-out accuracy", "pairs (iter_1 + iter_2)", "gold π0 → iter_1 → iter_2",
-              "iter_2 win rate / length-controlled, vs π0 (its judge)", "iter_2 KL to π0", "iter_2 length (tokens)"]
-    return ["### The runs", ""] + markdown_table(header, cells) + [""]
+              "iter_2 win rate / length-controlled, vs π0 (its judge)", "iter_2 KL to π0", "iter_2 length (tokens)",
+              "stage time (s)"]
+    made = [f"- made by {setup}: {', '.join(runs)}" for setup, runs in setups.items()]
+    return ["### The runs", ""] + markdown_table(header, cells) + [""] + made + ([""] if made else [])
 
 
 def type_rate_lines(root: Path, variants: list[str], seeds: list[int]) -> list[str]:

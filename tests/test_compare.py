@@ -447,3 +447,78 @@ def test_no_lc_interval_when_resamples_fall_where_the_model_only_extrapolates():
     many = [[(float(rng.random() < 0.6), rng.gauss(-5, 10))] for _ in range(200)]
     lc, interval, _, note = length_controlled_win_rate(many, resamples=200)
     assert interval is not None and note == "" and interval[0] < lc < interval[1]
+
+
+def test_seeds_whose_two_sides_were_made_differently_are_named(tmp_path):
+    """A variant run by other code or on another processor than its seed's baseline differs from it in
+    arithmetic too: compare says which seeds; runs made by one set-up, or made before set-ups were
+    recorded, get no such note."""
+    from rlhf_workflow.eval.compare import notes, to_json
+
+    rng = random.Random(15)
+
+    def run(name, seed, shift, made_by):
+        path = make_run(tmp_path, name, seed, {"iter_2": random_policy(rng, shift)}, judge=f"{name[:2]}.py:j")
+        if made_by is not None:
+            (path / "state.json").write_text(json.dumps({"completed": ["prompts", "iter_2/eval"], "seconds": {},
+                                                         "made_by": {"prompts": made_by[0], "iter_2/eval": made_by[1]}}))
+        return f"{name[:2]}={path}"
+
+    here, there = "rlhf-workflow 0.1.0 (git aaaaaaa), AMD EPYC (x86_64, family 25)", "rlhf-workflow 0.1.0 (git bbbbbbb)"
+    inputs = [run("pm-0", 0, 0.1, (here, here)), run("rm-0", 0, 0, (here, here)),  # one set-up
+              run("pm-1", 1, 0.1, (here, there)), run("rm-1", 1, 0, (here, here)),  # continued on another
+              run("pm-2", 2, 0.1, (there, there)), run("rm-2", 2, 0, (here, here)),  # made elsewhere
+              run("pm-3", 3, 0.1, None), run("rm-3", 3, 0, (here, here))]  # not recorded
+    [result] = compare(load(inputs), [("pm/iter_2", "rm/iter_2")], resamples=50)
+    assert result.made_differently == [1, 2]
+    assert ("pm/iter_2 − rm/iter_2: in seed(s) 1, 2 the two sides were made by different code or processors "
+            "(each run's report, 'Made by'), so their difference also holds that of another draw of the arithmetic"
+            in notes([result]))
+    assert to_json([result])[0]["seeds_made_differently"] == [1, 2]
+
+
+def test_a_run_records_what_made_each_stage_and_its_report_says_so(tmp_path):
+    from rlhf_workflow.eval.report import write_report
+    from rlhf_workflow.online.loop import RunState
+    from rlhf_workflow.provenance import made_by
+
+    import torch
+    import transformers
+
+    setup = made_by()
+    assert f"torch {torch.__version__}" in setup and f"transformers {transformers.__version__}" in setup
+    assert setup.startswith("rlhf-workflow ")
+    rng = random.Random(16)
+    run = make_run(tmp_path, "demo", 0, {"iter_0": random_policy(rng, 0), "iter_1": random_policy(rng, 0.1)})
+    write_jsonl(run / "metrics.jsonl", [{"id": "iter_0", "iteration": 0, "gold": 0.3},
+                                        {"id": "iter_1", "iteration": 1, "gold": 0.4}])
+    state = RunState(run)
+    state.mark("prompts", 1.0)
+    state.mark("iter_0/eval", 2.0)
+    assert RunState(run).made_by == {"prompts": setup, "iter_0/eval": setup}
+    assert f"- every stage: {setup}" in write_report(run).read_text()
+    saved = json.loads((run / "state.json").read_text())
+    saved["made_by"]["prompts"] = "rlhf-workflow 0.0.9, elsewhere"  # a run continued after an upgrade
+    (run / "state.json").write_text(json.dumps(saved))
+    report = write_report(run).read_text()
+    assert "- prompts: rlhf-workflow 0.0.9, elsewhere" in report and f"- iter_0/eval: {setup}" in report
+    assert "iter_0/eval: " + setup.replace("&", "&amp;") in (run / "report" / "report.html").read_text()
+
+
+def test_the_git_commit_is_read_where_the_code_is_a_checkout(tmp_path):
+    import subprocess
+
+    from rlhf_workflow.provenance import git_commit
+
+    assert git_commit(tmp_path) is None  # not a checkout
+    code = tmp_path / "code"
+    code.mkdir()
+    (code / "a.py").write_text("x = 1\n")
+    git = ["git", "-C", str(code), "-c", "user.name=t", "-c", "user.email=t@t"]
+    subprocess.run(git + ["init", "-q"], check=True)
+    subprocess.run(git + ["add", "a.py"], check=True)
+    subprocess.run(git + ["commit", "-qm", "a"], check=True)
+    head = subprocess.run(git + ["rev-parse", "--short=7", "HEAD"], capture_output=True, text=True).stdout.strip()
+    assert git_commit(code) == head
+    (code / "a.py").write_text("x = 2\n")
+    assert git_commit(code) == head + "+changes"

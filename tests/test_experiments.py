@@ -75,8 +75,11 @@ def test_a_variant_from_the_demos_shared_stages_ends_as_the_whole_variant_run(ti
     metrics = [[{k: v for k, v in json.loads(line).items() if k != "policy"}  # the policy's path
                 for line in (run / "metrics.jsonl").read_text().splitlines()] for run in (whole, reused)]
     assert metrics[0] == metrics[1]
-    seconds = json.loads((reused / "state.json").read_text())["seconds"]
+    state = json.loads((reused / "state.json").read_text())
+    seconds = state["seconds"]
     assert all(seconds[s] == 0.0 for s in stages) and seconds["iter_2/eval"] > 0
+    made_by = json.loads((demo / "state.json").read_text())["made_by"]  # the copies keep what made them
+    assert all(state["made_by"][s] == made_by[s] for s in stages) and state["made_by"]["iter_2/eval"] == made_by["prompts"]
     assert json.loads((reused / "reused.json").read_text()) == {"from": str(demo), "stages": stages}
 
     # the declared outputs of the stages are every file the run wrote: a variant that shares every
@@ -138,11 +141,13 @@ def test_stage_globs_name_each_iterations_outputs():
 
 
 def test_the_tables_of_a_question_list_its_runs_and_pool_the_rates_per_instruction(tmp_path):
-    def finished_run(variant: str, seed: int, iter2: dict, judge: str = "rm") -> None:
+    def finished_run(variant: str, seed: int, iter2: dict, judge: str = "rm", made_by: str = "here") -> None:
         path = tmp_path / f"{variant}-s{seed}"
         (path / "feedback").mkdir(parents=True)
         (path / "config.yaml").write_text(yaml.safe_dump({"feedback": {"judge": judge}}))
-        (path / "state.json").write_text(json.dumps({"completed": ["iter_2/eval", "offline/eval"]}))
+        (path / "state.json").write_text(json.dumps({"completed": ["iter_2/eval", "offline/eval"],
+                                                     "seconds": {"iter_2/eval": 30.4, "offline/eval": 20.2},
+                                                     "made_by": {"iter_2/eval": made_by, "offline/eval": made_by}}))
         (path / "feedback" / f"{judge}_eval.json").write_text(json.dumps({"accuracy": 0.6, "pairs": 50}))
         base = {"gold": 0.3, "length_tokens": 40.0, "ifeval_types": {"a": {"n": 10, "strict": 0.2}}}
         rows = [{"id": "iter_0", **base}, {"id": "iter_1", "gold": 0.35, "pairs": 64, "length_tokens": 30.0},
@@ -153,9 +158,10 @@ def test_the_tables_of_a_question_list_its_runs_and_pool_the_rates_per_instructi
     finished_run("demo", 0, {"gold": 0.4, "length_tokens": 12.0, "ifeval_types": {"a": {"n": 10, "strict": 0.5}}})
     finished_run("demo", 1, {"gold": 0.5, "length_tokens": 14.0, "ifeval_types": {"a": {"n": 10, "strict": 0.7}}})
     finished_run("length-penalty-0.01", 0, {"gold": 0.45, "length_tokens": 20.0,
-                                            "ifeval_types": {"a": {"n": 10, "strict": 0.4}}})
+                                            "ifeval_types": {"a": {"n": 10, "strict": 0.4}}}, made_by="there")
     lines = claims.run_lines(tmp_path, ["demo", "length-penalty-0.01"], [0, 1])
-    assert "| demo | 0 | RM 0.600 (50 pairs) | 64 + 63 | 0.300 → 0.350 → 0.400 | 0.80 / 0.50 | 2.00 | 12.0 |" in lines
+    assert "| demo | 0 | RM 0.600 (50 pairs) | 64 + 63 | 0.300 → 0.350 → 0.400 | 0.80 / 0.50 | 2.00 | 12.0 | 51 |" in lines
+    assert "- made by here: demo-s0, demo-s1" in lines and "- made by there: length-penalty-0.01-s0" in lines
     assert sum(line.startswith("| length-penalty-0.01 |") for line in lines) == 1  # seed 1 is not done
     rates = claims.type_rate_lines(tmp_path, ["demo", "length-penalty-0.01"], [0, 1])
     # pooled over the seeds every variant has (seed 0 only): π0 2/10, demo 5/10, the penalty 4/10

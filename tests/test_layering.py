@@ -14,7 +14,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "src" / "rlhf_workflow"
 
 # lowest first; a part may import the parts of lower layers and the files of its own folder
 LAYERS: dict[str, int] = {
-    "__init__": 0, "errors": 0,
+    "__init__": 0, "errors": 0, "provenance": 0,
     "processes": 1,
     "data": 2,
     "config": 3, "tasks": 3,

@@ -41,6 +41,7 @@ def test_two_iterations_write_every_file_and_the_report(recipe, tmp_path):
     assert not set(_ids(run_dir / "iter_1/prompts.jsonl")) & set(_ids(run_dir / "iter_2/prompts.jsonl"))
     state = json.loads((run_dir / "state.json").read_text())
     assert state["last"] == "iter_2/eval" and len(state["completed"]) == len(set(state["completed"])) == 12
+    assert list(state["made_by"]) == state["completed"] and len(set(state["made_by"].values())) == 1
     rows = _metrics(run_dir)
     assert [r["id"] for r in rows] == ["iter_0", "iter_1", "iter_2"]
     for row in rows:

@@ -27,6 +27,10 @@ runs of one seed on one machine do, share it) or one function; never a preferenc
 ranking scores are not comparable across prompts. Runs whose eval prompts differ are refused, naming the first difference;
 so is a score in an eval file that is not a finite number or null, and a row without an id or with a repeated one.
 
+A note names the seeds whose two sides were made by different set-ups (state.json's ``made_by``:
+versions, git commit, processor; `provenance`): a variant run on another machine or version than
+its baseline differs from it in arithmetic too, so their difference holds that of another draw.
+
 Writes OUTPUT/compare.md, compare.html, compare.png (one row per policy, the difference and its
 interval per metric, each seed's difference as a dot) and compare.json.
 """
@@ -65,6 +69,7 @@ class PolicyEval:
     prompts: dict[str, str] = field(default_factory=dict)  # id -> the prompt row (without responses) as JSON
     values: dict[str, dict[str, float]] = field(default_factory=dict)  # metric -> prompt id -> mean
     judge: str | None = None  # what scored the proxy rewards; None when they do not compare across prompts
+    made_by: frozenset[str] = frozenset()  # the set-ups that made its run's stages (state.json); empty if unknown
 
     @property
     def label(self) -> str:
@@ -93,6 +98,7 @@ class Comparison:
     seeds: list[int | None]
     metrics: dict[str, Difference]
     left_out: list[int | None] = field(default_factory=list)  # seeds of the policy with no baseline to pair
+    made_differently: list[int | None] = field(default_factory=list)  # seeds whose two sides' set-ups differ
 
 
 # ---------------------------------------------------------------- reading runs
@@ -188,6 +194,17 @@ def _judge_identity(run_dir: Path, config: "RunConfig") -> str | None:
     return f"reward_model:{_weights_digest(Path(judge.path)) or Path(judge.path or '').resolve()}"
 
 
+def _made_by(run_dir: Path) -> frozenset[str]:
+    """The set-ups that made a run's stages (state.json's ``made_by``); empty for a run made before
+    they were recorded."""
+    from rlhf_workflow.data.io import decode_json
+
+    path = run_dir / "state.json"
+    data = decode_json(path.read_text(encoding="utf-8", errors="replace"), str(path), whole_file=True) if path.exists() else {}
+    made = data.get("made_by") if isinstance(data, dict) else None
+    return frozenset(str(setup) for setup in made.values()) if isinstance(made, dict) else frozenset()
+
+
 def _weights_digest(model_dir: Path) -> str | None:
     """sha256 of a saved model's safetensors files, in name order (None when it has none)."""
     import hashlib
@@ -272,9 +289,11 @@ def load(inputs: Sequence[str]) -> list[PolicyEval]:
     found = []
     for key, (_, config, policies) in runs.items():
         judge = _judge_identity(key, config)
+        made_by = _made_by(key)
         for policy in policies:
             evaluated = read_policy(policy, judge=judge, seed=config.seed)
             evaluated.recipe = labels[key]
+            evaluated.made_by = made_by
             found.append(evaluated)
     check_same_prompts(found)
     return found
@@ -366,7 +385,8 @@ def compare(policies: Sequence[PolicyEval], wanted: Sequence[tuple[str, str]], r
         metrics = {key: difference(pairs, key, resamples) for key, _ in METRICS}
         paired = [a for a, _ in pairs]
         left_out = [a.seed for a in by_label[policy] if not any(a is b for b in paired)]
-        out.append(Comparison(policy, baseline, [a.seed for a in paired], metrics, left_out))
+        differently = [a.seed for a, b in pairs if a.made_by and b.made_by and len(a.made_by | b.made_by) > 1]
+        out.append(Comparison(policy, baseline, [a.seed for a in paired], metrics, left_out, differently))
     return out
 
 
@@ -463,6 +483,11 @@ def notes(comparisons: Sequence[Comparison]) -> list[str]:
             seen.append(f"{_short(c.policy, recipes)} − {_short(c.baseline, recipes)}: seed(s) "
                         f"{', '.join(str(s) for s in c.left_out)} of {_short(c.policy, recipes)} have no run of "
                         f"{_short(c.baseline, recipes)} with that seed and are left out")
+        if c.made_differently:
+            seen.append(f"{_short(c.policy, recipes)} − {_short(c.baseline, recipes)}: in seed(s) "
+                        f"{', '.join(str(s) for s in c.made_differently)} the two sides were made by different code or "
+                        "processors (each run's report, 'Made by'), so their difference also holds that of another "
+                        "draw of the arithmetic")
         for key, title in METRICS:
             d = c.metrics[key]
             if d.note and f"{title}: {d.note}" not in seen:
@@ -515,6 +540,7 @@ def plot(comparisons: Sequence[Comparison], path: Path) -> bool:
 
 def to_json(comparisons: Sequence[Comparison]) -> list[dict[str, Any]]:
     return [{"policy": c.policy, "baseline": c.baseline, "seeds": c.seeds, "seeds_left_out": c.left_out,
+             "seeds_made_differently": c.made_differently,
              "metrics": {key: {"mean": d.mean, "ci95": list(d.ci95) if d.ci95 else None, "p_value": d.p_value,
                                "prompts": d.prompts, "policy_mean": d.policy_mean, "baseline_mean": d.baseline_mean,
                                "per_seed": d.per_seed, "note": d.note,

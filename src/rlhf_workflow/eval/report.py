@@ -302,6 +302,17 @@ def _plot_gold_by_length(labels: list[str], binned: dict[str, list[tuple[float |
     return "gold_by_length.png", "gold score by response length (does the gain come with length?)"
 
 
+def made_by_lines(made_by: dict[str, str]) -> list[str]:
+    """What made the run's stages (state.json's ``made_by``, `provenance.made_by`): one line per set-up,
+    naming its stages where there were several (a run continued after an upgrade, or on another machine)."""
+    stages_of: dict[str, list[str]] = {}
+    for stage, setup in made_by.items():
+        stages_of.setdefault(setup, []).append(stage)
+    if len(stages_of) == 1:
+        return [f"every stage: {next(iter(stages_of))}"]
+    return [f"{', '.join(stages)}: {setup}" for setup, stages in stages_of.items()]
+
+
 def write_report(run_dir: str | Path) -> Path:
     """Write RUN/report/{report.md, report.html, *.png}; returns the Markdown file."""
     from rlhf_workflow.data.io import atomic_write_text
@@ -315,7 +326,9 @@ def write_report(run_dir: str | Path) -> Path:
         if extra:
             plots.append(extra)
     state_file = run_dir / "state.json"
-    seconds = json.loads(state_file.read_text()).get("seconds", {}) if state_file.exists() else {}
+    state = json.loads(state_file.read_text()) if state_file.exists() else {}
+    seconds = state.get("seconds", {})
+    made_lines = made_by_lines(state.get("made_by", {}))
     title = f"rlhf-workflow report: {run_dir.name}"
     feedback_lines = [f"{row['id']}, length-controlled win rate vs π0: {row['lc_win_rate_vs_initial_note']}."
                       for row in rows if row.get("lc_win_rate_vs_initial_note")]
@@ -349,6 +362,8 @@ def write_report(run_dir: str | Path) -> Path:
         md += ["## Time per stage", "", "| stage | seconds |", "| --- | --- |"]
         md += [f"| {stage} | {value:.1f} |" for stage, value in seconds.items()]
         md += ["", f"total: {sum(seconds.values()):.1f} s", ""]
+    if made_lines:
+        md += ["## Made by", ""] + [f"- {line}" for line in made_lines] + [""]
     atomic_write_text(out / "report.md", "\n".join(md))
     body = [f"<h1>{html.escape(title)}</h1>", "<p>Held-out evaluation of each policy (95 % bootstrap intervals over "
             "prompts in brackets):</p>", "<table border='1' cellpadding='4' style='border-collapse:collapse'>",
@@ -367,5 +382,7 @@ def write_report(run_dir: str | Path) -> Path:
         body.append("<h2>Time per stage</h2><table border='1' cellpadding='4' style='border-collapse:collapse'>")
         body += [f"<tr><td>{html.escape(s)}</td><td>{v:.1f} s</td></tr>" for s, v in seconds.items()]
         body.append("</table>")
+    if made_lines:
+        body += ["<h2>Made by</h2><ul>"] + [f"<li>{html.escape(line)}</li>" for line in made_lines] + ["</ul>"]
     atomic_write_text(out / "report.html", html_page(title, body))
     return out / "report.md"

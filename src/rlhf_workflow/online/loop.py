@@ -1,7 +1,8 @@
 """The online iterative loop (and its offline baseline) as a resumable run directory.
 
     RUN/config.yaml         the resolved recipe; a rerun with a different one is refused unless --force
-    RUN/state.json          the stages completed so far, in order
+    RUN/state.json          the stages completed so far, in order, with their seconds and what made them
+                            (`provenance.made_by`: versions, git commit, processor)
     RUN/eval_prompts.jsonl  the held-out prompts
     RUN/iter_0/eval/        π0's held-out generations and scores
     RUN/iter_<t>/           prompts.jsonl, generations.jsonl, scored.jsonl, pairs.jsonl (+ .stats.json),
@@ -56,23 +57,29 @@ class RunState:
         data: Any = {}
         if self.path.exists():
             data = decode_json(self.path.read_text(encoding="utf-8", errors="replace"), str(self.path), whole_file=True)
-        completed, seconds = (data.get("completed", []), data.get("seconds", {})) if isinstance(data, dict) else (0, 0)
-        if not (isinstance(completed, list) and all(isinstance(s, str) for s in completed) and isinstance(seconds, dict)):
+        completed, seconds, made = ((data.get("completed", []), data.get("seconds", {}), data.get("made_by", {}))
+                                    if isinstance(data, dict) else (0, 0, 0))
+        if not (isinstance(completed, list) and all(isinstance(s, str) for s in completed) and isinstance(seconds, dict)
+                and isinstance(made, dict)):
             raise UserError(f"{self.path} is not a run's state ({{\"completed\": [stage, ...], ...}}): it was changed by "
                             "hand or cut short; delete it to redo every stage whose outputs are not complete")
         self.completed: list[str] = list(completed)
         self.seconds: dict[str, float] = dict(seconds)
+        self.made_by: dict[str, str] = {str(k): str(v) for k, v in made.items()}  # stage -> `provenance.made_by`
 
     def done(self, stage: str) -> bool:
         return stage in self.completed
 
     def mark(self, stage: str, seconds: float) -> None:
+        """``stage`` is done, in ``seconds``, by this process's code and processor."""
         from rlhf_workflow.data.io import atomic_write_text
+        from rlhf_workflow.provenance import made_by
 
         self.completed.append(stage)
         self.seconds[stage] = round(seconds, 2)
-        atomic_write_text(self.path, json.dumps({"completed": self.completed, "last": stage,
-                                                 "seconds": self.seconds}, indent=1) + "\n")
+        self.made_by[stage] = made_by()
+        atomic_write_text(self.path, json.dumps({"completed": self.completed, "last": stage, "seconds": self.seconds,
+                                                 "made_by": self.made_by}, indent=1) + "\n")
 
 
 def check_config(run_dir: Path, config: RunConfig, *, force: bool) -> None:
