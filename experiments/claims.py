@@ -9,6 +9,7 @@ variants skip it. Runs of one seed share the feedback, the reward model and the 
 
     python experiments/claims.py --root runs/claims --seeds 0 1 2            # all questions
     python experiments/claims.py --root runs/claims --seeds 0 1 2 --only main judge
+    python experiments/claims.py --root runs/claims --seeds 0 1 --only judge --variants pm-knockout
     python experiments/claims.py --root runs/claims --report-only            # tables of what is done
     python experiments/claims.py --root runs/claims-dev --split dev ...      # tune on dev, report eval
 
@@ -356,6 +357,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--root", default="runs/claims", help="where the runs and tables go")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--only", nargs="+", choices=sorted(QUESTIONS), help="these questions (default: all)")
+    parser.add_argument("--variants", nargs="+", choices=sorted(VARIANTS),
+                        help="of those questions' runs, make only these variants (and the demo runs they pair with)")
     parser.add_argument("--split", choices=["eval", "dev"], default="eval",
                         help="the prompts every policy is evaluated on: dev to tune, eval to report")
     parser.add_argument("--report-only", action="store_true", help="write the tables of the complete runs and stop")
@@ -369,6 +372,8 @@ def main(argv: list[str] | None = None) -> int:
         for seed in args.seeds:  # seed by seed, so that every question has a first seed early
             for question in questions:
                 for variant in QUESTIONS[question][1]:
+                    if args.variants and variant not in args.variants and variant != "demo":
+                        continue
                     if (variant, seed) not in todo:
                         todo.append((variant, seed))
         for variant, seed in todo:

@@ -166,3 +166,16 @@ def test_the_tables_of_a_question_list_its_runs_and_pool_the_rates_per_instructi
     rates = claims.type_rate_lines(tmp_path, ["demo", "length-penalty-0.01"], [0, 1])
     # pooled over the seeds every variant has (seed 0 only): π0 2/10, demo 5/10, the penalty 4/10
     assert rates[0].endswith("seeds 0 pooled") and "| `a` | 10 | 0.20 | 0.50 | 0.40 |" in rates
+
+
+def test_variants_narrow_the_runs_to_make_and_keep_the_demo_they_pair_with(tmp_path, monkeypatch):
+    made = []
+    monkeypatch.setattr(claims, "run", lambda root, variant, seed, split, log: made.append((variant, seed)) or 0.0)
+    monkeypatch.setattr(claims, "write_tables", lambda root, questions, seeds: root / "claims.md")
+    assert claims.main(["--root", str(tmp_path), "--seeds", "0", "1", "--only", "judge", "length",
+                        "--variants", "pm-knockout", "length-bonus-0.01"]) == 0
+    assert made == [("demo", 0), ("pm-knockout", 0), ("length-bonus-0.01", 0),
+                    ("demo", 1), ("pm-knockout", 1), ("length-bonus-0.01", 1)]
+    made.clear()
+    assert claims.main(["--root", str(tmp_path), "--seeds", "2", "--only", "pairs"]) == 0
+    assert made == [("demo", 2), ("max-random", 2), ("random", 2)]
