@@ -522,3 +522,8 @@ def test_the_git_commit_is_read_where_the_code_is_a_checkout(tmp_path):
     assert git_commit(code) == head
     (code / "a.py").write_text("x = 2\n")
     assert git_commit(code) == head + "+changes"
+    # code installed into an ignored folder of some checkout (a venv in a project) is not that checkout's
+    (code / ".gitignore").write_text(".venv/\n")
+    (code / ".venv" / "pkg").mkdir(parents=True)
+    (code / ".venv" / "pkg" / "b.py").write_text("y = 1\n")
+    assert git_commit(code / ".venv" / "pkg") is None

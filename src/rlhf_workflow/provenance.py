@@ -45,8 +45,8 @@ def git_commit(directory: Path) -> str | None:
         return done.stdout.strip() if done.returncode == 0 else None
 
     commit = git("rev-parse", "--short=7", "HEAD")
-    if not commit:
-        return None
+    if not commit or not git("ls-files", "--", "."):  # not a checkout, or one that does not track this code
+        return None  # (an installed copy in an ignored venv inside some checkout)
     changed = git("status", "--porcelain", "--", ".")
     return commit + ("+changes" if changed else "")
 
