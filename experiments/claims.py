@@ -35,7 +35,7 @@ from rlhf_workflow.data.io import jsonl_lines
 # variant -> overrides of the demo recipe
 VARIANTS: dict[str, list[str]] = {
     "demo": [],
-    # the preference model trains in the demo's precision (the recipe's bf16, fp32 where the demo chose it)
+    # the preference model trains in the precision the seed's demo run trained its reward model in (`run`)
     "pm-knockout": ["feedback.judge=pm", "judge.ranking=knockout"],
     "pm-copeland": ["feedback.judge=pm", "judge.ranking=copeland"],
     "max-random": ["pairs.strategy=max_random"],
@@ -219,13 +219,16 @@ def run(root: Path, variant: str, seed: int, split: str, log: Path) -> float:
     overrides = VARIANTS[variant] + ([] if variant == "demo" else ONLY_DEMO_TRAINS_OFFLINE)
     common = [f"seed={seed}", f"prompts.eval_split={split}", f"output_dir={path}"]
     demo = run_dir(root, "demo", seed)
-    if variant != "demo" and (demo / "state.json").exists():
+    if variant != "demo" and (demo / "state.json").exists() and not (path / "config.yaml").exists():
         from rlhf_workflow.config import RunConfig, config_to_yaml, load_config
         from rlhf_workflow.workflow import DEMO_RECIPE, PRECISION_KEYS
 
         held = load_config(RunConfig, demo / "config.yaml")
-        # the demo's precision, so that the variant never measures its own (and never differs in it)
-        overrides = [f"{key}={held.value_at(key)}" for key in PRECISION_KEYS] + overrides
+        # the demo's precision, so that the variant never measures its own (and never differs in it);
+        # a preference model trains as the demo's reward model did. A variant that has started
+        # (config.yaml) gets none: `demo` continues it in the precision it started with.
+        overrides = [f"{key}={held.value_at(key)}" for key in PRECISION_KEYS] + [
+            f"feedback.pm_train.precision={held.value_at('feedback.rm_train.precision')}"] + overrides
         if not path.exists():
             variant_config = load_config(RunConfig, DEMO_RECIPE, overrides + common)
             stages, why = shared_stages(demo, config_to_yaml(variant_config))
@@ -270,7 +273,8 @@ def run_lines(root: Path, variants: list[str], seeds: list[int]) -> list[str]:
             if not finished(path):
                 continue
             state = json.loads((path / "state.json").read_text())
-            for setup in dict.fromkeys(state.get("made_by", {}).values()):
+            made_by = state.get("made_by", {})
+            for setup in dict.fromkeys(made_by.get(stage, "(not recorded)") for stage in state.get("completed", [])):
                 setups.setdefault(setup, []).append(path.name)
             rows = metrics_rows(path)
             gold = " → ".join(f"{rows[p]['gold']:.3f}" for p in ("iter_0", "iter_1", "iter_2") if p in rows)
@@ -367,6 +371,10 @@ def main(argv: list[str] | None = None) -> int:
     root = Path(args.root)
     root.mkdir(parents=True, exist_ok=True)
     questions = args.only or list(QUESTIONS)
+    asked = {variant for question in questions for variant in QUESTIONS[question][1]}
+    if set(args.variants or ()) - asked:
+        parser.error(f"--variants {' '.join(sorted(set(args.variants) - asked))}: not a variant of "
+                     f"{', '.join(questions)} (their variants: {', '.join(sorted(asked))})")
     if not args.report_only:
         todo = []
         for seed in args.seeds:  # seed by seed, so that every question has a first seed early

@@ -457,24 +457,30 @@ def test_seeds_whose_two_sides_were_made_differently_are_named(tmp_path):
 
     rng = random.Random(15)
 
-    def run(name, seed, shift, made_by):
-        path = make_run(tmp_path, name, seed, {"iter_2": random_policy(rng, shift)}, judge=f"{name[:2]}.py:j")
+    def run(name, seed, shift, made_by, policies=("iter_2",)):
+        path = make_run(tmp_path, name, seed, {p: random_policy(rng, shift) for p in policies}, judge=f"{name[:2]}.py:j")
         if made_by is not None:
-            (path / "state.json").write_text(json.dumps({"completed": ["prompts", "iter_2/eval"], "seconds": {},
-                                                         "made_by": {"prompts": made_by[0], "iter_2/eval": made_by[1]}}))
+            stages = ["prompts", "iter_2/eval"]
+            (path / "state.json").write_text(json.dumps({"completed": stages, "seconds": {}, "made_by": {
+                stage: setup for stage, setup in zip(stages, made_by) if setup is not None}}))
         return f"{name[:2]}={path}"
 
     here, there = "rlhf-workflow 0.1.0 (git aaaaaaa), AMD EPYC (x86_64, family 25)", "rlhf-workflow 0.1.0 (git bbbbbbb)"
     inputs = [run("pm-0", 0, 0.1, (here, here)), run("rm-0", 0, 0, (here, here)),  # one set-up
               run("pm-1", 1, 0.1, (here, there)), run("rm-1", 1, 0, (here, here)),  # continued on another
               run("pm-2", 2, 0.1, (there, there)), run("rm-2", 2, 0, (here, here)),  # made elsewhere
-              run("pm-3", 3, 0.1, None), run("rm-3", 3, 0, (here, here))]  # not recorded
+              run("pm-3", 3, 0.1, None), run("rm-3", 3, 0, (here, here)),  # not recorded
+              run("pm-4", 4, 0.1, (None, there)), run("rm-4", 4, 0, (here, here))]  # recorded after a resume only
     [result] = compare(load(inputs), [("pm/iter_2", "rm/iter_2")], resamples=50)
     assert result.made_differently == [1, 2]
     assert ("pm/iter_2 − rm/iter_2: in seed(s) 1, 2 the two sides were made by different code or processors "
             "(each run's report, 'Made by'), so their difference also holds that of another draw of the arithmetic"
             in notes([result]))
     assert to_json([result])[0]["seeds_made_differently"] == [1, 2]
+    # one run's policies are one draw of the recipe, however many set-ups made its stages
+    single = run("xx-0", 0, 0, (here, there), policies=("iter_0", "iter_2")).partition("=")[2]
+    [within] = compare(load([single]), [("xx-0/iter_2", "xx-0/iter_0")], resamples=50)
+    assert within.made_differently == [] and not any("made by" in note for note in notes([within]))
 
 
 def test_a_run_records_what_made_each_stage_and_its_report_says_so(tmp_path):
@@ -502,28 +508,55 @@ def test_a_run_records_what_made_each_stage_and_its_report_says_so(tmp_path):
     (run / "state.json").write_text(json.dumps(saved))
     report = write_report(run).read_text()
     assert "- prompts: rlhf-workflow 0.0.9, elsewhere" in report and f"- iter_0/eval: {setup}" in report
+    del saved["made_by"]["prompts"]  # a run begun before set-ups were recorded
+    (run / "state.json").write_text(json.dumps(saved))
+    report = write_report(run).read_text()
+    assert "- prompts: not recorded" in report and f"- iter_0/eval: {setup}" in report
     assert "iter_0/eval: " + setup.replace("&", "&amp;") in (run / "report" / "report.html").read_text()
 
 
-def test_the_git_commit_is_read_where_the_code_is_a_checkout(tmp_path):
+def test_the_git_commit_is_the_last_that_changed_the_code(tmp_path):
+    import shutil
     import subprocess
 
     from rlhf_workflow.provenance import git_commit
 
+    if shutil.which("git") is None:
+        pytest.skip("no git on this machine")
     assert git_commit(tmp_path) is None  # not a checkout
-    code = tmp_path / "code"
-    code.mkdir()
-    (code / "a.py").write_text("x = 1\n")
-    git = ["git", "-C", str(code), "-c", "user.name=t", "-c", "user.email=t@t"]
+    repo, code = tmp_path / "repo", tmp_path / "repo" / "pkg"
+    code.mkdir(parents=True)
+    git = ["git", "-C", str(repo), "-c", "user.name=t", "-c", "user.email=t@t"]
+
+    def commit(path, text):
+        path.write_text(text)
+        subprocess.run(git + ["add", "-A"], check=True)
+        subprocess.run(git + ["commit", "-qm", "c"], check=True)
+        return subprocess.run(git + ["rev-parse", "--short=7", "HEAD"], capture_output=True, text=True).stdout.strip()
+
     subprocess.run(git + ["init", "-q"], check=True)
-    subprocess.run(git + ["add", "a.py"], check=True)
-    subprocess.run(git + ["commit", "-qm", "a"], check=True)
-    head = subprocess.run(git + ["rev-parse", "--short=7", "HEAD"], capture_output=True, text=True).stdout.strip()
-    assert git_commit(code) == head
+    made = commit(code / "a.py", "x = 1\n")
+    assert git_commit(code) == made
+    commit(repo / "README.md", "docs\n")  # a commit that changed no code
+    assert git_commit(code) == made
     (code / "a.py").write_text("x = 2\n")
-    assert git_commit(code) == head + "+changes"
+    assert git_commit(code) == made + "+changes"
     # code installed into an ignored folder of some checkout (a venv in a project) is not that checkout's
-    (code / ".gitignore").write_text(".venv/\n")
-    (code / ".venv" / "pkg").mkdir(parents=True)
-    (code / ".venv" / "pkg" / "b.py").write_text("y = 1\n")
-    assert git_commit(code / ".venv" / "pkg") is None
+    (repo / ".gitignore").write_text(".venv/\n")
+    (repo / ".venv" / "pkg").mkdir(parents=True)
+    (repo / ".venv" / "pkg" / "b.py").write_text("y = 1\n")
+    assert git_commit(repo / ".venv" / "pkg") is None
+
+
+def test_describing_the_set_up_never_fails_a_run(monkeypatch):
+    from rlhf_workflow import provenance
+
+    def broken():
+        raise RuntimeError("driver gone")
+
+    monkeypatch.setattr(provenance, "_describe", broken)
+    provenance.made_by.cache_clear()
+    try:
+        assert provenance.made_by() == "set-up unknown (RuntimeError)"
+    finally:
+        provenance.made_by.cache_clear()

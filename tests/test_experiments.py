@@ -179,3 +179,45 @@ def test_variants_narrow_the_runs_to_make_and_keep_the_demo_they_pair_with(tmp_p
     made.clear()
     assert claims.main(["--root", str(tmp_path), "--seeds", "2", "--only", "pairs"]) == 0
     assert made == [("demo", 2), ("max-random", 2), ("random", 2)]
+    made.clear()
+    with pytest.raises(SystemExit):  # a variant of none of the questions asked: said, nothing run
+        claims.main(["--root", str(tmp_path), "--only", "pairs", "--variants", "pm-knockout"])
+    assert made == []
+
+
+def test_no_variant_sets_a_precision_of_its_own():
+    """A precision on a variant's command line would win over the demo's fp32 choice (on a CPU
+    without bf16 instructions a bf16 one runs about 100x slower): variants take their demo's."""
+    for name, overrides in claims.VARIANTS.items():
+        keys = {override.partition("=")[0] for override in overrides}
+        assert not any(key.endswith((".precision", ".dtype")) for key in keys), name
+
+
+@pytest.mark.parametrize("trained", ["fp32", "bf16"])
+def test_a_variant_starts_in_its_demos_precision_and_continues_in_its_own(tmp_path, monkeypatch, trained):
+    """A new variant gets the precision of its seed's demo run, its preference model that of the demo's
+    reward model (a demo run made before the recipe named the preference model's holds its default,
+    fp32); a variant that has started gets none, as `demo` continues a run in its own."""
+    import subprocess
+
+    from rlhf_workflow.config import RunConfig, config_to_yaml, load_config
+    from rlhf_workflow.workflow import DEMO_RECIPE, PRECISION_KEYS
+
+    demo = tmp_path / "demo-s0"
+    demo.mkdir()
+    precision = [f"{key}={value}" for key, value in PRECISION_KEYS.items()] if trained == "fp32" else []
+    held = load_config(RunConfig, DEMO_RECIPE, precision + [f"output_dir={demo}"])
+    (demo / "config.yaml").write_text(config_to_yaml(held))
+    (demo / "state.json").write_text(json.dumps({"completed": []}))
+    commands = []
+    monkeypatch.setattr(subprocess, "run", lambda command, **kwargs: commands.append(command))
+    claims.run(tmp_path, "pm-knockout", 0, "eval", tmp_path / "log")
+    settings = dict(arg.partition("=")[::2] for arg in commands[-1][4:])
+    assert settings["feedback.pm_train.precision"] == trained == settings["feedback.rm_train.precision"]
+    assert all(settings[key] == str(held.value_at(key)) for key in PRECISION_KEYS if key != "feedback.pm_train.precision")
+    variant = tmp_path / "pm-knockout-s0"
+    variant.mkdir(exist_ok=True)
+    (variant / "config.yaml").write_text("started: true\n")
+    claims.run(tmp_path, "pm-knockout", 0, "eval", tmp_path / "log")
+    assert not [arg for arg in commands[-1] if arg.split("=")[0] in PRECISION_KEYS]
+    assert "feedback.judge=pm" in commands[-1]

@@ -35,8 +35,11 @@ def run_workflow(config: RunConfig, *, force: bool = False) -> Path:
     return report
 
 
-# Every bf16 setting of the demo recipe, and its fp32 value for a CPU where bf16 is not faster (a
-# test holds this to the recipe: a bf16 key missing here would run emulated bf16, ~100x slower)
+# The demo's precision settings and their fp32 values, for a CPU where bf16 is not faster: every
+# bf16 setting of the recipe (a test holds this to the recipe: one missing here would run emulated
+# bf16 there, ~100x slower), and the preference model's (fp32 in the recipe, as trained with
+# `feedback.train_pm=true`; bf16 where experiments/claims.py's variants follow the reward model's),
+# which a run directory continued keeps as it started, like the others
 PRECISION_KEYS = {"generation.dtype": "float32", "judge.dtype": "float32",
                   "feedback.rm_train.precision": "fp32", "feedback.pm_train.precision": "fp32",
                   "dpo.train.precision": "fp32"}

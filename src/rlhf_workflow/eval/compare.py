@@ -195,14 +195,17 @@ def _judge_identity(run_dir: Path, config: "RunConfig") -> str | None:
 
 
 def _made_by(run_dir: Path) -> frozenset[str]:
-    """The set-ups that made a run's stages (state.json's ``made_by``); empty for a run made before
-    they were recorded."""
+    """The set-ups that made a run's stages (state.json's ``made_by``); empty (unknown) where a
+    completed stage has none: a run made, or begun, before they were recorded."""
     from rlhf_workflow.data.io import decode_json
 
     path = run_dir / "state.json"
     data = decode_json(path.read_text(encoding="utf-8", errors="replace"), str(path), whole_file=True) if path.exists() else {}
     made = data.get("made_by") if isinstance(data, dict) else None
-    return frozenset(str(setup) for setup in made.values()) if isinstance(made, dict) else frozenset()
+    completed = data.get("completed") if isinstance(data, dict) else None
+    if not (isinstance(made, dict) and isinstance(completed, list) and all(stage in made for stage in completed)):
+        return frozenset()
+    return frozenset(str(setup) for setup in made.values())
 
 
 def _weights_digest(model_dir: Path) -> str | None:
@@ -385,7 +388,8 @@ def compare(policies: Sequence[PolicyEval], wanted: Sequence[tuple[str, str]], r
         metrics = {key: difference(pairs, key, resamples) for key, _ in METRICS}
         paired = [a for a, _ in pairs]
         left_out = [a.seed for a in by_label[policy] if not any(a is b for b in paired)]
-        differently = [a.seed for a, b in pairs if a.made_by and b.made_by and len(a.made_by | b.made_by) > 1]
+        differently = [a.seed for a, b in pairs  # two runs (one run's policies are one draw, however made)
+                       if a.path.parent != b.path.parent and a.made_by and b.made_by and len(a.made_by | b.made_by) > 1]
         out.append(Comparison(policy, baseline, [a.seed for a in paired], metrics, left_out, differently))
     return out
 

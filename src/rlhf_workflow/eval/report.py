@@ -302,12 +302,16 @@ def _plot_gold_by_length(labels: list[str], binned: dict[str, list[tuple[float |
     return "gold_by_length.png", "gold score by response length (does the gain come with length?)"
 
 
-def made_by_lines(made_by: dict[str, str]) -> list[str]:
+def made_by_lines(state: dict[str, Any]) -> list[str]:
     """What made the run's stages (state.json's ``made_by``, `provenance.made_by`): one line per set-up,
-    naming its stages where there were several (a run continued after an upgrade, or on another machine)."""
+    naming its stages where there were several (a run continued after an upgrade, or on another
+    machine, or begun before set-ups were recorded: "not recorded")."""
+    made_by = state.get("made_by") if isinstance(state.get("made_by"), dict) else {}
+    if not made_by:
+        return []
     stages_of: dict[str, list[str]] = {}
-    for stage, setup in made_by.items():
-        stages_of.setdefault(setup, []).append(stage)
+    for stage in list(state.get("completed") or []) + [s for s in made_by if s not in (state.get("completed") or [])]:
+        stages_of.setdefault(str(made_by.get(stage, "not recorded")), []).append(stage)
     if len(stages_of) == 1:
         return [f"every stage: {next(iter(stages_of))}"]
     return [f"{', '.join(stages)}: {setup}" for setup, stages in stages_of.items()]
@@ -328,7 +332,7 @@ def write_report(run_dir: str | Path) -> Path:
     state_file = run_dir / "state.json"
     state = json.loads(state_file.read_text()) if state_file.exists() else {}
     seconds = state.get("seconds", {})
-    made_lines = made_by_lines(state.get("made_by", {}))
+    made_lines = made_by_lines(state)
     title = f"rlhf-workflow report: {run_dir.name}"
     feedback_lines = [f"{row['id']}, length-controlled win rate vs π0: {row['lc_win_rate_vs_initial_note']}."
                       for row in rows if row.get("lc_win_rate_vs_initial_note")]
