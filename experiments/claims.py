@@ -227,7 +227,7 @@ def run(root: Path, variant: str, seed: int, split: str, log: Path) -> float:
         # the demo's precision, so that the variant never measures its own (and never differs in it);
         # a preference model trains as the demo's reward model did. A variant that has started
         # (config.yaml) gets none: `demo` continues it in the precision it started with.
-        overrides = [f"{key}={held.value_at(key)}" for key in PRECISION_KEYS] + [
+        overrides = [f"{key}={held.value_at(key)}" for key in PRECISION_KEYS if key != "feedback.pm_train.precision"] + [
             f"feedback.pm_train.precision={held.value_at('feedback.rm_train.precision')}"] + overrides
         if not path.exists():
             variant_config = load_config(RunConfig, DEMO_RECIPE, overrides + common)

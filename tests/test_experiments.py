@@ -212,6 +212,8 @@ def test_a_variant_starts_in_its_demos_precision_and_continues_in_its_own(tmp_pa
     commands = []
     monkeypatch.setattr(subprocess, "run", lambda command, **kwargs: commands.append(command))
     claims.run(tmp_path, "pm-knockout", 0, "eval", tmp_path / "log")
+    keys = [arg.partition("=")[0] for arg in commands[-1][4:]]
+    assert len(keys) == len(set(keys))  # each setting once
     settings = dict(arg.partition("=")[::2] for arg in commands[-1][4:])
     assert settings["feedback.pm_train.precision"] == trained == settings["feedback.rm_train.precision"]
     assert all(settings[key] == str(held.value_at(key)) for key in PRECISION_KEYS if key != "feedback.pm_train.precision")
