@@ -264,6 +264,7 @@ def judge_accuracy(path: Path) -> str:
 def run_lines(root: Path, variants: list[str], seeds: list[int]) -> list[str]:
     """One row per complete run of ``variants``: its judge, pairs and gold per policy, iter_2's length."""
     from rlhf_workflow.eval.render import markdown_table
+    from rlhf_workflow.provenance import stages_by_setup
 
     cells = []
     setups: dict[str, list[str]] = {}  # what made the runs' stages (state.json's made_by) -> the runs
@@ -273,8 +274,7 @@ def run_lines(root: Path, variants: list[str], seeds: list[int]) -> list[str]:
             if not finished(path):
                 continue
             state = json.loads((path / "state.json").read_text())
-            made_by = state.get("made_by", {})
-            for setup in dict.fromkeys(made_by.get(stage, "(not recorded)") for stage in state.get("completed", [])):
+            for setup in stages_by_setup(state):
                 setups.setdefault(setup, []).append(path.name)
             rows = metrics_rows(path)
             gold = " → ".join(f"{rows[p]['gold']:.3f}" for p in ("iter_0", "iter_1", "iter_2") if p in rows)

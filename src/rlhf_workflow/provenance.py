@@ -16,6 +16,7 @@ import os
 import platform
 import subprocess
 from pathlib import Path
+from typing import Any
 
 logger = logging.getLogger(__name__)
 
@@ -48,6 +49,22 @@ def _describe() -> str:
     processes = int(os.environ.get("WORLD_SIZE", "1") or 1)  # set by accelerate launch / torchrun
     return (f"{code}, torch {torch.__version__}, transformers {transformers.__version__}, {processor()}"
             + (f", {processes} processes" if processes > 1 else ""))
+
+
+NOT_RECORDED = "not recorded"  # a completed stage without a record: made before set-ups were recorded
+
+
+def stages_by_setup(state: Any) -> dict[str, list[str]]:
+    """A run's state.json (as read) as {set-up: its stages}, completed stages first and in order; a
+    completed stage without a record under `NOT_RECORDED`; {} where nothing is recorded."""
+    if not isinstance(state, dict) or not isinstance(state.get("made_by"), dict) or not state["made_by"]:
+        return {}
+    made_by = state["made_by"]
+    completed = [s for s in state.get("completed") or [] if isinstance(s, str)]
+    grouped: dict[str, list[str]] = {}
+    for stage in completed + [s for s in made_by if s not in completed]:
+        grouped.setdefault(str(made_by.get(stage, NOT_RECORDED)), []).append(stage)
+    return grouped
 
 
 def git_commit(directory: Path) -> str | None:

@@ -198,14 +198,12 @@ def _made_by(run_dir: Path) -> frozenset[str]:
     """The set-ups that made a run's stages (state.json's ``made_by``); empty (unknown) where a
     completed stage has none: a run made, or begun, before they were recorded."""
     from rlhf_workflow.data.io import decode_json
+    from rlhf_workflow.provenance import NOT_RECORDED, stages_by_setup
 
     path = run_dir / "state.json"
     data = decode_json(path.read_text(encoding="utf-8", errors="replace"), str(path), whole_file=True) if path.exists() else {}
-    made = data.get("made_by") if isinstance(data, dict) else None
-    completed = data.get("completed") if isinstance(data, dict) else None
-    if not (isinstance(made, dict) and isinstance(completed, list) and all(stage in made for stage in completed)):
-        return frozenset()
-    return frozenset(str(setup) for setup in made.values())
+    setups = stages_by_setup(data)
+    return frozenset() if NOT_RECORDED in setups else frozenset(setups)
 
 
 def _weights_digest(model_dir: Path) -> str | None:

@@ -306,12 +306,11 @@ def made_by_lines(state: dict[str, Any]) -> list[str]:
     """What made the run's stages (state.json's ``made_by``, `provenance.made_by`): one line per set-up,
     naming its stages where there were several (a run continued after an upgrade, or on another
     machine, or begun before set-ups were recorded: "not recorded")."""
-    made_by = state.get("made_by") if isinstance(state.get("made_by"), dict) else {}
-    if not made_by:
+    from rlhf_workflow.provenance import stages_by_setup
+
+    stages_of = stages_by_setup(state)
+    if not stages_of:
         return []
-    stages_of: dict[str, list[str]] = {}
-    for stage in list(state.get("completed") or []) + [s for s in made_by if s not in (state.get("completed") or [])]:
-        stages_of.setdefault(str(made_by.get(stage, "not recorded")), []).append(stage)
     if len(stages_of) == 1:
         return [f"every stage: {next(iter(stages_of))}"]
     return [f"{', '.join(stages)}: {setup}" for setup, stages in stages_of.items()]
