@@ -264,7 +264,7 @@ def judge_accuracy(path: Path) -> str:
 def run_lines(root: Path, variants: list[str], seeds: list[int]) -> list[str]:
     """One row per complete run of ``variants``: its judge, pairs and gold per policy, iter_2's length."""
     from rlhf_workflow.eval.render import markdown_table
-    from rlhf_workflow.provenance import stages_by_setup
+    from rlhf_workflow.provenance import NOT_RECORDED, stages_by_setup
 
     cells = []
     setups: dict[str, list[str]] = {}  # what made the runs' stages (state.json's made_by) -> the runs
@@ -291,7 +291,8 @@ def run_lines(root: Path, variants: list[str], seeds: list[int]) -> list[str]:
     header = ["run", "seed", "judge's held-out accuracy", "pairs (iter_1 + iter_2)", "gold π0 → iter_1 → iter_2",
               "iter_2 win rate / length-controlled, vs π0 (its judge)", "iter_2 KL to π0", "iter_2 length (tokens)",
               "stage time (s)"]
-    made = [f"- made by {setup}: {', '.join(runs)}" for setup, runs in setups.items()]
+    made = [f"- stages not recorded (made, or copied from a run made, before runs recorded their set-up): {', '.join(runs)}"
+            if setup == NOT_RECORDED else f"- made by {setup}: {', '.join(runs)}" for setup, runs in setups.items()]
     return ["### The runs", ""] + markdown_table(header, cells) + [""] + made + ([""] if made else [])
 
 

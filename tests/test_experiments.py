@@ -145,9 +145,11 @@ def test_the_tables_of_a_question_list_its_runs_and_pool_the_rates_per_instructi
         path = tmp_path / f"{variant}-s{seed}"
         (path / "feedback").mkdir(parents=True)
         (path / "config.yaml").write_text(yaml.safe_dump({"feedback": {"judge": judge}}))
+        # a variant's first stage copied from a demo run made before runs recorded their set-up
+        recorded = {"offline/eval": made_by} | ({"iter_2/eval": made_by} if variant == "demo" else {})
         (path / "state.json").write_text(json.dumps({"completed": ["iter_2/eval", "offline/eval"],
                                                      "seconds": {"iter_2/eval": 30.4, "offline/eval": 20.2},
-                                                     "made_by": {"iter_2/eval": made_by, "offline/eval": made_by}}))
+                                                     "made_by": recorded}))
         (path / "feedback" / f"{judge}_eval.json").write_text(json.dumps({"accuracy": 0.6, "pairs": 50}))
         base = {"gold": 0.3, "length_tokens": 40.0, "ifeval_types": {"a": {"n": 10, "strict": 0.2}}}
         rows = [{"id": "iter_0", **base}, {"id": "iter_1", "gold": 0.35, "pairs": 64, "length_tokens": 30.0},
@@ -162,6 +164,8 @@ def test_the_tables_of_a_question_list_its_runs_and_pool_the_rates_per_instructi
     lines = claims.run_lines(tmp_path, ["demo", "length-penalty-0.01"], [0, 1])
     assert "| demo | 0 | RM 0.600 (50 pairs) | 64 + 63 | 0.300 → 0.350 → 0.400 | 0.80 / 0.50 | 2.00 | 12.0 | 51 |" in lines
     assert "- made by here: demo-s0, demo-s1" in lines and "- made by there: length-penalty-0.01-s0" in lines
+    assert "- stages not recorded (made, or copied from a run made, before runs recorded their set-up): " \
+           "length-penalty-0.01-s0" in lines
     assert sum(line.startswith("| length-penalty-0.01 |") for line in lines) == 1  # seed 1 is not done
     rates = claims.type_rate_lines(tmp_path, ["demo", "length-penalty-0.01"], [0, 1])
     # pooled over the seeds every variant has (seed 0 only): π0 2/10, demo 5/10, the penalty 4/10
