@@ -84,8 +84,8 @@ def finished(path: Path) -> bool:
 
 
 # The first stage of the demo's run that a key of the recipe feeds (the longest matching prefix
-# wins). A variant whose recipe differs from its seed's demo run only in keys listed here starts
-# from a copy of the demo's stages before the earliest stage they feed: those outputs are exactly
+# wins). A variant whose recipe differs from its seed's demo run (or another run of its seed) only
+# in keys listed here starts from a copy of that run's stages before the earliest stage they feed: those outputs are exactly
 # the ones the variant would make (same recipe up to there, same seed, same machine), so they are
 # not made again. Any other differing key: no copy, the variant runs whole.
 FIRST_STAGE_FED: dict[str, str | None] = {
@@ -94,8 +94,9 @@ FIRST_STAGE_FED: dict[str, str | None] = {
     "reference": "iter_2/dpo",  # iteration 1's reference is π0 either way: π0 = π_{t-1} there
     "feedback.judge": "iter_0/eval",  # the loop's judge scores from π0's evaluation on
     "judge": "iter_0/eval",
-    "feedback.train_pm": None,  # the preference model's own stages, which the demo does not run
-    "feedback.pm_train": None,
+    # the preference model's own stages, which a demo run does not have (it shares all it has)
+    "feedback.train_pm": "feedback/pm",
+    "feedback.pm_train": "feedback/pm",
     "offline": "offline/generate",  # the baseline's stages (and offline/prompts.jsonl, never copied)
 }
 # What each stage of a run writes (globs under the run directory); {t} is the iteration
@@ -106,6 +107,8 @@ STAGE_OUTPUTS: dict[str, list[str]] = {
     "feedback/pairs": ["feedback/all_pairs.*", "feedback/heldout_pairs.*", "feedback/pairs.*"],
     "feedback/rm": ["feedback/rm"],
     "feedback/eval-rm": ["feedback/rm_eval.json"],
+    "feedback/pm": ["feedback/pm"],
+    "feedback/eval-pm": ["feedback/pm_eval.json"],
     "iter_{t}/generate": ["iter_{t}/generations*.jsonl", "iter_{t}/generations*.json"],
     "iter_{t}/annotate": ["iter_{t}/scored.*"],
     "iter_{t}/pairs": ["iter_{t}/pairs.*"],
@@ -164,6 +167,32 @@ def shared_stages(source: Path, variant_yaml: str) -> tuple[list[str], str]:
     return shared, "every stage is shared"
 
 
+def best_source(root: Path, seed: int, target: Path, variant_yaml: str) -> tuple[Path | None, list[str], str]:
+    """The run of ``seed`` under ``root`` whose completed stages a run of ``variant_yaml`` (into
+    ``target``) would make the same, the most of them: its seed's demo run, or a variant run of the
+    same seed that shares more (a round-robin judge shares the preference model a knockout run
+    trained). (source, its shared stages, why the list ends there); (None, [], why) when no run of
+    the seed shares a stage. The demo wins a tie."""
+    import yaml
+
+    candidates = [run_dir(root, "demo", seed)] + sorted(
+        path for path in root.glob(f"*-s{seed}") if path.is_dir() and path.name != f"demo-s{seed}" and path != target)
+    best: tuple[Path | None, list[str], str] = (None, [], f"no run of seed {seed} under {root} shares a stage")
+    for source in candidates:
+        if not ((source / "state.json").exists() and (source / "config.yaml").exists()):
+            continue
+        try:
+            stages, why = shared_stages(source, variant_yaml)
+        except (ValueError, yaml.YAMLError) as exc:  # a run's unreadable config: share nothing with it
+            if source == candidates[0]:
+                raise
+            print(f"  not reusing {source.name}: {str(exc).splitlines()[0]}", flush=True)
+            continue
+        if len(stages) > len(best[1]):
+            best = (source, stages, why)
+    return best
+
+
 def stage_globs(stage: str) -> list[str]:
     for pattern, globs in STAGE_OUTPUTS.items():
         if "{t}" in pattern:
@@ -214,7 +243,8 @@ def copy_shared(source: Path, target: Path, stages: list[str]) -> None:
 
 def run(root: Path, variant: str, seed: int, split: str, log: Path) -> float:
     """One run (continued if it was cut short); its wall time in seconds. A variant run not yet
-    started begins from the stages it shares with its seed's demo run, when that run is there."""
+    started, once its seed's demo run is there, begins from the stages it shares with that run or
+    with another run of its seed that shares more (`best_source`)."""
     path = run_dir(root, variant, seed)
     overrides = VARIANTS[variant] + ([] if variant == "demo" else ONLY_DEMO_TRAINS_OFFLINE)
     common = [f"seed={seed}", f"prompts.eval_split={split}", f"output_dir={path}"]
@@ -231,10 +261,10 @@ def run(root: Path, variant: str, seed: int, split: str, log: Path) -> float:
             f"feedback.pm_train.precision={held.value_at('feedback.rm_train.precision')}"] + overrides
         if not path.exists():
             variant_config = load_config(RunConfig, DEMO_RECIPE, overrides + common)
-            stages, why = shared_stages(demo, config_to_yaml(variant_config))
-            print(f"  {path.name}: {len(stages)} stages from {demo.name} ({why})", flush=True)
-            if stages:
-                copy_shared(demo, path, stages)
+            source, stages, why = best_source(root, seed, path, config_to_yaml(variant_config))
+            print(f"  {path.name}: {len(stages)} stages from {source.name if source else demo.name} ({why})", flush=True)
+            if source is not None:
+                copy_shared(source, path, stages)
     command = [sys.executable, "-m", "rlhf_workflow", "demo", *overrides, *common]
     print(f"[{time.strftime('%H:%M:%S')}] {path.name}: {' '.join(command[3:])}", flush=True)
     start = time.perf_counter()

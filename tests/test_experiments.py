@@ -133,6 +133,47 @@ def test_shared_stages_stop_at_the_first_stage_a_differing_key_feeds(tmp_path):
     assert last("pairs.strategy=random") == "iter_1/annotate"
 
 
+def test_a_variant_starts_from_the_run_of_its_seed_that_shares_the_most(tmp_path):
+    """Round robin starts from the preference model a knockout run of its seed trained; a preference
+    model trained otherwise is not taken from it; the demo wins a tie; other seeds never count."""
+    from rlhf_workflow.config import RunConfig, config_to_yaml, load_config
+    from rlhf_workflow.workflow import DEMO_RECIPE
+
+    head = ["prompts", "feedback/generate", "feedback/annotate", "feedback/pairs", "feedback/rm", "feedback/eval-rm"]
+    loop = ["iter_0/eval", "iter_1/generate", "iter_1/annotate", "iter_1/pairs", "iter_1/dpo", "iter_1/eval",
+            "iter_2/generate", "iter_2/annotate", "iter_2/pairs", "iter_2/dpo", "iter_2/eval"]
+
+    def made(name: str, completed: list[str], *overrides: str) -> Path:
+        path = tmp_path / name
+        path.mkdir()
+        config = load_config(RunConfig, DEMO_RECIPE, [*overrides, "offline.after_online=false", f"output_dir={path}"])
+        (path / "config.yaml").write_text(config_to_yaml(config))
+        (path / "state.json").write_text(json.dumps({"completed": completed}))
+        return path
+
+    def variant(name: str, *overrides: str) -> tuple[Path | None, list[str], str]:
+        target = tmp_path / name
+        config = load_config(RunConfig, DEMO_RECIPE, [*overrides, "offline.after_online=false", f"output_dir={target}"])
+        return claims.best_source(tmp_path, 0, target, config_to_yaml(config))
+
+    demo = made("demo-s0", head + loop)
+    knockout = made("pm-knockout-s0", head + ["feedback/pm", "feedback/eval-pm"] + loop,
+                    "feedback.judge=pm", "judge.ranking=knockout")
+    made("pm-knockout-s1", head + ["feedback/pm", "feedback/eval-pm"] + loop, "feedback.judge=pm", "seed=1")
+
+    source, stages, why = variant("pm-copeland-s0", "feedback.judge=pm", "judge.ranking=copeland")
+    assert source == knockout and stages == head + ["feedback/pm", "feedback/eval-pm"]
+    assert "iter_0/eval is fed by judge.ranking" in why
+    source, stages, _ = variant("pm-lr-s0", "feedback.judge=pm", "judge.ranking=knockout", "feedback.pm_train.lr=1e-4")
+    assert source == demo and stages == head  # the knockout run's preference model trained at another lr
+    source, stages, _ = variant("random-s0", "pairs.strategy=random")
+    assert source == demo and stages[-1] == "iter_1/annotate"
+    (knockout / "config.yaml").write_text("policy: [unreadable\n")  # a sibling's broken config: not used
+    source, stages, _ = variant("pm-copeland-s0", "feedback.judge=pm", "judge.ranking=copeland")
+    assert source == demo and stages == head
+    assert claims.best_source(tmp_path, 2, tmp_path / "x-s2", (demo / "config.yaml").read_text())[0] is None
+
+
 def test_stage_globs_name_each_iterations_outputs():
     assert claims.stage_globs("iter_12/pairs") == ["iter_12/pairs.*"]
     assert claims.stage_globs("feedback/rm") == ["feedback/rm"]
