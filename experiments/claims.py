@@ -83,21 +83,24 @@ def finished(path: Path) -> bool:
     return last in done
 
 
-# The first stage of the demo's run that a key of the recipe feeds (the longest matching prefix
-# wins). A variant whose recipe differs from its seed's demo run (or another run of its seed) only
-# in keys listed here starts from a copy of that run's stages before the earliest stage they feed: those outputs are exactly
-# the ones the variant would make (same recipe up to there, same seed, same machine), so they are
-# not made again. Any other differing key: no copy, the variant runs whole.
-FIRST_STAGE_FED: dict[str, str | None] = {
-    "pairs": "iter_1/pairs",  # which two of the scored samples form a pair
-    "length_penalty": "iter_1/annotate",  # the loop's annotation (the eval's proxy reward is the raw judge)
-    "reference": "iter_2/dpo",  # iteration 1's reference is π0 either way: π0 = π_{t-1} there
-    "feedback.judge": "iter_0/eval",  # the loop's judge scores from π0's evaluation on
-    "judge": "iter_0/eval",
+# The stages a key of the recipe feeds first (the longest matching prefix wins): of a run's
+# completed stages, the earliest one of them ends what it shares. A variant whose recipe differs
+# from its seed's demo run (or another run of its seed) only in keys listed here starts from a copy
+# of that run's stages before there: those outputs are exactly the ones the variant would make (same
+# recipe up to there, same seed, same machine), so they are not made again. Any other differing
+# key: no copy, the variant runs whole.
+FIRST_STAGE_FED: dict[str, tuple[str, ...]] = {
+    "pairs": ("iter_1/pairs",),  # which two of the scored samples form a pair
+    "length_penalty": ("iter_1/annotate",),  # the loop's annotation (the eval's proxy reward is the raw judge)
+    "reference": ("iter_2/dpo",),  # iteration 1's reference is π0 either way: π0 = π_{t-1} there
+    # the loop's judge scores from π0's evaluation on; a preference-model judge is trained first
+    # (a run with the other judge may have no such stage, or one this variant would not run)
+    "feedback.judge": ("feedback/pm", "iter_0/eval"),
+    "judge": ("iter_0/eval",),
     # the preference model's own stages, which a demo run does not have (it shares all it has)
-    "feedback.train_pm": "feedback/pm",
-    "feedback.pm_train": "feedback/pm",
-    "offline": "offline/generate",  # the baseline's stages (and offline/prompts.jsonl, never copied)
+    "feedback.train_pm": ("feedback/pm",),
+    "feedback.pm_train": ("feedback/pm",),
+    "offline": ("offline/generate",),  # the baseline's stages (and offline/prompts.jsonl, never copied)
 }
 # What each stage of a run writes (globs under the run directory); {t} is the iteration
 STAGE_OUTPUTS: dict[str, list[str]] = {
@@ -128,12 +131,12 @@ def flat(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
-def fed_stage(key: str) -> tuple[bool, str | None]:
-    """(known, the first demo stage ``key`` feeds) by the longest prefix of FIRST_STAGE_FED."""
+def fed_stages(key: str) -> tuple[bool, tuple[str, ...]]:
+    """(known, the stages ``key`` feeds first) by the longest prefix of FIRST_STAGE_FED."""
     for prefix in sorted(FIRST_STAGE_FED, key=len, reverse=True):
         if key == prefix or key.startswith(prefix + "."):
             return True, FIRST_STAGE_FED[prefix]
-    return False, None
+    return False, ()
 
 
 def shared_stages(source: Path, variant_yaml: str) -> tuple[list[str], str]:
@@ -153,11 +156,10 @@ def shared_stages(source: Path, variant_yaml: str) -> tuple[list[str], str]:
     differing = sorted(k for k in ours.keys() | theirs.keys() if k != "output_dir" and ours.get(k) != theirs.get(k))
     cut: set[str] = set()
     for key in differing:
-        known, stage = fed_stage(key)
+        known, stages = fed_stages(key)
         if not known:
             return [], f"{key} differs ({ours.get(key)!r} vs {theirs.get(key)!r}) and its stages are not declared"
-        if stage is not None:
-            cut.add(stage)
+        cut.update(stages)
     completed = json.loads((source / "state.json").read_text())["completed"]
     shared = []
     for stage in completed:

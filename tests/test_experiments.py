@@ -168,6 +168,11 @@ def test_a_variant_starts_from_the_run_of_its_seed_that_shares_the_most(tmp_path
     assert source == demo and stages == head  # the knockout run's preference model trained at another lr
     source, stages, _ = variant("random-s0", "pairs.strategy=random")
     assert source == demo and stages[-1] == "iter_1/annotate"
+    # a reward-model run never takes the preference model's stages of a run that trained one
+    random = load_config(RunConfig, DEMO_RECIPE, ["pairs.strategy=random", "offline.after_online=false",
+                                                  f"output_dir={tmp_path / 'random-s0'}"])
+    stages, why = claims.shared_stages(knockout, config_to_yaml(random))
+    assert stages == head and "feedback/pm is fed by" in why
     (knockout / "config.yaml").write_text("policy: [unreadable\n")  # a sibling's broken config: not used
     source, stages, _ = variant("pm-copeland-s0", "feedback.judge=pm", "judge.ranking=copeland")
     assert source == demo and stages == head
