@@ -17,7 +17,8 @@ plain rerun, and then (for it and for every run that finished earlier):
 * every JSON Lines file of the run (prompts, generations, scores, pairs, reference log-probs,
   evaluation samples, DPO metrics, metrics.jsonl) has the same ids as in the uninterrupted run:
   none duplicated, none missing;
-* every saved policy loads with `from_pretrained` (safetensors) and no checkpoint is left behind;
+* every saved policy loads with `from_pretrained` (safetensors), with its model card; no
+  checkpoint and no temporary file of an interrupted write (``.<name>.tmp-<pid>``) is left;
 * the metrics of every policy equal the uninterrupted run's within 1e-4 (they are computed from
   the same seeded samples; only floating-point summation order may differ).
 
@@ -30,6 +31,7 @@ import argparse
 import json
 import os
 import random
+import re
 import shutil
 import signal
 import subprocess
@@ -44,8 +46,9 @@ from conftest import LOOP_JUDGE, LOOP_WORDS  # noqa: E402
 from rlhf_workflow.data.io import jsonl_lines
 
 TOLERANCE = 1e-4
+TEMPORARY = re.compile(r"^\..+\.(tmp|old)(-\d+)?$")  # an atomic write's name before its rename
 EVENTS = {  # moments worth a kill that a random draw rarely hits, as seen from the run directory
-    "checkpoint writing": lambda run: any(run.glob("*/dpo/checkpoints/.tmp-step-*")),
+    "checkpoint writing": lambda run: any(run.glob("*/dpo/checkpoints/.step-*.tmp")),
     "policy saving": lambda run: any(run.glob("*/dpo/.model.tmp-*")),
     "reference pass or first DPO step": lambda run: any(
         not (p.parent / "checkpoints").exists() and not (p.parent.parent / "policy").exists()
@@ -132,8 +135,12 @@ def compare(clean: Path, faulted: Path) -> list[str]:
             AutoModelForCausalLM.from_pretrained(policy)
         except Exception as exc:  # noqa: BLE001 - any failure to load is what we report
             problems.append(f"{policy.relative_to(faulted)}: does not load ({exc})")
+        if not (policy / "README.md").is_file():
+            problems.append(f"{policy.relative_to(faulted)}: no model card")
     leftovers = [p.relative_to(faulted) for p in faulted.glob("*/dpo/checkpoints") if any(p.iterdir())]
     problems += [f"{p}: checkpoints left behind" for p in leftovers]
+    temporary = [p.relative_to(faulted) for p in faulted.rglob("*") if TEMPORARY.match(p.name)]
+    problems += [f"{p}: temporary file of an interrupted write left behind" for p in temporary]
     metrics = {r["id"]: r for r in map(json.loads, jsonl_lines(clean / "metrics.jsonl"))}
     for row in map(json.loads, jsonl_lines(faulted / "metrics.jsonl")):
         for key, value in metrics[row["id"]].items():
@@ -215,8 +222,8 @@ def main() -> int:
     if not problems:
         files = len(list(clean.rglob("*.jsonl")))
         print(f"OK: in all {finished + 1} finished runs, all {files} JSON Lines files have the same rows as the "
-              f"uninterrupted run (no duplicates, none missing); every policy loads; no checkpoint is left; all "
-              f"metrics agree within {TOLERANCE}")
+              "uninterrupted run (no duplicates, none missing); every policy loads with its card; no checkpoint "
+              f"or temporary file is left; all metrics agree within {TOLERANCE}")
     return 1 if problems else 0
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -156,6 +157,75 @@ def test_killed_runs_finish_like_an_uninterrupted_one(recipe, tmp_path, moment):
     a, b = _metrics(clean), _metrics(killed)
     assert [r["id"] for r in b] == ["iter_0", "iter_1"]
     for x, y in zip(a, b):
+        for key in ("proxy_reward", "gold", "win_rate_vs_initial", "kl_vs_initial", "length_tokens"):
+            if key in x:
+                assert y[key] == pytest.approx(x[key], abs=1e-4), (key, x, y)
+
+
+# runs `rlhf-workflow run ARGS...` with MODULE.NAME (a function, or Class.method) killing the process
+# (SIGKILL) at its CALL-th call whose arguments mention TEXT: a kill at an exact moment of a write
+KILL_AT = """
+import importlib, os, signal, sys
+module, name, text, call = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
+owner = importlib.import_module(module)
+*path, name = name.split(".")
+for part in path:
+    owner = getattr(owner, part)
+original = getattr(owner, name)
+seen = 0
+def kill_at(*args, **kwargs):
+    global seen
+    if text in repr(args):
+        seen += 1
+        if seen == call:
+            os.kill(os.getpid(), signal.SIGKILL)
+    return original(*args, **kwargs)
+setattr(owner, name, kill_at)
+from rlhf_workflow.cli import main
+sys.exit(main(["run", *sys.argv[5:]]))
+"""
+
+TEMPORARY = re.compile(r"^\..+\.(tmp|old)(-\d+)?$")  # what an atomic write's temporary name looks like
+
+
+def test_kills_at_every_commit_point_of_a_write_leave_nothing_behind(recipe, tmp_path):
+    """A kill (1) with a saved model complete under its temporary name, (2) right after a training
+    stage saved its model, before its checkpoints were removed, (3) after the policy was moved into
+    place, before the stage was marked done, (4) with a file written under its temporary name: the
+    run then finishes with the rows and metrics of an uninterrupted one, and neither temporary files,
+    checkpoints, nor a retraining are left of the kills."""
+    args = [*recipe, "iterations=1", "prompts.per_iteration=8"]
+    clean, killed = tmp_path / "clean", tmp_path / "killed"
+    assert main(["run", *args, f"output_dir={clean}"]) == 0
+    dpo = killed / "iter_1" / "dpo"
+
+    def run_killed_at(module: str, name: str, text: str = "", call: int = 1) -> None:
+        result = subprocess.run([sys.executable, "-c", KILL_AT, module, name, text, str(call), *args,
+                                 f"output_dir={killed}"], env=_env(), capture_output=True, text=True, timeout=300)
+        assert result.returncode == -signal.SIGKILL, (module, name, result.stdout[-2000:], result.stderr[-2000:])
+
+    def temporary() -> list[str]:
+        return sorted(str(p.relative_to(killed)) for p in killed.rglob("*") if TEMPORARY.match(p.name))
+
+    run_killed_at("rlhf_workflow.models.saving", "replace_directory")
+    assert [Path(p).parent for p in temporary()] == [Path("iter_1/dpo")] and not (dpo / "model").exists()
+    run_killed_at("rlhf_workflow.train.checkpoint", "remove_checkpoints")
+    assert (dpo / "model" / "README.md").is_file() and any((dpo / "checkpoints").iterdir())
+    run_killed_at("rlhf_workflow.online.loop", "RunState.mark", "iter_1/dpo")
+    assert (killed / "iter_1" / "policy").is_dir() and "iter_1/dpo" not in _completed(killed)
+    policy_written = (killed / "iter_1" / "policy" / "model.safetensors").stat().st_mtime_ns
+    run_killed_at("os", "replace", "state.json")
+    assert any(p.startswith(".state.json.tmp-") for p in temporary())
+
+    assert main(["run", *args, f"output_dir={killed}"]) == 0
+    assert temporary() == []
+    assert not list(killed.rglob("checkpoints"))
+    assert (killed / "iter_1" / "policy" / "model.safetensors").stat().st_mtime_ns == policy_written  # not trained again
+    assert (killed / "iter_1" / "policy" / "README.md").is_file()  # the model card came with the model
+    for name in ("generations.jsonl", "scored.jsonl", "pairs.jsonl", "eval/generations.jsonl"):
+        ids = _ids(killed / "iter_1" / name)
+        assert len(ids) == len(set(ids)) and sorted(ids) == sorted(_ids(clean / "iter_1" / name)), name
+    for x, y in zip(_metrics(clean), _metrics(killed), strict=True):
         for key in ("proxy_reward", "gold", "win_rate_vs_initial", "kl_vs_initial", "length_tokens"):
             if key in x:
                 assert y[key] == pytest.approx(x[key], abs=1e-4), (key, x, y)

@@ -19,6 +19,7 @@ import pytest
 
 from conftest import cli_env, sft_args, write_jsonl
 from rlhf_workflow.cli import main
+from rlhf_workflow.data.io import atomic_write_text
 from rlhf_workflow.data.outputs import OutputLock, path_conflicts
 
 pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")
@@ -164,6 +165,39 @@ def test_a_killed_holder_leaves_no_stale_lock(tmp_path):
     holder.wait()
     assert lock.try_acquire() is None  # the OS released it with the process
     lock.release()
+
+
+def test_taking_a_lock_removes_what_killed_writers_left_and_only_that(tmp_path):
+    """Temporary names (`data.io.temp_path`) of writers no longer running go when an output's lock is
+    taken: anywhere in a directory output, and beside a file output only its own (sidecars, shards)."""
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    live = 1  # init: always running
+    d = tmp_path / "stage"
+    debris = [d / "sub" / f".rows.jsonl.tmp-{dead.pid}", d / f".model.tmp-{dead.pid}" / "model.safetensors",
+              d / "checkpoints" / ".step-00000002.tmp" / "optimizer.bin", d / f".model.old-{dead.pid}" / "config.json"]
+    kept = [d / f".rows.jsonl.tmp-{live}", d / ".rlhf-workflow.json", d / "model.tmp", d / ".notes.tmp-x",
+            d / "checkpoints" / "step-00000001" / "trainer_state.json"]
+    f = tmp_path / "files" / "gen.jsonl"
+    debris += [f.parent / f".gen.jsonl.tmp-{dead.pid}", f.parent / f".gen.rank1.jsonl.tmp-{dead.pid}",
+               f.parent / f".gen.settings.json.tmp-{dead.pid}"]
+    kept += [f.parent / f".other.jsonl.tmp-{dead.pid}", f.parent / f".generous.jsonl.tmp-{dead.pid}"]
+    for path in debris + kept:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("x")
+    for lock in (OutputLock(d, directory=True), OutputLock(f, directory=False)):
+        assert lock.try_acquire() is None
+        lock.release()
+    assert [p for p in debris if p.exists()] == [] and [p for p in kept if not p.exists()] == []
+    assert [p.name for p in (d / "checkpoints").iterdir()] == ["step-00000001"]
+    assert not (d / f".model.tmp-{dead.pid}").exists() and not (d / f".model.old-{dead.pid}").exists()
+    # where no lock is taken, writing a file again removes its own earlier temporary names
+    free = tmp_path / "free"
+    free.mkdir()
+    (free / f".x.json.tmp-{dead.pid}").write_text("x")
+    (free / f".x.json.tmp-{live}").write_text("x")
+    atomic_write_text(free / "x.json", "{}")
+    assert sorted(p.name for p in free.iterdir()) == [f".x.json.tmp-{live}", "x.json"]
 
 
 # ------------------------------------------------------------------ rows made by one set of settings

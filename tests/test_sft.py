@@ -82,6 +82,23 @@ def test_existing_checkpoints_need_resume(tiny_model_dir, sft_data, tmp_path, ca
     assert f"output_dir {out} already holds a `sft` run" in err and "--resume to continue it" in err
 
 
+def test_resuming_a_run_killed_right_after_saving_its_model_finds_it_finished(tiny_model_dir, sft_data, tmp_path,
+                                                                               capsys):
+    """The saved model is a stage's commit point: --resume after a kill that left the checkpoints
+    beside it trains nothing again, says the run is finished and removes those checkpoints."""
+    out = tmp_path / "killed"
+    assert main(sft_args(tiny_model_dir, sft_data, out, "train.max_steps=4", "train.save_every=2")) == 0
+    weights = (out / "model" / "model.safetensors").read_bytes()
+    assert "sft" in (out / "model" / "README.md").read_text()  # the card, written with the model
+    from rlhf_workflow.train.checkpoint import checkpoints_dir
+
+    (checkpoints_dir(out) / "step-00000004").mkdir(parents=True)
+    (checkpoints_dir(out) / "step-00000004" / "trainer_state.json").write_text('{"step": 4}')
+    assert main(sft_args(tiny_model_dir, sft_data, out, "train.max_steps=4", "train.save_every=2", "--resume")) == 2
+    assert "holds a finished run" in capsys.readouterr().err
+    assert not checkpoints_dir(out).exists() and (out / "model" / "model.safetensors").read_bytes() == weights
+
+
 def test_a_rerun_is_refused_and_force_starts_afresh_keeping_the_earlier_files(tiny_model_dir, sft_data, tmp_path,
                                                                                capsys):
     out = tmp_path / "twice"

@@ -8,9 +8,11 @@ sentence naming the place, ``data/train.jsonl:7: field 'chosen': ...`` for JSON 
 numbers) and ``data/train.parquet: row 7: ...`` for the tabular formats (1-based row numbers).
 
 Writing never leaves a partial file behind: `atomic_write_text` and `write_jsonl` write to a
-temporary file next to the target and rename it into place. `JsonlAppender` is for long stages
-that append rows keyed by id: on restart it drops a half-written last line and skips ids that
-are already done, so nothing is lost and nothing is duplicated.
+temporary file next to the target (`temp_path`) and rename it into place; what a killed writer
+leaves under such a name, the next holder of the output's lock removes (`remove_debris`).
+`JsonlAppender` is for long stages that append rows keyed by id: on restart it drops a
+half-written last line and skips ids that are already done, so nothing is lost and nothing is
+duplicated.
 """
 
 from __future__ import annotations
@@ -369,15 +371,74 @@ def _fsync_directory(directory: Path) -> None:
         os.close(fd)
 
 
+# --------------------------------------------------------------------------- temporary names
+
+# every write that renames into place uses these names, so that what a killed writer leaves is known
+_TEMPORARY = re.compile(r"^\.(?P<final>.+)\.(?:tmp|old)(?:-(?P<pid>\d+))?$")
+
+
+def temp_path(target: str | os.PathLike[str], kind: str = "tmp", *, per_process: bool = True) -> Path:
+    """Where ``target`` is written before it is renamed into place: ``.<name>.tmp-<pid>`` beside it
+    (``kind`` "old": where the directory it replaces waits to be deleted). ``per_process`` False:
+    one name for all processes of a run (a checkpoint that every process writes into)."""
+    target = Path(target)
+    return target.with_name(f".{target.name}.{kind}" + (f"-{os.getpid()}" if per_process else ""))
+
+
+def _running_here(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+def remove_debris(directory: str | os.PathLike[str], *, stem: str | None = None) -> list[Path]:
+    """Delete what writers killed before their rename left in ``directory`` (`temp_path` names whose
+    process is not running here), everywhere below it; with ``stem`` only the temporary names of the
+    files directly in it named ``<stem>`` or ``<stem>.*`` (one output file, its sidecars and shards).
+
+    Call it holding the output's lock (`data.outputs.OutputLock` does, when it takes one): no other
+    writer is then at work there, so nothing a live write needs is touched. Returns what was removed.
+    """
+    import shutil
+
+    root = Path(directory)
+    if not root.is_dir():
+        return []
+    if stem is None:
+        found = [Path(top) / name for top, dirs, files in os.walk(root) for name in dirs + files]
+    else:
+        found = [p for p in root.iterdir() if p.name.startswith(f".{stem}")]
+    removed = []
+    for path in found:
+        match = _TEMPORARY.match(path.name)
+        if match is None or (stem is not None and match["final"] != stem and not match["final"].startswith(f"{stem}.")):
+            continue
+        if match["pid"] is not None and _running_here(int(match["pid"])):
+            continue
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
+        removed.append(path)
+    if removed:
+        logger.info("removed %d temporary file(s) of an interrupted write in %s", len(removed), root)
+    return removed
+
+
 def _write_atomically(path: str | os.PathLike[str], write: Any) -> None:
-    """Call ``write(f)`` on a temp file next to ``path``, then rename it onto ``path``.
+    """Call ``write(f)`` on a temp file next to ``path`` (`temp_path`), then rename it onto ``path``.
 
     On any exception the temp file is removed and the exception re-raised, so ``path`` is
-    either the old file or the complete new one.
+    either the old file or the complete new one; a kill leaves the temp file to `remove_debris`.
     """
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.parent / f".{target.name}.tmp-{os.getpid()}"
+    remove_debris(target.parent, stem=target.name)  # an earlier write of it, killed (outputs no lock covers)
+    tmp = temp_path(target)
     try:
         with open(tmp, "w", encoding="utf-8", newline="\n") as f:
             write(f)

@@ -1,6 +1,6 @@
 """What a stage writes, and the rules that keep it from losing data.
 
-Every stage names its inputs and its outputs (a file, or a directory it owns), and four rules hold
+Every stage names its inputs and its outputs (a file, or a directory it owns), and five rules hold
 for all of them, here and nowhere else:
 
 * **An output is never an input** (`path_conflicts`): an output file, or one of the files written
@@ -15,6 +15,9 @@ for all of them, here and nowhere else:
   template; judge and length penalty). Resuming with other settings would mix rows of both, so it
   is refused with the difference, unless ``--force``, which moves the old output aside as a backup
   and starts afresh.
+* **Nothing half-written stays** (`data.io.remove_debris`): files and directories are written
+  under a temporary name (`data.io.temp_path`) and renamed into place; what a process killed
+  before its rename left, the next holder of the output's lock removes, so kills cost no disk.
 * **A directory belongs to one stage** (`claim_directory`): ``<dir>/.rlhf-workflow.json`` names the
   stage that writes there. Another stage's outputs, or files that no stage claimed, are refused;
   ``--force`` moves earlier outputs aside into ``replaced-<k>/``; nothing is ever deleted.
@@ -33,6 +36,7 @@ import time
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
+from rlhf_workflow.data.io import remove_debris
 from rlhf_workflow.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -194,6 +198,11 @@ class OutputLock:
         os.pwrite(fd, f"process {os.getpid()} on {socket.gethostname()} since {time.strftime('%H:%M:%S')}\n"
                   .encode(), 0)
         self._fd = fd
+        # what an earlier writer killed mid-write left there (no writer but this one is at work now)
+        if self.directory:
+            remove_debris(self.output)
+        else:
+            remove_debris(self.output.parent, stem=self.output.stem)
         return None
 
     def acquire(self, state: Any = None) -> "OutputLock":

@@ -148,11 +148,3 @@ def model_card(config: Any, stage: str, rows: dict[str, int], metrics_file: Path
                   "that way, in both orders.", ""]
     return "\n".join(lines)
 
-
-def write_model_card(model_dir: Path, config: Any, stage: str, rows: dict[str, int], metrics_file: Path) -> Path:
-    """Write ``model_dir/README.md`` (atomically)."""
-    from rlhf_workflow.data.io import atomic_write_text
-
-    path = Path(model_dir) / "README.md"
-    atomic_write_text(path, model_card(config, stage, rows, metrics_file))
-    return path

@@ -90,11 +90,12 @@ def load_reward_model(config: Any, tokenizer: Any) -> RewardModel:
     return RewardModel(model)
 
 
-def save_reward_model(reward_model: RewardModel, tokenizer: Any, path: Any) -> None:
+def save_reward_model(reward_model: RewardModel, tokenizer: Any, path: Any,
+                      extra_files: dict[str, str] | None = None) -> None:
     from rlhf_workflow.models.saving import save_model
 
     unwrap(reward_model.model).config.pad_token_id = tokenizer.pad_token_id
-    save_model(reward_model.model, tokenizer, path)
+    save_model(reward_model.model, tokenizer, path, extra_files=extra_files)
 
 
 @torch.inference_mode()

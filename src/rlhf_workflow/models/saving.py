@@ -13,13 +13,14 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+from rlhf_workflow.data.io import remove_debris, temp_path
 from rlhf_workflow.errors import disk_full_as_oserror
 from rlhf_workflow.models.lora import is_peft_model
 
 
 def replace_directory(tmp: Path, target: Path) -> None:
     """Move the finished directory ``tmp`` onto ``target``, replacing what was there."""
-    old = target.with_name(f".{target.name}.old-{os.getpid()}")
+    old = temp_path(target, "old")
     if target.exists():
         os.replace(target, old)
     os.replace(tmp, target)
@@ -41,7 +42,8 @@ def save_model(
     """
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
+    remove_debris(target.parent, stem=target.name)  # an earlier save of it, killed
+    tmp = temp_path(target)
     shutil.rmtree(tmp, ignore_errors=True)
     try:
         with disk_full_as_oserror(target.parent):

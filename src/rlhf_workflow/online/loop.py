@@ -304,6 +304,7 @@ class Runner:
 
     def dpo(self, directory: Path, start: ModelConfig, reference: str | None, seed_offset: int) -> None:
         from rlhf_workflow.train.dpo import run_dpo
+        from rlhf_workflow.train.stage import finished_model
 
         d = self.config.dpo
         out = directory / "dpo"
@@ -315,10 +316,11 @@ class Runner:
             reference=ReferenceConfig(name_or_path=reference, precompute=True, batch_size=d.reference_batch_size),
         )
         target = directory / "policy"
-        if not (out / "model").is_dir():
+        # the saved model, then the policy, appear whole by a rename: a kill after either keeps it
+        if not (out / "model").is_dir() and not target.is_dir():
             run_dpo(config, resume=True)  # continues from the last checkpoint, if any
-        if self.state.is_main_process:
-            if target.exists():  # a move cut short by a crash: the saved model is complete, replace it
+        if self.state.is_main_process and finished_model(out) is not None:  # (its checkpoints removed)
+            if target.exists():  # a policy from a run of this stage cut short: the saved model replaces it
                 import shutil
 
                 shutil.rmtree(target)

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from rlhf_workflow.data.io import temp_path
 from rlhf_workflow.errors import disk_full_as_oserror
 
 STATE_FILE = "trainer_state.json"
@@ -56,7 +57,7 @@ def save_checkpoint(accelerator: Any, output_dir: str | Path, step: int, *, keep
     """Save the full training state at ``step`` (call on every process), keep the newest ``keep``."""
     root = checkpoints_dir(output_dir)
     final = root / f"step-{step:08d}"
-    tmp = root / f".tmp-step-{step:08d}"
+    tmp = temp_path(final, per_process=False)  # every process writes its part into it
     if accelerator.is_main_process:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)

@@ -264,6 +264,6 @@ def run_dpo(config: DPOConfig, *, resume: bool = False, force: bool = False) -> 
     trained = train(objective, policy, train_split.examples, config.train, output_dir, accelerator,
                     eval_examples=eval_split.examples if eval_split else None, resume=resume,
                     run_config=config.model_dump(mode="json"))
-    return finish_stage(stage, lambda target: save_model(trained.model, tokenizer, target), "policy", config,
+    return finish_stage(stage, lambda target, files: save_model(trained.model, tokenizer, target, extra_files=files), "policy", config,
                         (train_split, eval_split))
 

@@ -9,7 +9,7 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
-from rlhf_workflow.data.io import jsonl_lines
+from rlhf_workflow.data.io import atomic_write_text, jsonl_lines
 
 
 def _truncate_after(path: Path, step: int) -> None:
@@ -33,9 +33,7 @@ def _truncate_after(path: Path, step: int) -> None:
             continue
         if int(row.get("step", 0)) <= step:
             keep.append(line)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("".join(line + "\n" for line in keep), encoding="utf-8")
-    tmp.replace(path)
+    atomic_write_text(path, "".join(line + "\n" for line in keep))
 
 
 class MetricsLogger:

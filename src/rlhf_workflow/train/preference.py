@@ -106,7 +106,7 @@ def run_train_pm(config: PreferenceModelConfig, *, resume: bool = False, force: 
         run_config=config.model_dump(mode="json"),
     )
 
-    def save(target: Path) -> None:
-        save_model(model.model, tokenizer, target, extra_files={FORMAT_FILE: fmt.to_json()})
+    def save(target: Path, files: dict[str, str]) -> None:
+        save_model(model.model, tokenizer, target, extra_files={**files, FORMAT_FILE: fmt.to_json()})
 
     return finish_stage(stage, save, "preference model", config, (train_split, eval_split))

@@ -125,5 +125,5 @@ def run_train_rm(config: RewardModelConfig, *, resume: bool = False, force: bool
         config.train, stage.output_dir, stage.accelerator, eval_examples=eval_examples, resume=resume,
         run_config=config.model_dump(mode="json"),
     )
-    return finish_stage(stage, lambda target: save_reward_model(model, tokenizer, target),
+    return finish_stage(stage, lambda target, files: save_reward_model(model, tokenizer, target, extra_files=files),
                         "reward model", config, (train_split, eval_split))

@@ -103,5 +103,5 @@ def run_sft(config: SFTConfig, *, resume: bool = False, force: bool = False) -> 
         stage.accelerator, eval_examples=eval_split.examples if eval_split else None, resume=resume,
         run_config=config.model_dump(mode="json"),
     )
-    return finish_stage(stage, lambda target: save_model(model, tokenizer, target),
+    return finish_stage(stage, lambda target, files: save_model(model, tokenizer, target, extra_files=files),
                         "fine-tuned model", config, (train_split, eval_split))
