@@ -18,7 +18,7 @@ plain rerun, and then (for it and for every run that finished earlier):
   evaluation samples, DPO metrics, metrics.jsonl) has the same ids as in the uninterrupted run:
   none duplicated, none missing;
 * every saved policy loads with `from_pretrained` (safetensors), with its model card; no
-  checkpoint and no temporary file of an interrupted write (``.<name>.tmp-<pid>``) is left;
+  checkpoint and no temporary file of an interrupted write (``.<name>.tmp-<host>-<pid>``) is left;
 * the metrics of every policy equal the uninterrupted run's within 1e-4 (they are computed from
   the same seeded samples; only floating-point summation order may differ).
 
@@ -46,9 +46,9 @@ from conftest import LOOP_JUDGE, LOOP_WORDS  # noqa: E402
 from rlhf_workflow.data.io import jsonl_lines
 
 TOLERANCE = 1e-4
-TEMPORARY = re.compile(r"^\..+\.(tmp|old)(-\d+)?$")  # an atomic write's name before its rename
+TEMPORARY = re.compile(r"^\..+\.(tmp|old)-.+-\d+$")  # an atomic write's name before its rename
 EVENTS = {  # moments worth a kill that a random draw rarely hits, as seen from the run directory
-    "checkpoint writing": lambda run: any(run.glob("*/dpo/checkpoints/.step-*.tmp")),
+    "checkpoint writing": lambda run: any(run.glob("*/dpo/checkpoints/.step-*.tmp-*")),
     "policy saving": lambda run: any(run.glob("*/dpo/.model.tmp-*")),
     "reference pass or first DPO step": lambda run: any(
         not (p.parent / "checkpoints").exists() and not (p.parent.parent / "policy").exists()

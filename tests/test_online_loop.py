@@ -185,7 +185,7 @@ from rlhf_workflow.cli import main
 sys.exit(main(["run", *sys.argv[5:]]))
 """
 
-TEMPORARY = re.compile(r"^\..+\.(tmp|old)(-\d+)?$")  # what an atomic write's temporary name looks like
+TEMPORARY = re.compile(r"^\..+\.(tmp|old)-.+-\d+$")  # what an atomic write's temporary name looks like
 
 
 def test_kills_at_every_commit_point_of_a_write_leave_nothing_behind(recipe, tmp_path):
@@ -209,6 +209,7 @@ def test_kills_at_every_commit_point_of_a_write_leave_nothing_behind(recipe, tmp
 
     run_killed_at("rlhf_workflow.models.saving", "replace_directory")
     assert [Path(p).parent for p in temporary()] == [Path("iter_1/dpo")] and not (dpo / "model").exists()
+    assert (killed / temporary()[0] / "README.md").is_file()  # the card is written with the model, not after
     run_killed_at("rlhf_workflow.train.checkpoint", "remove_checkpoints")
     assert (dpo / "model" / "README.md").is_file() and any((dpo / "checkpoints").iterdir())
     run_killed_at("rlhf_workflow.online.loop", "RunState.mark", "iter_1/dpo")

@@ -19,7 +19,7 @@ import pytest
 
 from conftest import cli_env, sft_args, write_jsonl
 from rlhf_workflow.cli import main
-from rlhf_workflow.data.io import atomic_write_text
+from rlhf_workflow.data.io import atomic_write_text, writer_id
 from rlhf_workflow.data.outputs import OutputLock, path_conflicts
 
 pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")
@@ -168,36 +168,50 @@ def test_a_killed_holder_leaves_no_stale_lock(tmp_path):
 
 
 def test_taking_a_lock_removes_what_killed_writers_left_and_only_that(tmp_path):
-    """Temporary names (`data.io.temp_path`) of writers no longer running go when an output's lock is
-    taken: anywhere in a directory output, and beside a file output only its own (sidecars, shards)."""
-    dead = subprocess.Popen([sys.executable, "-c", "pass"])
-    dead.wait()
-    live = 1  # init: always running
+    """Temporary names (`data.io.temp_path`) of writers that are gone (a process of this machine no
+    longer running; under the lock, any of another machine) go when an output's lock is taken:
+    anywhere in a directory a stage claimed, except below a directory whose lock another holds; beside
+    a file output only its own (sidecars, shards). Writing a file again removes only its own, of
+    this machine."""
+    dead_process = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead_process.wait()
+    host = writer_id().rpartition("-")[0]
+    dead, live, elsewhere = f"{host}-{dead_process.pid}", f"{host}-1", "other-node-7-4242"  # pid 1: always running
     d = tmp_path / "stage"
-    debris = [d / "sub" / f".rows.jsonl.tmp-{dead.pid}", d / f".model.tmp-{dead.pid}" / "model.safetensors",
-              d / "checkpoints" / ".step-00000002.tmp" / "optimizer.bin", d / f".model.old-{dead.pid}" / "config.json"]
+    debris = [d / "sub" / f".rows.jsonl.tmp-{dead}", d / f".model.tmp-{dead}" / "model.safetensors",
+              d / "checkpoints" / f".step-00000002.tmp-{dead}" / "optimizer.bin",
+              d / f".model.old-{dead}" / "config.json", d / f".metrics.jsonl.tmp-{elsewhere}"]
     kept = [d / f".rows.jsonl.tmp-{live}", d / ".rlhf-workflow.json", d / "model.tmp", d / ".notes.tmp-x",
-            d / "checkpoints" / "step-00000001" / "trainer_state.json"]
+            d / ".notes.old", d / f".stamp.tmp-{host}-1712345678901", d / "checkpoints" / "step-00000001" / "trainer_state.json",
+            d / "busy" / f".rows.jsonl.tmp-{dead}"]  # busy/: another stage holds its lock
     f = tmp_path / "files" / "gen.jsonl"
-    debris += [f.parent / f".gen.jsonl.tmp-{dead.pid}", f.parent / f".gen.rank1.jsonl.tmp-{dead.pid}",
-               f.parent / f".gen.settings.json.tmp-{dead.pid}"]
-    kept += [f.parent / f".other.jsonl.tmp-{dead.pid}", f.parent / f".generous.jsonl.tmp-{dead.pid}"]
+    debris += [f.parent / f".gen.jsonl.tmp-{dead}", f.parent / f".gen.rank1.jsonl.tmp-{dead}",
+               f.parent / f".gen.settings.json.tmp-{dead}"]
+    kept += [f.parent / f".other.jsonl.tmp-{dead}", f.parent / f".generous.jsonl.tmp-{dead}"]
     for path in debris + kept:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text("x")
+    lock = OutputLock(d, directory=True)  # a directory no stage claimed (a mistyped output_dir): untouched
+    assert lock.try_acquire() is None
+    lock.release()
+    assert [p for p in debris + kept if not p.exists()] == []
+    (d / ".rlhf-workflow.json").write_text('{"stage": "run"}')
+    busy = OutputLock(d / "busy", directory=True)
+    assert busy.try_acquire() is None
     for lock in (OutputLock(d, directory=True), OutputLock(f, directory=False)):
         assert lock.try_acquire() is None
         lock.release()
+    busy.release()
     assert [p for p in debris if p.exists()] == [] and [p for p in kept if not p.exists()] == []
     assert [p.name for p in (d / "checkpoints").iterdir()] == ["step-00000001"]
-    assert not (d / f".model.tmp-{dead.pid}").exists() and not (d / f".model.old-{dead.pid}").exists()
-    # where no lock is taken, writing a file again removes its own earlier temporary names
+    assert not (d / f".model.tmp-{dead}").exists() and not (d / f".model.old-{dead}").exists()
+    # where no lock is taken, writing a file again removes its own earlier temporaries of this machine
     free = tmp_path / "free"
     free.mkdir()
-    (free / f".x.json.tmp-{dead.pid}").write_text("x")
-    (free / f".x.json.tmp-{live}").write_text("x")
+    for writer in (dead, live, elsewhere):
+        (free / f".x.json.tmp-{writer}").write_text("x")
     atomic_write_text(free / "x.json", "{}")
-    assert sorted(p.name for p in free.iterdir()) == [f".x.json.tmp-{live}", "x.json"]
+    assert sorted(p.name for p in free.iterdir()) == sorted([f".x.json.tmp-{live}", f".x.json.tmp-{elsewhere}", "x.json"])
 
 
 # ------------------------------------------------------------------ rows made by one set of settings

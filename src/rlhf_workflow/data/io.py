@@ -9,7 +9,8 @@ numbers) and ``data/train.parquet: row 7: ...`` for the tabular formats (1-based
 
 Writing never leaves a partial file behind: `atomic_write_text` and `write_jsonl` write to a
 temporary file next to the target (`temp_path`) and rename it into place; what a killed writer
-leaves under such a name, the next holder of the output's lock removes (`remove_debris`).
+leaves under such a name, the next holder of the output's lock removes
+(`data.outputs.remove_debris`), or the next write of the same file.
 `JsonlAppender` is for long stages that append rows keyed by id: on restart it drops a
 half-written last line and skips ids that are already done, so nothing is lost and nothing is
 duplicated.
@@ -373,71 +374,80 @@ def _fsync_directory(directory: Path) -> None:
 
 # --------------------------------------------------------------------------- temporary names
 
-# every write that renames into place uses these names, so that what a killed writer leaves is known
-_TEMPORARY = re.compile(r"^\.(?P<final>.+)\.(?:tmp|old)(?:-(?P<pid>\d+))?$")
+# every write that renames into place uses these names, so that what a killed writer leaves is
+# known: ``.<name>.tmp-<host>-<pid>`` (``.old-``: a replaced directory waiting to be deleted)
+_TEMPORARY = re.compile(r"^\.(?P<final>.+)\.(?:tmp|old)-(?P<host>[A-Za-z0-9.-]+)-(?P<pid>\d{1,7})$")
 
 
-def temp_path(target: str | os.PathLike[str], kind: str = "tmp", *, per_process: bool = True) -> Path:
-    """Where ``target`` is written before it is renamed into place: ``.<name>.tmp-<pid>`` beside it
-    (``kind`` "old": where the directory it replaces waits to be deleted). ``per_process`` False:
-    one name for all processes of a run (a checkpoint that every process writes into)."""
+def writer_id() -> str:
+    """This process as temporary names carry it: ``<host>-<pid>``."""
+    import socket
+
+    return f"{re.sub(r'[^A-Za-z0-9.-]+', '-', socket.gethostname()) or 'host'}-{os.getpid()}"
+
+
+def temp_path(target: str | os.PathLike[str], kind: str = "tmp", *, writer: str | None = None) -> Path:
+    """Where ``target`` is written before it is renamed into place: ``.<name>.tmp-<host>-<pid>``
+    beside it (``kind`` "old": where the directory it replaces waits to be deleted). ``writer``:
+    another process's `writer_id` (a checkpoint, which every process of a run writes into)."""
     target = Path(target)
-    return target.with_name(f".{target.name}.{kind}" + (f"-{os.getpid()}" if per_process else ""))
+    return target.with_name(f".{target.name}.{kind}-{writer or writer_id()}")
 
 
-def _running_here(pid: int) -> bool:
+def abandoned(name: str, *, locked: bool) -> str | None:
+    """The final name of the file that ``name`` is the temporary of, if its writer is gone: a
+    process of this machine no longer running, or (``locked``: the caller holds the output's lock,
+    so no one else writes there) any process of another machine. None otherwise."""
+    match = _TEMPORARY.match(name)
+    if match is None:
+        return None
+    host, _, pid = writer_id().rpartition("-")
+    if match["host"] != host:
+        return match["final"] if locked else None
     try:
-        os.kill(pid, 0)
+        os.kill(int(match["pid"]), 0)
     except ProcessLookupError:
+        return match["final"]
+    except OSError:  # another user's process, still running
+        return None
+    return None
+
+
+def remove_path(path: Path) -> bool:
+    """Delete a file, a link or a directory tree (never what a link points to); False if it cannot be."""
+    import shutil
+
+    try:
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        else:
+            path.unlink(missing_ok=True)
+    except OSError as exc:  # e.g. another user's file in a shared directory
+        logger.warning("could not remove %s: %s", path, exc)
         return False
-    except PermissionError:  # another user's process
-        return True
     return True
 
 
-def remove_debris(directory: str | os.PathLike[str], *, stem: str | None = None) -> list[Path]:
-    """Delete what writers killed before their rename left in ``directory`` (`temp_path` names whose
-    process is not running here), everywhere below it; with ``stem`` only the temporary names of the
-    files directly in it named ``<stem>`` or ``<stem>.*`` (one output file, its sidecars and shards).
-
-    Call it holding the output's lock (`data.outputs.OutputLock` does, when it takes one): no other
-    writer is then at work there, so nothing a live write needs is touched. Returns what was removed.
-    """
-    import shutil
-
-    root = Path(directory)
-    if not root.is_dir():
-        return []
-    if stem is None:
-        found = [Path(top) / name for top, dirs, files in os.walk(root) for name in dirs + files]
-    else:
-        found = [p for p in root.iterdir() if p.name.startswith(f".{stem}")]
-    removed = []
-    for path in found:
-        match = _TEMPORARY.match(path.name)
-        if match is None or (stem is not None and match["final"] != stem and not match["final"].startswith(f"{stem}.")):
-            continue
-        if match["pid"] is not None and _running_here(int(match["pid"])):
-            continue
-        if path.is_dir() and not path.is_symlink():
-            shutil.rmtree(path, ignore_errors=True)
-        else:
-            path.unlink(missing_ok=True)
-        removed.append(path)
-    if removed:
-        logger.info("removed %d temporary file(s) of an interrupted write in %s", len(removed), root)
-    return removed
+def remove_own_temporaries(target: Path) -> None:
+    """Remove the temporaries of earlier writes of ``target`` whose process (here) is gone."""
+    try:
+        entries = list(target.parent.iterdir())
+    except OSError:
+        return
+    for path in entries:
+        if path.name.startswith(f".{target.name}.") and abandoned(path.name, locked=False) == target.name:
+            remove_path(path)
 
 
 def _write_atomically(path: str | os.PathLike[str], write: Any) -> None:
     """Call ``write(f)`` on a temp file next to ``path`` (`temp_path`), then rename it onto ``path``.
 
     On any exception the temp file is removed and the exception re-raised, so ``path`` is
-    either the old file or the complete new one; a kill leaves the temp file to `remove_debris`.
+    either the old file or the complete new one; a kill leaves the temp file (see `abandoned`).
     """
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
-    remove_debris(target.parent, stem=target.name)  # an earlier write of it, killed (outputs no lock covers)
+    remove_own_temporaries(target)  # of an earlier write of it, killed (where no lock covers it)
     tmp = temp_path(target)
     try:
         with open(tmp, "w", encoding="utf-8", newline="\n") as f:

@@ -15,9 +15,10 @@ for all of them, here and nowhere else:
   template; judge and length penalty). Resuming with other settings would mix rows of both, so it
   is refused with the difference, unless ``--force``, which moves the old output aside as a backup
   and starts afresh.
-* **Nothing half-written stays** (`data.io.remove_debris`): files and directories are written
-  under a temporary name (`data.io.temp_path`) and renamed into place; what a process killed
-  before its rename left, the next holder of the output's lock removes, so kills cost no disk.
+* **Nothing half-written stays** (`remove_debris`): files and directories are written under a
+  temporary name (`data.io.temp_path`) and renamed into place; what a process killed before its
+  rename left, the next holder of the output's lock removes (in a directory a stage claimed, or
+  beside an output file, its own), so kills cost no disk.
 * **A directory belongs to one stage** (`claim_directory`): ``<dir>/.rlhf-workflow.json`` names the
   stage that writes there. Another stage's outputs, or files that no stage claimed, are refused;
   ``--force`` moves earlier outputs aside into ``replaced-<k>/``; nothing is ever deleted.
@@ -36,7 +37,7 @@ import time
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
-from rlhf_workflow.data.io import remove_debris
+from rlhf_workflow.data.io import abandoned, remove_path
 from rlhf_workflow.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -198,11 +199,10 @@ class OutputLock:
         os.pwrite(fd, f"process {os.getpid()} on {socket.gethostname()} since {time.strftime('%H:%M:%S')}\n"
                   .encode(), 0)
         self._fd = fd
-        # what an earlier writer killed mid-write left there (no writer but this one is at work now)
-        if self.directory:
-            remove_debris(self.output)
-        else:
-            remove_debris(self.output.parent, stem=self.output.stem)
+        # what an earlier writer killed mid-write left there (no writer but this one is at work now);
+        # in a directory only once a stage of ours claimed it: a mistyped output_dir is left alone
+        if not self.directory or directory_owner(self.output) is not None:
+            remove_debris(self.output, directory=self.directory)
         return None
 
     def acquire(self, state: Any = None) -> "OutputLock":
@@ -231,6 +231,49 @@ class OutputLock:
 
     def __exit__(self, *exc_info: object) -> None:
         self.release()
+
+
+# --------------------------------------------------------------------------- nothing half-written stays
+
+
+def _held(lock: Path) -> bool:
+    """Whether a process holds the lock file ``lock`` now."""
+    try:
+        fd = os.open(lock, os.O_RDWR)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        return True
+    finally:
+        os.close(fd)  # (releases the lock if it was taken here)
+    return False
+
+
+def remove_debris(output: Path, *, directory: bool) -> list[Path]:
+    """Delete the temporaries (`data.io.abandoned`) that writers killed before their rename left: in a
+    directory output everywhere below it, except below a directory whose own lock someone holds;
+    beside a file output only those of its name, sidecars and shards (``<stem>``, ``<stem>.*``).
+    Call it holding the output's lock (`OutputLock` does). Returns what was removed."""
+    found: list[Path] = []
+    if directory:
+        for top, dirs, files in os.walk(output):
+            found += [Path(top) / name for name in dirs + files]
+            # not into a temporary (it goes whole), nor where another stage is at work under its own lock
+            dirs[:] = [d for d in dirs if abandoned(d, locked=True) is None and not _held(Path(top) / d / LOCK_FILE)]
+    elif output.parent.is_dir():
+        found = [p for p in output.parent.iterdir() if p.name.startswith(f".{output.stem}")]
+    removed = []
+    for path in found:
+        final = abandoned(path.name, locked=True)
+        if final is None or (not directory and final != output.stem and not final.startswith(f"{output.stem}.")):
+            continue
+        if remove_path(path):
+            removed.append(path)
+    if removed:
+        log.info("removed %d temporary file(s) of an interrupted write in %s", len(removed), output)
+    return removed
 
 
 # --------------------------------------------------------------------------- rows made by one set of settings

@@ -13,7 +13,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from rlhf_workflow.data.io import remove_debris, temp_path
+from rlhf_workflow.data.io import remove_own_temporaries, temp_path
 from rlhf_workflow.errors import disk_full_as_oserror
 from rlhf_workflow.models.lora import is_peft_model
 
@@ -42,7 +42,7 @@ def save_model(
     """
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
-    remove_debris(target.parent, stem=target.name)  # an earlier save of it, killed
+    remove_own_temporaries(target)  # of an earlier save of it, killed
     tmp = temp_path(target)
     shutil.rmtree(tmp, ignore_errors=True)
     try:

@@ -131,12 +131,12 @@ class Feedback:
     def train(self, kind: str) -> None:
         """Train the reward model ("rm") or the preference model ("pm") on the pairs, the held-out
         pairs as its eval split."""
-        from rlhf_workflow.train.stage import finished_model
+        from rlhf_workflow.train.checkpoint import remove_checkpoints
 
         out = self.dir / kind
         if (out / "model").is_dir():
             if self.state.is_main_process:
-                finished_model(out)  # the checkpoints, if a kill came right after the model was saved
+                remove_checkpoints(out)  # (left beside the model when a kill came right after its save)
             return
         c, f = self.config, self.config.feedback
         model = (f.rm_model or c.policy).model_copy(update={"gradient_checkpointing": False})

@@ -303,8 +303,8 @@ class Runner:
         self.state.wait_for_everyone()
 
     def dpo(self, directory: Path, start: ModelConfig, reference: str | None, seed_offset: int) -> None:
+        from rlhf_workflow.train.checkpoint import remove_checkpoints
         from rlhf_workflow.train.dpo import run_dpo
-        from rlhf_workflow.train.stage import finished_model
 
         d = self.config.dpo
         out = directory / "dpo"
@@ -319,12 +319,14 @@ class Runner:
         # the saved model, then the policy, appear whole by a rename: a kill after either keeps it
         if not (out / "model").is_dir() and not target.is_dir():
             run_dpo(config, resume=True)  # continues from the last checkpoint, if any
-        if self.state.is_main_process and finished_model(out) is not None:  # (its checkpoints removed)
-            if target.exists():  # a policy from a run of this stage cut short: the saved model replaces it
-                import shutil
+        if self.state.is_main_process:
+            if (out / "model").is_dir():
+                if target.exists():  # a policy from a run of this stage cut short: the saved model replaces it
+                    import shutil
 
-                shutil.rmtree(target)
-            os.replace(out / "model", target)
+                    shutil.rmtree(target)
+                os.replace(out / "model", target)
+            remove_checkpoints(out)  # (left beside the model or the policy when a kill came right after)
         self.state.wait_for_everyone()
 
     def evaluate(self, name: str, t: int | None, policy: ModelConfig) -> None:

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from rlhf_workflow.data.io import temp_path
+from rlhf_workflow.data.io import temp_path, writer_id
 from rlhf_workflow.errors import disk_full_as_oserror
 
 STATE_FILE = "trainer_state.json"
@@ -57,7 +57,12 @@ def save_checkpoint(accelerator: Any, output_dir: str | Path, step: int, *, keep
     """Save the full training state at ``step`` (call on every process), keep the newest ``keep``."""
     root = checkpoints_dir(output_dir)
     final = root / f"step-{step:08d}"
-    tmp = temp_path(final, per_process=False)  # every process writes its part into it
+    writer = [writer_id()]  # the main process's: every process writes its part into one directory
+    if accelerator.num_processes > 1:
+        from accelerate.utils import broadcast_object_list
+
+        broadcast_object_list(writer, from_process=0)
+    tmp = temp_path(final, writer=writer[0])
     if accelerator.is_main_process:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)

@@ -9,8 +9,8 @@
                                                         # its card, checkpoints removed, unlocked
 
 The saved ``output_dir/model`` is the stage's one commit point: it appears complete (card
-included) by a rename, and what comes after it only tidies up. A caller that finds it skips the
-stage with `finished_model`, which does that tidying in case a kill came between.
+included) by a rename, and what comes after it only tidies up. A caller that finds it does not
+train again, and removes the checkpoints in case a kill came between.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from rlhf_workflow.config import TrainingStageConfig, save_config
-from rlhf_workflow.data.outputs import OutputLock, claim_directory
+from rlhf_workflow.data.outputs import OutputLock, claim_directory, directory_owner
 from rlhf_workflow.errors import UserError, model_source
 
 log = logging.getLogger(__name__)
@@ -49,6 +49,7 @@ def start_stage(config: TrainingStageConfig, *, resume: bool, force: bool,
     from rlhf_workflow.config import stage_name
     from rlhf_workflow.models.loading import load_tokenizer
     from rlhf_workflow.processes import on_main
+    from rlhf_workflow.train.checkpoint import remove_checkpoints
     from rlhf_workflow.train.loop import make_accelerator
 
     output_dir = Path(config.output_dir)
@@ -56,8 +57,11 @@ def start_stage(config: TrainingStageConfig, *, resume: bool, force: bool,
     lock = OutputLock(output_dir, directory=True).acquire(accelerator)
 
     def claim() -> None:
+        ours = directory_owner(output_dir) == stage_name(config)  # (before a claim makes it so)
         claim_directory(output_dir, stage_name(config), force=force, resume=resume)
-        if resume and finished_model(output_dir) is not None:
+        if resume and (output_dir / "model").is_dir():
+            if ours:
+                remove_checkpoints(output_dir)  # those a kill right after the model's save left
             raise UserError(f"{output_dir} holds a finished run (its model is in {output_dir / 'model'}): nothing to "
                             "resume; --force to train again (the old files are moved aside), or another output_dir")
         save_config(config, output_dir / "config.yaml")
@@ -191,18 +195,6 @@ def length_limit(config: TrainingStageConfig) -> tuple[int, str]:
     return config.data.max_length, f"data.max_length {config.data.max_length}"
 
 
-def finished_model(output_dir: str | Path) -> Path | None:
-    """The model a training stage saved in ``output_dir`` (None if it has not finished); the
-    checkpoints a kill right after the save left are removed (main process only)."""
-    from rlhf_workflow.train.checkpoint import remove_checkpoints
-
-    model = Path(output_dir) / "model"
-    if not model.is_dir():
-        return None
-    remove_checkpoints(output_dir)
-    return model
-
-
 def finish_stage(stage: Stage, save: Callable[[Path, dict[str, str]], None], what: str, config: TrainingStageConfig,
                  splits: tuple[Split, Split | None]) -> Path:
     """Save the trained model on the main process with its model card (`models.card`: data of
@@ -210,12 +202,13 @@ def finish_stage(stage: Stage, save: Callable[[Path, dict[str, str]], None], wha
     extra_files)``), drop the checkpoints it no longer needs, and release the output directory."""
     from rlhf_workflow.config import stage_name
     from rlhf_workflow.models.card import model_card
+    from rlhf_workflow.train.checkpoint import remove_checkpoints
 
     target = stage.output_dir / "model"
     if stage.accelerator.is_main_process:
         rows = {role: len(split.rows) for role, split in zip(("train", "eval"), splits) if split is not None}
         save(target, {"README.md": model_card(config, stage_name(config), rows, stage.output_dir / "metrics.jsonl")})
-        finished_model(stage.output_dir)
+        remove_checkpoints(stage.output_dir)
         stage.accelerator.print(f"saved the {what} to {target}")
     stage.accelerator.wait_for_everyone()
     stage.lock.release()
