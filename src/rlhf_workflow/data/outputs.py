@@ -355,7 +355,7 @@ def move_aside(directory: Path, entries: list[Path]) -> Path:
     return target
 
 
-def claim_directory(directory: Path, stage: str, *, force: bool, resume: bool) -> None:
+def claim_directory(directory: Path, stage: str, *, force: bool, resume: bool, earlier: str | None = None) -> None:
     """Make ``directory`` the output directory of ``stage`` (main process, holding its lock).
 
     * no directory, an empty one, or one that holds only this stage's config: taken;
@@ -363,7 +363,8 @@ def claim_directory(directory: Path, stage: str, *, force: bool, resume: bool) -
       (`move_aside`) and started afresh; else refused;
     * another stage's outputs: refused, unless ``force`` (moved aside);
     * files that no stage claimed: refused, unless ``resume`` (an earlier version of this tool
-      wrote them without an owner file).
+      wrote them without an owner file) and, where ``earlier`` names the file every such run
+      wrote (a stage that always resumes: `run`'s ``state.json``), that file is among them.
     Nothing is deleted."""
     from rlhf_workflow.data.io import atomic_write_text
 
@@ -374,9 +375,11 @@ def claim_directory(directory: Path, stage: str, *, force: bool, resume: bool) -
     results = [p for p in entries if p.name != "config.yaml"]
     owner = directory_owner(directory)
     shown = ", ".join(p.name for p in entries[:4]) + (", ..." if len(entries) > 4 else "")
-    if owner is None and entries and not resume:
+    if owner is None and entries and not (resume and (earlier is None or (directory / earlier).is_file())):
+        hint = ("" if resume else
+                " (or --resume, if an earlier version of rlhf-workflow wrote them)")
         raise UserError(f"output_dir {directory} already holds files that no rlhf-workflow stage claimed ({shown}): "
-                        "choose a new or empty directory (or --resume, if an earlier version of rlhf-workflow wrote them)")
+                        f"choose a new or empty directory{hint}")
     if owner is not None and owner != stage:
         if not force:
             raise UserError(f"output_dir {directory} holds the outputs of `{owner}` ({shown}), not of `{stage}`: choose "

@@ -149,7 +149,8 @@ class Runner:
         self.lock = OutputLock(self.run_dir, directory=True).acquire(self.state)
 
         def claim() -> None:
-            claim_directory(self.run_dir, "run", force=force, resume=True)  # rerunning a run continues it
+            # rerunning a run continues it; files no stage claimed, only if they are a run's (state.json)
+            claim_directory(self.run_dir, "run", force=force, resume=True, earlier=STATE_FILE)
             check_config(self.run_dir, config, force=force)
 
         on_main(self.state, claim)
