@@ -2,7 +2,8 @@
 
 Every run is the embedded demo (SmolLM2-135M-Instruct, `instructions` prompts, a Bradley-Terry reward
 model trained on IFEval-checker feedback as the judge, IFEval's checkers as gold) with one change,
-at one seed: ``rlhf-workflow demo <overrides> seed=S output_dir=ROOT/<variant>-s<S>``. The demo
+at one seed: ``rlhf-workflow demo --full <overrides> seed=S output_dir=ROOT/<variant>-s<S>`` (the full
+recipe, configs/demo-full.yaml; ``--recipe quick``: the smaller one `rlhf-workflow demo` runs). The demo
 itself (variant ``demo``) also trains the offline baseline on the same number of pairs; the other
 variants skip it. Runs of one seed share the feedback, the reward model and the eval samples of
 π0, so every comparison is paired within a seed, and pooled over seeds by `rlhf-workflow compare`.
@@ -243,7 +244,11 @@ def copy_shared(source: Path, target: Path, stages: list[str]) -> None:
     os.replace(partial, target)
 
 
-def run(root: Path, variant: str, seed: int, split: str, log: Path) -> float:
+# --recipe -> the recipe file and the `rlhf-workflow demo` option that runs it
+RECIPES = {"full": ("demo-full.yaml", ["--full"]), "quick": ("demo.yaml", [])}
+
+
+def run(root: Path, variant: str, seed: int, split: str, log: Path, recipe: str = "full") -> float:
     """One run (continued if it was cut short); its wall time in seconds. A variant run not yet
     started, once its seed's demo run is there, begins from the stages it shares with that run or
     with another run of its seed that shares more (`best_source`)."""
@@ -262,12 +267,12 @@ def run(root: Path, variant: str, seed: int, split: str, log: Path) -> float:
         overrides = [f"{key}={held.value_at(key)}" for key in PRECISION_KEYS if key != "feedback.pm_train.precision"] + [
             f"feedback.pm_train.precision={held.value_at('feedback.rm_train.precision')}"] + overrides
         if not path.exists():
-            variant_config = load_config(RunConfig, DEMO_RECIPE, overrides + common)
+            variant_config = load_config(RunConfig, DEMO_RECIPE.with_name(RECIPES[recipe][0]), overrides + common)
             source, stages, why = best_source(root, seed, path, config_to_yaml(variant_config))
             print(f"  {path.name}: {len(stages)} stages from {source.name if source else demo.name} ({why})", flush=True)
             if source is not None:
                 copy_shared(source, path, stages)
-    command = [sys.executable, "-m", "rlhf_workflow", "demo", *overrides, *common]
+    command = [sys.executable, "-m", "rlhf_workflow", "demo", *RECIPES[recipe][1], *overrides, *common]
     print(f"[{time.strftime('%H:%M:%S')}] {path.name}: {' '.join(command[3:])}", flush=True)
     start = time.perf_counter()
     with log.open("a") as sink:
@@ -398,6 +403,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="of those questions' runs, make only these variants (and the demo runs they pair with)")
     parser.add_argument("--split", choices=["eval", "dev"], default="eval",
                         help="the prompts every policy is evaluated on: dev to tune, eval to report")
+    parser.add_argument("--recipe", choices=sorted(RECIPES), default="full",
+                        help="full: `rlhf-workflow demo --full` (the README's tables); quick: `rlhf-workflow demo`")
     parser.add_argument("--report-only", action="store_true", help="write the tables of the complete runs and stop")
     args = parser.parse_args(argv)
 
@@ -420,7 +427,7 @@ def main(argv: list[str] | None = None) -> int:
         for variant, seed in todo:
             if finished(run_dir(root, variant, seed)):
                 continue
-            seconds = run(root, variant, seed, args.split, root / f"{variant}-s{seed}.log")
+            seconds = run(root, variant, seed, args.split, root / f"{variant}-s{seed}.log", args.recipe)
             print(f"  done in {seconds:.0f} s", flush=True)
             write_tables(root, questions, args.seeds)
     print(f"tables: {write_tables(root, questions, args.seeds)}")

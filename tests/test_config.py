@@ -183,7 +183,8 @@ def test_a_run_section_becomes_its_stage_config_with_the_paths_filled_in():
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG_STAGES = {"quickstart-sft.yaml": "sft", "rm-smollm2-facts.yaml": "train-rm", "pm-smollm2-facts.yaml": "train-pm",
-                 "dpo-smollm2-facts.yaml": "dpo", "demo.yaml": "run", "paper-llama3-8b.yaml": "run"}
+                 "dpo-smollm2-facts.yaml": "dpo", "demo.yaml": "run", "demo-full.yaml": "run",
+                 "paper-llama3-8b.yaml": "run"}
 
 
 def test_every_shipped_config_loads():

@@ -90,6 +90,39 @@ def test_demo_runs_in_fp32_on_a_cpu_where_bf16_is_slower(tmp_path, monkeypatch):
     assert _precision(workflow.demo_config([out])) == ("float32", "float32", "fp32", "fp32")
 
 
+def test_demo_full_is_the_same_recipe_at_the_experiments_size(tmp_path, monkeypatch):
+    """`demo` and `demo --full` differ in sizes only (how many prompts train and evaluate) and in
+    their default run directories, so that one never continues the other; `--full` is the recipe
+    experiments/claims.py runs."""
+    import yaml
+
+    from rlhf_workflow import workflow
+    from rlhf_workflow.cli import main
+
+    ran = []
+    monkeypatch.setattr(workflow, "run_workflow", lambda config, force=False: ran.append(config))
+    monkeypatch.setattr(workflow, "demo_precision", lambda config: [])
+    assert main(["demo", f"output_dir={tmp_path / 'a'}"]) == 0
+    assert main(["demo", "--full", f"output_dir={tmp_path / 'b'}", "seed=3"]) == 0
+    quick, full = ran
+    assert (quick.prompts.eval_count, full.prompts.eval_count) == (64, 200)
+    assert (full.feedback.prompts, full.prompts.per_iteration) == (2 * quick.feedback.prompts, 2 * quick.prompts.per_iteration)
+    assert full.seed == 3
+
+    def flat(config, prefix=""):
+        for key, value in config.items():
+            if isinstance(value, dict):
+                yield from flat(value, f"{prefix}{key}.")
+            else:
+                yield f"{prefix}{key}", value
+
+    a, b = (dict(flat(yaml.safe_load((workflow.DEMO_RECIPE.with_name(name)).read_text())))
+            for name in ("demo.yaml", "demo-full.yaml"))
+    differ = {key for key in a.keys() | b.keys() if a.get(key) != b.get(key)}
+    assert differ == {"output_dir", "prompts.eval_count", "prompts.per_iteration", "feedback.prompts"}
+    assert a["output_dir"] != b["output_dir"]
+
+
 def _bf16_settings(config):
     """The dotted keys of a run config whose value is bf16, however a setting spells it."""
     from rlhf_workflow.config import config_to_yaml
@@ -104,21 +137,23 @@ def _bf16_settings(config):
     return sorted(walk(__import__("yaml").safe_load(config_to_yaml(config))))
 
 
+@pytest.mark.parametrize("recipe", ["demo.yaml", "demo-full.yaml"])
 @pytest.mark.parametrize("variant", [[], ["feedback.train_pm=true"], ["feedback.judge=pm", "judge.ranking=copeland"]])
-def test_the_demos_fp32_choice_covers_every_bf16_setting_of_its_recipe(tmp_path, monkeypatch, variant):
-    """Every bf16 setting the recipe holds turns fp32 where the demo chooses fp32 (one left in bf16
-    would run emulated bf16 on a CPU without bf16 instructions, about 100x slower), with a variant
-    that trains a preference model too; and every PRECISION_KEYS key is a setting of the recipe,
-    which a continued run directory keeps."""
+def test_the_demos_fp32_choice_covers_every_bf16_setting_of_its_recipe(tmp_path, monkeypatch, variant, recipe):
+    """Every bf16 setting a demo recipe (`demo`, `demo --full`) holds turns fp32 where the demo
+    chooses fp32 (one left in bf16 would run emulated bf16 on a CPU without bf16 instructions, about
+    100x slower), with a variant that trains a preference model too; and every PRECISION_KEYS key is
+    a setting of the recipe, which a continued run directory keeps."""
     from rlhf_workflow import processes, workflow
 
     out = f"output_dir={tmp_path / 'demo'}"
+    path = workflow.DEMO_RECIPE.with_name(recipe)
     monkeypatch.setattr(processes, "no_accelerator", lambda: True)  # a CPU, on a GPU machine too
     monkeypatch.setattr(workflow, "cpu_bf16_speedup", lambda: 2.5)
-    fast = workflow.demo_config([out, *variant])
+    fast = workflow.demo_config([out, *variant], path)
     assert set(_bf16_settings(fast)) <= set(workflow.PRECISION_KEYS) and _bf16_settings(fast)
     monkeypatch.setattr(workflow, "cpu_bf16_speedup", lambda: 0.5)
-    slow = workflow.demo_config([out, *variant])
+    slow = workflow.demo_config([out, *variant], path)
     assert _bf16_settings(slow) == []
     assert {key: slow.value_at(key) for key in workflow.PRECISION_KEYS} == workflow.PRECISION_KEYS
 

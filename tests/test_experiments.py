@@ -96,7 +96,7 @@ def test_a_variant_from_the_demos_shared_stages_ends_as_the_whole_variant_run(ti
 
 def test_shared_stages_stop_at_the_first_stage_a_differing_key_feeds(tmp_path):
     from rlhf_workflow.config import RunConfig, config_to_yaml, load_config
-    from rlhf_workflow.workflow import DEMO_RECIPE
+    from rlhf_workflow.workflow import DEMO_FULL_RECIPE as DEMO_RECIPE
 
     source = tmp_path / "demo-s0"
     source.mkdir()
@@ -137,7 +137,7 @@ def test_a_variant_starts_from_the_run_of_its_seed_that_shares_the_most(tmp_path
     """Round robin starts from the preference model a knockout run of its seed trained; a preference
     model trained otherwise is not taken from it; the demo wins a tie; other seeds never count."""
     from rlhf_workflow.config import RunConfig, config_to_yaml, load_config
-    from rlhf_workflow.workflow import DEMO_RECIPE
+    from rlhf_workflow.workflow import DEMO_FULL_RECIPE as DEMO_RECIPE
 
     head = ["prompts", "feedback/generate", "feedback/annotate", "feedback/pairs", "feedback/rm", "feedback/eval-rm"]
     loop = ["iter_0/eval", "iter_1/generate", "iter_1/annotate", "iter_1/pairs", "iter_1/dpo", "iter_1/eval",
@@ -220,7 +220,7 @@ def test_the_tables_of_a_question_list_its_runs_and_pool_the_rates_per_instructi
 
 def test_variants_narrow_the_runs_to_make_and_keep_the_demo_they_pair_with(tmp_path, monkeypatch):
     made = []
-    monkeypatch.setattr(claims, "run", lambda root, variant, seed, split, log: made.append((variant, seed)) or 0.0)
+    monkeypatch.setattr(claims, "run", lambda root, variant, seed, split, log, recipe: made.append((variant, seed)) or 0.0)
     monkeypatch.setattr(claims, "write_tables", lambda root, questions, seeds: root / "claims.md")
     assert claims.main(["--root", str(tmp_path), "--seeds", "0", "1", "--only", "judge", "length",
                         "--variants", "pm-knockout", "length-bonus-0.01"]) == 0
@@ -251,7 +251,7 @@ def test_a_variant_starts_in_its_demos_precision_and_continues_in_its_own(tmp_pa
     import subprocess
 
     from rlhf_workflow.config import RunConfig, config_to_yaml, load_config
-    from rlhf_workflow.workflow import DEMO_RECIPE, PRECISION_KEYS
+    from rlhf_workflow.workflow import DEMO_FULL_RECIPE as DEMO_RECIPE, PRECISION_KEYS
 
     demo = tmp_path / "demo-s0"
     demo.mkdir()
@@ -262,9 +262,10 @@ def test_a_variant_starts_in_its_demos_precision_and_continues_in_its_own(tmp_pa
     commands = []
     monkeypatch.setattr(subprocess, "run", lambda command, **kwargs: commands.append(command))
     claims.run(tmp_path, "pm-knockout", 0, "eval", tmp_path / "log")
-    keys = [arg.partition("=")[0] for arg in commands[-1][4:]]
+    assert commands[-1][3:5] == ["demo", "--full"]  # the recipe the README's tables run
+    keys = [arg.partition("=")[0] for arg in commands[-1][5:]]
     assert len(keys) == len(set(keys))  # each setting once
-    settings = dict(arg.partition("=")[::2] for arg in commands[-1][4:])
+    settings = dict(arg.partition("=")[::2] for arg in commands[-1][5:])
     assert settings["feedback.pm_train.precision"] == trained == settings["feedback.rm_train.precision"]
     assert all(settings[key] == str(held.value_at(key)) for key in PRECISION_KEYS if key != "feedback.pm_train.precision")
     variant = tmp_path / "pm-knockout-s0"

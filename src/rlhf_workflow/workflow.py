@@ -12,7 +12,8 @@ from pathlib import Path
 
 from rlhf_workflow.config import RunConfig
 
-DEMO_RECIPE = Path(__file__).parent / "recipes" / "demo.yaml"
+DEMO_RECIPE = Path(__file__).parent / "recipes" / "demo.yaml"  # `rlhf-workflow demo`
+DEMO_FULL_RECIPE = Path(__file__).parent / "recipes" / "demo-full.yaml"  # `demo --full`, the experiments' size
 
 
 def run_workflow(config: RunConfig, *, force: bool = False) -> Path:
@@ -46,24 +47,24 @@ PRECISION_KEYS = {"generation.dtype": "float32", "judge.dtype": "float32",
 BF16_MIN_SPEEDUP = 1.3  # bf16 is kept where its matmuls run at least this much faster than fp32
 
 
-def run_demo(overrides: list[str], *, force: bool = False) -> Path:
-    """`rlhf-workflow demo`: the packaged demo recipe (same as `run` on configs/demo.yaml), in fp32
-    instead of bf16 on a CPU where bf16 is not faster (`demo_precision`)."""
-    return run_workflow(demo_config(overrides), force=force)
+def run_demo(overrides: list[str], *, force: bool = False, full: bool = False) -> Path:
+    """`rlhf-workflow demo [--full]`: a packaged demo recipe (same as `run` on configs/demo.yaml, or
+    configs/demo-full.yaml), in fp32 instead of bf16 on a CPU where bf16 is not faster (`demo_precision`)."""
+    return run_workflow(demo_config(overrides, DEMO_FULL_RECIPE if full else DEMO_RECIPE), force=force)
 
 
-def demo_config(overrides: list[str]) -> RunConfig:
-    """The demo recipe with ``overrides``, and `demo_precision`'s fp32 settings under them."""
+def demo_config(overrides: list[str], recipe: Path = DEMO_RECIPE) -> RunConfig:
+    """A demo recipe with ``overrides``, and `demo_precision`'s fp32 settings under them."""
     from rlhf_workflow.config import load_config
 
     from rlhf_workflow.processes import decided_on_main, process_state
 
-    config = load_config(RunConfig, DEMO_RECIPE, overrides)
+    config = load_config(RunConfig, recipe, overrides)
     # the main process measures and every process runs its choice: under `accelerate launch` two
     # processes timing their own matmuls near the threshold could otherwise choose differently
     precision = decided_on_main(process_state(), lambda: demo_precision(config))  # type: ignore[arg-type]
     if precision:
-        config = load_config(RunConfig, DEMO_RECIPE, precision + overrides)  # the user's own settings win
+        config = load_config(RunConfig, recipe, precision + overrides)  # the user's own settings win
     return config  # type: ignore[return-value]
 
 
