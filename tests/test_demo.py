@@ -1,6 +1,6 @@
 """The demo pipeline in miniature: a tiny random model through simulated feedback, reward-model
 training, one online iteration, the offline baseline and the report (the real demo runs
-SmolLM2-135M-Instruct for about 9 minutes: `rlhf-workflow demo`)."""
+SmolLM2-135M-Instruct for 10-15 minutes: `rlhf-workflow demo`)."""
 
 from __future__ import annotations
 
@@ -121,6 +121,30 @@ def test_demo_full_is_the_same_recipe_at_the_experiments_size(tmp_path, monkeypa
     differ = {key for key in a.keys() | b.keys() if a.get(key) != b.get(key)}
     assert differ == {"output_dir", "prompts.eval_count", "prompts.per_iteration", "feedback.prompts"}
     assert a["output_dir"] != b["output_dir"]
+
+
+def test_a_run_of_the_other_demo_recipe_is_refused_with_the_command_that_continues_it(tmp_path, monkeypatch, capsys):
+    """runs/demo held the full recipe's runs before `demo` halved: `demo` there says to use
+    `demo --full`, and `demo --full` on a run of `demo` says the reverse; --force still continues."""
+    from rlhf_workflow import workflow
+    from rlhf_workflow.cli import main
+
+    ran = []
+    monkeypatch.setattr(workflow, "run_workflow", lambda config, force=False: ran.append(config))
+    monkeypatch.setattr(workflow, "demo_precision", lambda config: [])
+    for recipe, asked, hint in (("demo-full.yaml", [], "`rlhf-workflow demo --full output_dir="),
+                                ("demo.yaml", ["--full"], "`rlhf-workflow demo output_dir=")):
+        out = tmp_path / recipe
+        out.mkdir()
+        held = workflow.demo_config([f"output_dir={out}"], workflow.DEMO_RECIPE.with_name(recipe))
+        (out / "config.yaml").write_text(config_to_yaml(held))
+        assert main(["demo", *asked, f"output_dir={out}"]) == 2
+        assert hint + f"{out}`" in capsys.readouterr().err and not ran
+        assert main(["demo", *asked, "--force", f"output_dir={out}"]) == 0 and len(ran) == 1
+        ran.clear()
+        # the recipe the run was made with continues it
+        assert main(["demo", *([] if asked else ["--full"]), f"output_dir={out}"]) == 0 and len(ran) == 1
+        ran.clear()
 
 
 def _bf16_settings(config):

@@ -50,7 +50,35 @@ BF16_MIN_SPEEDUP = 1.3  # bf16 is kept where its matmuls run at least this much 
 def run_demo(overrides: list[str], *, force: bool = False, full: bool = False) -> Path:
     """`rlhf-workflow demo [--full]`: a packaged demo recipe (same as `run` on configs/demo.yaml, or
     configs/demo-full.yaml), in fp32 instead of bf16 on a CPU where bf16 is not faster (`demo_precision`)."""
-    return run_workflow(demo_config(overrides, DEMO_FULL_RECIPE if full else DEMO_RECIPE), force=force)
+    config = demo_config(overrides, DEMO_FULL_RECIPE if full else DEMO_RECIPE)
+    if not force:
+        refuse_the_other_demo(config, full)
+    return run_workflow(config, force=force)
+
+
+DEMO_SIZES = ("feedback.prompts", "prompts.per_iteration", "prompts.eval_count")  # where demo and --full differ
+
+
+def refuse_the_other_demo(config: RunConfig, full: bool) -> None:
+    """A run directory holding a run of the other demo recipe (`demo` where ``--full`` was asked, or
+    the reverse; runs/demo held the full recipe's runs before it became `--full`) is refused with the
+    command that continues it, not only with the changed settings (where --force would mix the two)."""
+    from rlhf_workflow.config import load_config
+    from rlhf_workflow.errors import UserError
+
+    existing = Path(config.output_dir) / "config.yaml"
+    if not existing.exists():
+        return
+    try:
+        held = load_config(RunConfig, existing)
+    except (OSError, UserError):
+        return  # not a run's config: the run itself says what is wrong with it
+    other = load_config(RunConfig, DEMO_RECIPE if full else DEMO_FULL_RECIPE, [f"output_dir={config.output_dir}"])
+    if all(held.value_at(k) == other.value_at(k) != config.value_at(k) for k in DEMO_SIZES):
+        command = "rlhf-workflow demo" + ("" if full else " --full")
+        raise UserError(f"{config.output_dir} holds a run of {'the demo' if full else 'the full demo'} "
+                        f"({', '.join(f'{k}={held.value_at(k)}' for k in DEMO_SIZES)}): continue it with "
+                        f"`{command} output_dir={config.output_dir}`, or give this one another output_dir")
 
 
 def demo_config(overrides: list[str], recipe: Path = DEMO_RECIPE) -> RunConfig:
