@@ -248,6 +248,21 @@ def copy_shared(source: Path, target: Path, stages: list[str]) -> None:
 RECIPES = {"full": ("demo-full.yaml", ["--full"]), "quick": ("demo.yaml", [])}
 
 
+def recipe_of(path: Path) -> str | None:
+    """The --recipe whose sizes the run in ``path`` has (None: no run there, or other sizes)."""
+    from rlhf_workflow.config import RunConfig, load_config
+    from rlhf_workflow.workflow import DEMO_RECIPE, DEMO_SIZES
+
+    if not (path / "config.yaml").exists():
+        return None
+    held = load_config(RunConfig, path / "config.yaml")
+    for name, (recipe, _) in RECIPES.items():
+        sizes = load_config(RunConfig, DEMO_RECIPE.with_name(recipe))
+        if all(held.value_at(key) == sizes.value_at(key) for key in DEMO_SIZES):
+            return name
+    return None
+
+
 def run(root: Path, variant: str, seed: int, split: str, log: Path, recipe: str = "full") -> float:
     """One run (continued if it was cut short); its wall time in seconds. A variant run not yet
     started, once its seed's demo run is there, begins from the stages it shares with that run or
@@ -362,13 +377,14 @@ def type_rate_lines(root: Path, variants: list[str], seeds: list[int]) -> list[s
         markdown_table(header, cells) + [""]
 
 
-def write_tables(root: Path, questions: list[str], seeds: list[int]) -> Path:
+def write_tables(root: Path, questions: list[str], seeds: list[int], recipe: str = "full") -> Path:
     """ROOT/claims.md from the runs that are complete."""
     from rlhf_workflow.errors import UserError
     from rlhf_workflow.eval.compare import compare, load, markdown_lines, write_comparison
 
     lines = ["# The paper's claims on the demo's setting", "",
-             f"Seeds {', '.join(map(str, seeds))}; `python experiments/claims.py --root {root}` made these tables.", ""]
+             f"Seeds {', '.join(map(str, seeds))}; `python experiments/claims.py --root {root}"
+             f"{'' if recipe == 'full' else ' --recipe ' + recipe}` made these tables.", ""]
     for question in questions:
         title, variants, wanted = QUESTIONS[question]
         inputs = [f"{v}={run_dir(root, v, s)}" for v in variants for s in seeds if finished(run_dir(root, v, s))]
@@ -415,6 +431,11 @@ def main(argv: list[str] | None = None) -> int:
     if set(args.variants or ()) - asked:
         parser.error(f"--variants {' '.join(sorted(set(args.variants) - asked))}: not a variant of "
                      f"{', '.join(questions)} (their variants: {', '.join(sorted(asked))})")
+    # a root holds the runs of one recipe: a run of the other would be skipped as done and tabled
+    for path in sorted(p for p in root.iterdir() if p.is_dir()):
+        held = recipe_of(path)
+        if held is not None and held != args.recipe:
+            parser.error(f"{path} is a run of --recipe {held}, not {args.recipe}: give each recipe its own --root")
     if not args.report_only:
         todo = []
         for seed in args.seeds:  # seed by seed, so that every question has a first seed early
@@ -429,8 +450,8 @@ def main(argv: list[str] | None = None) -> int:
                 continue
             seconds = run(root, variant, seed, args.split, root / f"{variant}-s{seed}.log", args.recipe)
             print(f"  done in {seconds:.0f} s", flush=True)
-            write_tables(root, questions, args.seeds)
-    print(f"tables: {write_tables(root, questions, args.seeds)}")
+            write_tables(root, questions, args.seeds, args.recipe)
+    print(f"tables: {write_tables(root, questions, args.seeds, args.recipe)}")
     return 0
 
 

@@ -132,18 +132,18 @@ def test_a_run_of_the_other_demo_recipe_is_refused_with_the_command_that_continu
     ran = []
     monkeypatch.setattr(workflow, "run_workflow", lambda config, force=False: ran.append(config))
     monkeypatch.setattr(workflow, "demo_precision", lambda config: [])
-    for recipe, asked, hint in (("demo-full.yaml", [], "`rlhf-workflow demo --full output_dir="),
-                                ("demo.yaml", ["--full"], "`rlhf-workflow demo output_dir=")):
+    for recipe, asked, hint in (("demo-full.yaml", [], "`rlhf-workflow demo --full seed=1 output_dir="),
+                                ("demo.yaml", ["--full"], "`rlhf-workflow demo seed=1 output_dir=")):
         out = tmp_path / recipe
         out.mkdir()
-        held = workflow.demo_config([f"output_dir={out}"], workflow.DEMO_RECIPE.with_name(recipe))
+        held = workflow.demo_config(["seed=1", f"output_dir={out}"], workflow.DEMO_RECIPE.with_name(recipe))
         (out / "config.yaml").write_text(config_to_yaml(held))
-        assert main(["demo", *asked, f"output_dir={out}"]) == 2
-        assert hint + f"{out}`" in capsys.readouterr().err and not ran
-        assert main(["demo", *asked, "--force", f"output_dir={out}"]) == 0 and len(ran) == 1
+        assert main(["demo", *asked, "seed=1", f"output_dir={out}"]) == 2
+        assert hint + f"{out}`" in capsys.readouterr().err and not ran  # the user's settings kept
+        assert main(["demo", *asked, "--force", "seed=1", f"output_dir={out}"]) == 0 and len(ran) == 1
         ran.clear()
         # the recipe the run was made with continues it
-        assert main(["demo", *([] if asked else ["--full"]), f"output_dir={out}"]) == 0 and len(ran) == 1
+        assert main(["demo", *([] if asked else ["--full"]), "seed=1", f"output_dir={out}"]) == 0 and len(ran) == 1
         ran.clear()
 
 

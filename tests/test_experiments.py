@@ -221,7 +221,7 @@ def test_the_tables_of_a_question_list_its_runs_and_pool_the_rates_per_instructi
 def test_variants_narrow_the_runs_to_make_and_keep_the_demo_they_pair_with(tmp_path, monkeypatch):
     made = []
     monkeypatch.setattr(claims, "run", lambda root, variant, seed, split, log, recipe: made.append((variant, seed)) or 0.0)
-    monkeypatch.setattr(claims, "write_tables", lambda root, questions, seeds: root / "claims.md")
+    monkeypatch.setattr(claims, "write_tables", lambda root, questions, seeds, recipe: root / "claims.md")
     assert claims.main(["--root", str(tmp_path), "--seeds", "0", "1", "--only", "judge", "length",
                         "--variants", "pm-knockout", "length-bonus-0.01"]) == 0
     assert made == [("demo", 0), ("pm-knockout", 0), ("length-bonus-0.01", 0),
@@ -233,6 +233,42 @@ def test_variants_narrow_the_runs_to_make_and_keep_the_demo_they_pair_with(tmp_p
     with pytest.raises(SystemExit):  # a variant of none of the questions asked: said, nothing run
         claims.main(["--root", str(tmp_path), "--only", "pairs", "--variants", "pm-knockout"])
     assert made == []
+
+
+def test_a_root_holds_the_runs_of_one_recipe_and_quick_runs_the_demo_without_full(tmp_path, monkeypatch, capsys):
+    """--recipe quick runs `rlhf-workflow demo` (no --full) and says so in its tables' header; a root
+    holding a run of the other recipe is refused before anything runs, as that run would otherwise
+    be skipped as done and pooled with the others."""
+    import subprocess
+
+    from rlhf_workflow.config import RunConfig, config_to_yaml, load_config
+    from rlhf_workflow.workflow import DEMO_FULL_RECIPE, DEMO_RECIPE
+
+    commands = []
+    monkeypatch.setattr(subprocess, "run", lambda command, **kwargs: commands.append(command))
+    claims.run(tmp_path, "demo", 0, "eval", tmp_path / "log", "quick")
+    assert commands[-1][3] == "demo" and "--full" not in commands[-1]
+    claims.run(tmp_path, "demo", 0, "eval", tmp_path / "log")
+    assert commands[-1][3:5] == ["demo", "--full"]
+
+    full = tmp_path / "demo-s0"
+    full.mkdir()
+    (full / "config.yaml").write_text(config_to_yaml(load_config(RunConfig, DEMO_FULL_RECIPE, [f"output_dir={full}"])))
+    assert claims.recipe_of(full) == "full" and claims.recipe_of(tmp_path / "none") is None
+    made = []
+    monkeypatch.setattr(claims, "run", lambda *args: made.append(args) or 0.0)
+    with pytest.raises(SystemExit):
+        claims.main(["--root", str(tmp_path), "--recipe", "quick", "--seeds", "0", "--only", "main"])
+    assert "is a run of --recipe full, not quick" in capsys.readouterr().err and made == []
+    with pytest.raises(SystemExit):
+        claims.main(["--root", str(tmp_path), "--recipe", "quick", "--report-only"])
+
+    quick = tmp_path / "quick"
+    (quick / "demo-s0").mkdir(parents=True)
+    (quick / "demo-s0" / "config.yaml").write_text(
+        config_to_yaml(load_config(RunConfig, DEMO_RECIPE, [f"output_dir={quick / 'demo-s0'}"])))
+    assert claims.main(["--root", str(quick), "--recipe", "quick", "--seeds", "0", "--only", "main", "--report-only"]) == 0
+    assert "--recipe quick` made these tables" in (quick / "claims.md").read_text()
 
 
 def test_no_variant_sets_a_precision_of_its_own():

@@ -52,17 +52,20 @@ def run_demo(overrides: list[str], *, force: bool = False, full: bool = False) -
     configs/demo-full.yaml), in fp32 instead of bf16 on a CPU where bf16 is not faster (`demo_precision`)."""
     config = demo_config(overrides, DEMO_FULL_RECIPE if full else DEMO_RECIPE)
     if not force:
-        refuse_the_other_demo(config, full)
+        refuse_the_other_demo(config, full, overrides)
     return run_workflow(config, force=force)
 
 
 DEMO_SIZES = ("feedback.prompts", "prompts.per_iteration", "prompts.eval_count")  # where demo and --full differ
 
 
-def refuse_the_other_demo(config: RunConfig, full: bool) -> None:
+def refuse_the_other_demo(config: RunConfig, full: bool, overrides: list[str]) -> None:
     """A run directory holding a run of the other demo recipe (`demo` where ``--full`` was asked, or
     the reverse; runs/demo held the full recipe's runs before it became `--full`) is refused with the
-    command that continues it, not only with the changed settings (where --force would mix the two)."""
+    command that continues it (the user's own settings kept), where the generic refusal of a changed
+    config would offer --force, which continues the run with the other recipe's sizes."""
+    import shlex
+
     from rlhf_workflow.config import load_config
     from rlhf_workflow.errors import UserError
 
@@ -75,10 +78,12 @@ def refuse_the_other_demo(config: RunConfig, full: bool) -> None:
         return  # not a run's config: the run itself says what is wrong with it
     other = load_config(RunConfig, DEMO_RECIPE if full else DEMO_FULL_RECIPE, [f"output_dir={config.output_dir}"])
     if all(held.value_at(k) == other.value_at(k) != config.value_at(k) for k in DEMO_SIZES):
-        command = "rlhf-workflow demo" + ("" if full else " --full")
+        words = ["rlhf-workflow", "demo", *([] if full else ["--full"]), *overrides]
+        if not any(o.startswith("output_dir=") for o in overrides):
+            words.append(f"output_dir={config.output_dir}")
         raise UserError(f"{config.output_dir} holds a run of {'the demo' if full else 'the full demo'} "
                         f"({', '.join(f'{k}={held.value_at(k)}' for k in DEMO_SIZES)}): continue it with "
-                        f"`{command} output_dir={config.output_dir}`, or give this one another output_dir")
+                        f"`{shlex.join(words)}`, or give this one another output_dir")
 
 
 def demo_config(overrides: list[str], recipe: Path = DEMO_RECIPE) -> RunConfig:
