@@ -251,16 +251,12 @@ RECIPES = {"full": ("demo-full.yaml", ["--full"]), "quick": ("demo.yaml", [])}
 def recipe_of(path: Path) -> str | None:
     """The --recipe whose sizes the run in ``path`` has (None: no run there, or other sizes)."""
     from rlhf_workflow.config import RunConfig, load_config
-    from rlhf_workflow.workflow import DEMO_RECIPE, DEMO_SIZES
+    from rlhf_workflow.workflow import DEMO_RECIPE, has_demo_sizes
 
     if not (path / "config.yaml").exists():
         return None
     held = load_config(RunConfig, path / "config.yaml")
-    for name, (recipe, _) in RECIPES.items():
-        sizes = load_config(RunConfig, DEMO_RECIPE.with_name(recipe))
-        if all(held.value_at(key) == sizes.value_at(key) for key in DEMO_SIZES):
-            return name
-    return None
+    return next((name for name, (recipe, _) in RECIPES.items() if has_demo_sizes(held, DEMO_RECIPE.with_name(recipe))), None)
 
 
 def run(root: Path, variant: str, seed: int, split: str, log: Path, recipe: str = "full") -> float:

@@ -59,6 +59,14 @@ def run_demo(overrides: list[str], *, force: bool = False, full: bool = False) -
 DEMO_SIZES = ("feedback.prompts", "prompts.per_iteration", "prompts.eval_count")  # where demo and --full differ
 
 
+def has_demo_sizes(config: RunConfig, recipe: Path) -> bool:
+    """Whether ``config`` has the `DEMO_SIZES` of the demo recipe ``recipe`` (DEMO_RECIPE or DEMO_FULL_RECIPE)."""
+    from rlhf_workflow.config import load_config
+
+    sizes = load_config(RunConfig, recipe)
+    return all(config.value_at(key) == sizes.value_at(key) for key in DEMO_SIZES)
+
+
 def refuse_the_other_demo(config: RunConfig, full: bool, overrides: list[str]) -> None:
     """A run directory holding a run of the other demo recipe (`demo` where ``--full`` was asked, or
     the reverse; runs/demo held the full recipe's runs before it became `--full`) is refused with the
@@ -76,8 +84,8 @@ def refuse_the_other_demo(config: RunConfig, full: bool, overrides: list[str]) -
         held = load_config(RunConfig, existing)
     except (OSError, UserError):
         return  # not a run's config: the run itself says what is wrong with it
-    other = load_config(RunConfig, DEMO_RECIPE if full else DEMO_FULL_RECIPE, [f"output_dir={config.output_dir}"])
-    if all(held.value_at(k) == other.value_at(k) != config.value_at(k) for k in DEMO_SIZES):
+    if has_demo_sizes(held, DEMO_RECIPE if full else DEMO_FULL_RECIPE) and all(
+            held.value_at(k) != config.value_at(k) for k in DEMO_SIZES):
         words = ["rlhf-workflow", "demo", *([] if full else ["--full"]), *overrides]
         if not any(o.startswith("output_dir=") for o in overrides):
             words.append(f"output_dir={config.output_dir}")
