@@ -1,6 +1,6 @@
 """The demo pipeline in miniature: a tiny random model through simulated feedback, reward-model
 training, one online iteration, the offline baseline and the report (the real demo runs
-SmolLM2-135M-Instruct for 10-15 minutes: `rlhf-workflow demo`)."""
+SmolLM2-135M-Instruct for 8-15 minutes: `rlhf-workflow demo`)."""
 
 from __future__ import annotations
 

@@ -163,7 +163,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.set_defaults(run=_run_workflow)
 
     demo = sub.add_parser(
-        "demo", help="the embedded demo: the whole workflow on SmolLM2-135M-Instruct (10-15 minutes on 2 CPU cores)",
+        "demo", help="the embedded demo: the whole workflow on SmolLM2-135M-Instruct (8-15 minutes on 2 CPU cores)",
         description="Runs the packaged recipe configs/demo.yaml: simulated human feedback on the `instructions` task "
         "trains a reward model, online iterative DPO uses it as the judge, an offline DPO baseline gets the same "
         "number of pairs, and every policy is evaluated on held-out prompts with the gold constraint checker. "
