@@ -1,4 +1,5 @@
-"""Benchmark: sampling n responses per prompt, our hf backend vs plain batched `model.generate`.
+"""Benchmark: sampling n responses per prompt, our hf backend vs plain batched `model.generate`, and
+our vllm backend where vLLM imports (vLLM's CPU build on a CPU: run it with .venv-vllm's python).
 
 Both sample from SmolLM2-135M-Instruct (or --model; fp32, or bf16 weights with --precision bf16; on the
 CPU, or the GPU when there is one) for the same prompts (chat template applied),
@@ -8,13 +9,20 @@ each in its own process, alternating, `--repeats` times.
 * ours: `HFGenerator` — prompts sorted by length into batches, the prompt computed once for its
   n samples, finished rows dropped from the batch as they end;
 * plain: the prompts in file order, each batch left-padded and passed to
-  ``model.generate(do_sample=True, num_return_sequences=n)``, stopping at the same end-of-turn ids.
+  ``model.generate(do_sample=True, num_return_sequences=n)``, stopping at the same end-of-turn ids;
+* vllm: `VLLMGenerator` — vLLM's offline engine with the backend's settings (on a CPU: eager, a
+  2 GiB KV cache), all prompts in one call; the engine's build is timed apart (``build_s``) and
+  not in the throughput. vLLM cuts its engine to one torch thread "for serving" unless
+  OMP_NUM_THREADS is set: the worker sets it to the cores the hf workers use, so all three get the
+  same cores.
 
 Throughput counts generated tokens up to each response's end (its end-of-turn token not
 counted; padding after it not counted) per second of generation, so the two are compared on
 the work that produces text; sampled lengths differ between runs, which the token count absorbs.
 
     python bench/generate.py            # about 10 minutes on 2 CPU cores
+    # the demo's evaluation sampling (64 prompts x 1, 48 tokens, one batch), with vLLM:
+    .venv-vllm/bin/python bench/generate.py --prompts-count 64 --n 1 --batch 64 --max-new-tokens 48
 
 The benchmark prints figures; it never fails on speed.
 """
@@ -48,6 +56,36 @@ def make_prompts(n: int, seed: int) -> list[dict]:
             text = f"{context}\n\n{text}"
         rows.append({"id": str(i), "prompt": [{"role": "user", "content": text}]})
     return rows
+
+
+def run_vllm(args: argparse.Namespace) -> dict:
+    """The vllm backend on the same prompts and sampling (see the module docstring)."""
+    import torch
+
+    os.environ.setdefault("OMP_NUM_THREADS", str(torch.get_num_threads()))
+    from rlhf_workflow.config import ModelConfig, SamplingConfig, VLLMBackendConfig
+    from rlhf_workflow.generate.base import GenerationRequest
+    from rlhf_workflow.generate.vllm import VLLMGenerator
+    from rlhf_workflow.models import load_tokenizer
+
+    tokenizer = load_tokenizer(args.model)
+    dtype = "bfloat16" if args.precision == "bf16" else "float32"
+    rows = [json.loads(line) for line in jsonl_lines(args.prompts)]
+    sampling = SamplingConfig(n=args.n, temperature=args.temperature, top_p=args.top_p,
+                              max_new_tokens=args.max_new_tokens, seed=args.seed + args.repeat)
+    start = time.perf_counter()
+    generator = VLLMGenerator(ModelConfig(name_or_path=args.model, dtype=dtype),
+                              VLLMBackendConfig(max_model_len=1024, chunk_size=len(rows)), tokenizer, seed=args.seed)
+    build = time.perf_counter() - start
+    requests = [GenerationRequest(r["id"], r["prompt"]) for r in rows]
+    start = time.perf_counter()
+    results = [r for group in generator.generate(requests, sampling) for r in group]
+    seconds = time.perf_counter() - start
+    generator.close()
+    return {"seconds": seconds, "build_s": build, "threads": os.environ["OMP_NUM_THREADS"],
+            "tokens": sum(s.num_tokens for r in results for s in r.samples),
+            "ended": sum(s.finish_reason == "stop" for r in results for s in r.samples),
+            "samples": len(rows) * args.n, **peak_memory()}
 
 
 def run_worker(args: argparse.Namespace) -> dict:
@@ -124,20 +162,35 @@ def main() -> None:
     print(f"\nGeneration, {args.model} {args.precision} on {where}: {args.prompts_count} prompts × "
           f"n={args.n}, {args.batch} prompts per batch, max_new_tokens {args.max_new_tokens}, temperature "
           f"{args.temperature}, top_p {args.top_p}; best of {args.repeats} runs each")
-    print(f"{'generator':<10}{'tokens/s':>10}{'seconds':>9}{'tokens':>8}{'ended turn':>12}{'peak RSS MB':>13}")
+    print(f"{'generator':<10}{'tokens/s':>10}{'seconds':>9}{'tokens':>8}{'ended turn':>12}{'peak RSS MB':>13}"
+          f"{'engine build s':>16}")
     best = {}
     for name, results in runs.items():
         fastest = max(results, key=lambda r: r["tokens_per_s"])
         best[name] = fastest
+        build = f"{fastest['build_s']:.1f}" if "build_s" in fastest else ""
         print(f"{name:<10}{fastest['tokens_per_s']:>10.1f}{fastest['seconds']:>9.1f}{fastest['tokens']:>8}"
-              f"{fastest['ended'] / fastest['samples']:>12.0%}{min(r['peak_rss_mb'] for r in results):>13.0f}")
-    if len(best) == 2:
+              f"{fastest['ended'] / fastest['samples']:>12.0%}{min(r['peak_rss_mb'] for r in results):>13.0f}"
+              f"{build:>16}")
+    if "ours" in best and "plain" in best:
         print(f"throughput ours/plain: {best['ours']['tokens_per_s'] / best['plain']['tokens_per_s']:.2f}x   "
               "(target >= 1.5x)")
+    for other in ("ours", "plain"):
+        if "vllm" in best and other in best:
+            print(f"throughput vllm/{other}: {best['vllm']['tokens_per_s'] / best[other]['tokens_per_s']:.2f}x")
+    if "vllm" in best:
+        print("(vllm's peak RSS is the benchmark's own process; its engine runs in processes of its own)")
     write_json(args, {"best": best})
 
 
-WORKERS = {"ours": run_worker, "plain": run_worker}  # one function; args.worker picks the generator
+def vllm_imports() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("vllm") is not None
+
+
+# run_worker is one function for two generators: args.worker picks it
+WORKERS = {"ours": run_worker, "plain": run_worker, **({"vllm": run_vllm} if vllm_imports() else {})}
 
 if __name__ == "__main__":
     main()

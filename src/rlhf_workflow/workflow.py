@@ -22,6 +22,10 @@ def run_workflow(config: RunConfig, *, force: bool = False) -> Path:
     from rlhf_workflow.online.feedback import Feedback
     from rlhf_workflow.online.loop import Runner
 
+    if config.generation.backend == "vllm":  # every sampling of the run uses it: say so before any work
+        from rlhf_workflow.generate.vllm import import_vllm
+
+        import_vllm()
     with Runner(config, force=force) as runner:
         if config.feedback.enabled:
             runner.stage("prompts", runner.write_prompts)
