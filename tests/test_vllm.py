@@ -296,3 +296,33 @@ def test_every_prompt_is_answered_once_when_one_of_two_vllm_servers_is_killed(ti
                                 start_new_session=True)
 
     fleet_loses_a_server(serve, tiny_model_dir, tmp_path, "openai.model=served", health_seconds=300)
+
+
+# ---------------------------------------------------------------- W engines under a launcher
+
+
+def test_two_engines_under_a_launcher_sample_what_one_engine_samples(tiny_model_dir, tmp_path):
+    """`accelerate launch` with 2 CPU processes (gloo): each builds its engine with vLLM's
+    external_launcher (tensor_parallel_size 1: 2 engines) and samples its share of the prompts; the
+    merged output equals one engine's, row for row (per-prompt seeds), and the launcher's process
+    group survives the engines' shutdown (the stage gathers over it afterwards)."""
+    import subprocess
+    import sys
+
+    from conftest import cli_command, cli_env, free_port
+
+    prompts = write_jsonl(tmp_path / "p.jsonl", [{"id": f"q{i}", "prompt": f"Tell me about {i}."} for i in range(11)])
+    settings = [f"model.name_or_path={tiny_model_dir}", f"prompts={prompts}", "backend=vllm", "sampling.n=2",
+                "sampling.max_new_tokens=8", "vllm.kv_cache_gib=0.25"]
+    one, two = tmp_path / "one.jsonl", tmp_path / "two.jsonl"
+    assert main(["generate", *settings, f"output={one}"]) == 0
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2", "--num_machines", "1",
+              "--multi_gpu", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(free_port()),
+              *cli_command("generate", *settings, f"output={two}")[1:]]
+    result = subprocess.run(launch, env=cli_env(), capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+
+    def rows(path: Path) -> dict:
+        return {row["id"]: row for row in map(json.loads, path.read_text().splitlines())}
+
+    assert len(two.read_text().splitlines()) == 11 and rows(two) == rows(one)

