@@ -91,7 +91,7 @@ def test_greedy_samples_equal_the_hf_backend_token_for_token(smollm2):
         else:
             assert (first.text, first.num_tokens, first.finish_reason) == (
                 expected.text, expected.num_tokens, expected.finish_reason)
-            assert first.logprob == pytest.approx(expected.logprob, abs=0.02)
+            assert first.logprob == pytest.approx(expected.logprob, abs=2e-3)  # measured: at most 9e-5
     assert not differ, f"prompts whose greedy tokens differ from the hf backend's (id, first position): {differ}"
 
 
@@ -112,7 +112,8 @@ def test_sampled_log_probs_equal_a_forward_pass_on_the_same_tokens(smollm2):
     stopped = 0
     for request in reqs:
         for k, sample in enumerate(got[request.id].samples):
-            assert sample.logprob == pytest.approx(forward[(request.id, k)], abs=0.02, rel=1e-3)
+            # measured over 64 samples of up to 48 tokens: at most 8.7e-4 apart (2.1e-5 a token)
+            assert sample.logprob == pytest.approx(forward[(request.id, k)], abs=5e-3)
             if sample.finish_reason == "stop":
                 stopped += 1
                 assert sample.token_ids[-1] == end and len(sample.token_ids) == sample.num_tokens + 1
