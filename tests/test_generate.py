@@ -356,10 +356,11 @@ def test_vllm_engine_arguments_follow_the_platform():
     cpu = engine_arguments(VLLMBackendConfig(), on_cpu=True, sleep_mode=False, launched=False)
     assert cpu["kv_cache_memory_bytes"] == 2 * 2**30 and cpu["enforce_eager"] is True
     assert "gpu_memory_utilization" not in cpu and cpu["enable_sleep_mode"] is False
+    assert cpu["enable_chunked_prefill"] is False  # seeded requests crash vLLM's CPU build when chunked
     assert "distributed_executor_backend" not in cpu
     gpu = engine_arguments(VLLMBackendConfig(gpu_memory_utilization=0.5), on_cpu=False, sleep_mode=True, launched=True)
     assert gpu["gpu_memory_utilization"] == 0.5 and "kv_cache_memory_bytes" not in gpu
-    assert gpu["enforce_eager"] is False and gpu["enable_sleep_mode"] is True
+    assert gpu["enforce_eager"] is False and gpu["enable_sleep_mode"] is True and "enable_chunked_prefill" not in gpu
     assert gpu["distributed_executor_backend"] == "external_launcher"
     chosen = engine_arguments(VLLMBackendConfig(kv_cache_gib=0.5, enforce_eager=False), on_cpu=True, sleep_mode=False,
                               launched=False)

@@ -132,6 +132,17 @@ def test_a_prompts_samples_do_not_depend_on_its_batch(smollm2):
     assert len({tuple(s.token_ids) for s in together["p5"].samples}) > 1  # sampled, not repeated
 
 
+def test_seeded_samples_of_prompts_too_long_for_one_prefill_step(smollm2):
+    """6 prompts of ~270 tokens x 4 samples: more prompt tokens than vLLM's 4,096 a step. Prefilled in
+    chunks, vLLM's CPU build crashed every seeded request (the generate stage's are all seeded) with
+    "CPU Generator does not use offset"; the backend turns chunked prefill off on a CPU."""
+    generator, _, _ = smollm2
+    filler = " ".join(["word"] * 260)
+    reqs = [GenerationRequest(f"long{i}", [{"role": "user", "content": f"{i}: {filler}"}]) for i in range(6)]
+    got = results(generator, reqs, SamplingConfig(n=4, temperature=1.0, max_new_tokens=4, seed=2))
+    assert sorted(got) == [r.id for r in reqs] and all(len(r.samples) == 4 and r.error is None for r in got.values())
+
+
 def test_an_engine_that_cannot_be_built_is_one_line(smollm2):
     """A KV cache larger than the machine's memory is refused before anything loads; a setting vLLM
     itself refuses (a context longer than the model's) comes out as vLLM's reason in one line."""
