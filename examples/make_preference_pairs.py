@@ -1,4 +1,6 @@
-"""Writes prefs_facts.jsonl and prefs_facts_eval.jsonl: preference pairs labelled by a verifiable rule.
+"""Writes prefs_facts.jsonl and prefs_facts_eval.jsonl: preference pairs labelled by a verifiable rule;
+and prompts_facts.jsonl / prompts_facts_eval.jsonl: the first prompts of each, as prompts files
+({id, prompt}) for a run (configs/own-data-tiny.yaml).
 
 Each prompt has a checkable answer (a capital city, a sum, the larger of two numbers); the chosen
 response states the right answer and the rejected one a wrong answer in the same words, so a reward
@@ -49,6 +51,9 @@ def larger_pairs(pairs, rng):
         yield f"Which number is larger, {a} or {b}?", f"The larger number is {big}.", f"The larger number is {small}."
 
 
+PROMPTS = {"prompts_facts.jsonl": 64, "prompts_facts_eval.jsonl": 32}  # prompts files for a run, from each split
+
+
 def main() -> None:
     rng = random.Random(0)
     countries = sorted(CAPITALS)
@@ -68,6 +73,10 @@ def main() -> None:
                 kind = "capital" if "capital" in prompt else "sum" if "+" in prompt else "larger"
                 row = {"id": f"{name.split('.')[0]}-{i}", "prompt": prompt, "chosen": chosen, "rejected": rejected, "subset": kind}
                 f.write(json.dumps(row) + "\n")
+        prompts_name = name.replace("prefs_", "prompts_")
+        with open(folder / prompts_name, "w", encoding="utf-8") as f:
+            for i, (prompt, _, _) in enumerate(rows[:PROMPTS[prompts_name]]):
+                f.write(json.dumps({"id": f"{prompts_name.split('.')[0]}-{i}", "prompt": prompt}) + "\n")
 
 
 if __name__ == "__main__":

@@ -416,7 +416,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--split", choices=["eval", "dev"], default="eval",
                         help="the prompts every policy is evaluated on: dev to tune, eval to report")
     parser.add_argument("--recipe", choices=sorted(RECIPES), default="full",
-                        help="full: `rlhf-workflow demo --full` (the README's tables); quick: `rlhf-workflow demo`")
+                        help="full: `rlhf-workflow demo --full` (the tables of docs/results/); quick: `rlhf-workflow demo`")
     parser.add_argument("--report-only", action="store_true", help="write the tables of the complete runs and stop")
     args = parser.parse_args(argv)
 

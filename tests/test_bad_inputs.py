@@ -7,7 +7,7 @@ directories (the tiny model without its weights, with a tokenizer that has no ch
 reward model without weights), the valid companion files a stage needs before it reaches the bad
 part, and the two 10 MB single-line files.
 
-`CASES` is the table (case id, command, expected message fragments) the README lists; a few
+`CASES` is the table (case id, command, expected message fragments) docs/reliability.md lists; a few
 cases also name advice that would mislead there (`unexpected`). In commands and fragments,
 ``{name}`` stands for a path filled in by the test: ``{corpus}`` is ``tests/bad_inputs``,
 ``{tmp}`` the test's own temporary directory (also its working directory), ``{model}`` the tiny
@@ -457,7 +457,7 @@ def test_bad_input_is_one_clear_error(case, tmp_path, monkeypatch, capsys, caplo
     after = _digests(inputs)
     changed = [path for path, digest in before.items() if after.get(path) != digest]
     assert not changed, f"files that existed before were changed or removed: {changed[:5]}"
-    record = os.environ.get("BAD_INPUTS_RECORD")  # the README's table: BAD_INPUTS_RECORD=FILE pytest this file
+    record = os.environ.get("BAD_INPUTS_RECORD")  # docs/reliability.md's table: BAD_INPUTS_RECORD=FILE pytest this file
     if record:
         shown = message
         for name, path in sorted(places.items(), key=lambda item: -len(str(item[1]))):

@@ -49,6 +49,15 @@ def _stage_parser(
 
 
 def build_parser() -> argparse.ArgumentParser:
+    return _parsers()[0]
+
+
+def command_parsers() -> dict[str, argparse.ArgumentParser]:
+    """Every subcommand's parser by name, in the order of `rlhf-workflow --help` (the CLI reference's source)."""
+    return dict(_parsers()[1].choices)
+
+
+def _parsers() -> tuple[argparse.ArgumentParser, argparse._SubParsersAction]:
     parser = argparse.ArgumentParser(
         prog="rlhf-workflow",
         description=(
@@ -169,12 +178,12 @@ def build_parser() -> argparse.ArgumentParser:
         "number of pairs, and every policy is evaluated on held-out prompts with the gold constraint checker. "
         "Writes runs/demo/ and its report (runs/demo/report/report.html). Rerun to continue after an interruption. "
         "--full runs configs/demo-full.yaml instead: the same recipe with twice the training prompts and 200 eval "
-        "prompts instead of 64 (the README's experiments), into runs/demo-full/.",
+        "prompts instead of 64 (the size of the experiments in docs/results/), into runs/demo-full/.",
         epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     demo.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides of the demo recipe")
     demo.add_argument("--full", action="store_true", help="the full recipe, configs/demo-full.yaml: twice the "
-                      "training prompts and 200 eval prompts, the size the README's experiments run (about twice as long)")
+                      "training prompts and 200 eval prompts, the size the experiments of docs/results/ run (about twice as long)")
     demo.add_argument("--force", action="store_true", help="continue an existing run even though its config changed")
     demo.set_defaults(run=_demo)
 
@@ -214,7 +223,7 @@ def build_parser() -> argparse.ArgumentParser:
         "(`output`, default DATA.eval.json).\n\n  rlhf-workflow eval-rm model=runs/rm/model data=heldout.jsonl",
         ("rlhf_workflow.eval.reward_eval", "run_eval_rm"), resumable=False,
     )
-    return parser
+    return parser, sub
 
 
 def _stage_runner(stage: str, module: str, function: str) -> Callable[[argparse.Namespace], None]:

@@ -92,6 +92,7 @@ ApplyChatTemplate = Annotated[bool, Field(
     description="render prompts with the tokenizer's chat template (off: plain text + eos)")]
 SequenceLength = Annotated[int, Field(gt=0, description="tokens per sequence: a longer prompt is cut from the left, "
                                       "a longer response is dropped")]
+OutputDir = Annotated[str, Field(description="the stage's directory: model/, metrics.jsonl, config.yaml, checkpoints/")]
 GroupByPrompt = Annotated[bool, Field(
     description="train on all pairs of a prompt as one example (InstructGPT's K-wise comparisons): the prompt and "
     "each distinct response are computed once, however many pairs they are in; per_device_batch_size then counts "
@@ -113,9 +114,10 @@ class LoraConfig(Strict):
     """LoRA adapters (peft). ``r: 0`` means full fine-tuning."""
 
     r: int = Field(0, ge=0, description="adapter rank; 0 disables LoRA")
-    alpha: float = Field(16.0, gt=0)
-    dropout: float = Field(0.0, ge=0, lt=1)
-    target_modules: list[str] | Literal["all-linear"] = "all-linear"
+    alpha: float = Field(16.0, gt=0, description="LoRA scaling α: the update is scaled by α / r")
+    dropout: float = Field(0.0, ge=0, lt=1, description="dropout on the adapters' input")
+    target_modules: list[str] | Literal["all-linear"] = Field(
+        "all-linear", description="the modules that get adapters: names such as [q_proj, v_proj], or every linear layer")
 
 
 class ModelConfig(Strict):
@@ -126,11 +128,15 @@ class ModelConfig(Strict):
         description="built-in name, local HF directory, .gguf file, or Hugging Face model id",
     )
     tokenizer: str | None = Field(None, description="tokenizer source when it differs from the model")
-    dtype: Dtype = "float32"
+    dtype: Dtype = Field("float32", description="the weights' dtype when loaded (bfloat16 halves memory; on a CPU "
+                         "without bf16 instructions it is slow)")
     device: str | None = Field(None, description="e.g. 'cpu' or 'cuda:0'; training lets accelerate choose")
-    attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = "sdpa"
-    gradient_checkpointing: bool = False
-    trust_remote_code: bool = False
+    attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = Field(
+        "sdpa", description="attention kernel; shared prompts and packing need sdpa or eager")
+    gradient_checkpointing: bool = Field(False, description="recompute activations in the backward pass: less "
+                                         "memory, about a third more time")
+    trust_remote_code: bool = Field(False, description="run the model code a Hub repository ships (off: only "
+                                    "transformers' own architectures)")
     lora: LoraConfig = LoraConfig()
     allow_pickle_weights: bool = Field(
         False, description="also load pickle weights (pytorch_model.bin) when a directory has no safetensors, "
@@ -171,20 +177,21 @@ class DataConfig(Strict):
 class TrainConfig(Strict):
     """The one training loop's settings (shared by every objective)."""
 
-    epochs: int = Field(1, ge=1)
+    epochs: int = Field(1, ge=1, description="passes over the training data (unless max_steps is set)")
     max_steps: int = Field(0, ge=0, description="optimizer steps; 0 means run for `epochs`")
-    per_device_batch_size: int = Field(8, ge=1)
-    gradient_accumulation_steps: int = Field(1, ge=1)
-    lr: float = Field(1e-5, gt=0)
-    weight_decay: float = Field(0.0, ge=0)
-    adam_beta1: float = Field(0.9, ge=0, lt=1)
-    adam_beta2: float = Field(0.999, ge=0, lt=1)
-    scheduler: Literal["cosine", "linear", "constant"] = "cosine"
-    warmup_ratio: float = Field(0.0, ge=0, le=1)
+    per_device_batch_size: int = Field(8, ge=1, description="examples per micro-batch on each process; the global "
+                                       "batch is this × processes × gradient_accumulation_steps")
+    gradient_accumulation_steps: int = Field(1, ge=1, description="micro-batches per optimizer step")
+    lr: float = Field(1e-5, gt=0, description="peak learning rate of AdamW")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW's decoupled weight decay")
+    adam_beta1: float = Field(0.9, ge=0, lt=1, description="AdamW's β1")
+    adam_beta2: float = Field(0.999, ge=0, lt=1, description="AdamW's β2")
+    scheduler: Literal["cosine", "linear", "constant"] = Field("cosine", description="learning-rate decay after warmup")
+    warmup_ratio: float = Field(0.0, ge=0, le=1, description="share of the steps with a linear warmup")
     warmup_steps: int = Field(0, ge=0, description="overrides warmup_ratio when > 0")
     max_grad_norm: float = Field(1.0, ge=0, description="0 disables clipping")
     precision: Literal["fp32", "bf16"] = Field("fp32", description="bf16 = autocast mixed precision")
-    seed: int = 42
+    seed: int = Field(42, description="seeds the data order, dropout and a new head's initialisation")
     group_by_length: bool = Field(
         True, description="batch examples of similar length together (less padding; batches still shuffled)"
     )
@@ -201,11 +208,12 @@ class TrainConfig(Strict):
         0, ge=0, description="pairs: pack several pairs into rows of this many tokens with a block-diagonal mask "
         "(no padding between them); 0 = one pair per row, rows padded to the longest",
     )
-    log_every: int = Field(1, ge=1)
+    log_every: int = Field(1, ge=1, description="steps between log lines (console and metrics.jsonl)")
     eval_every: int = Field(0, ge=0, description="steps between evaluations; 0 = only at the end")
     save_every: int = Field(0, ge=0, description="steps between checkpoints; 0 = no periodic checkpoints")
-    keep_checkpoints: int = Field(2, ge=1)
-    report_to: list[Literal["tensorboard", "wandb"]] = Field(default_factory=list)
+    keep_checkpoints: int = Field(2, ge=1, description="the newest checkpoints kept while training")
+    report_to: list[Literal["tensorboard", "wandb"]] = Field(default_factory=list, description="also log to "
+                                                             "TensorBoard (output_dir/tensorboard) or Weights & Biases")
     keep_dropout: bool = Field(
         False, description="keep the model's dropout during training (off by default for the preference "
         "objectives, as TRL does; sft always keeps it)")
@@ -217,7 +225,7 @@ class TrainingStageConfig(Strict):
     data_kind: ClassVar[str] = "training rows"
     input_keys = ("data.train", "data.eval", "model.name_or_path", "model.tokenizer")
     output_keys = ("output_dir",)
-    output_dir: str = "runs/train"
+    output_dir: OutputDir = "runs/train"
     model: ModelConfig = ModelConfig()
     data: DataConfig = DataConfig()
     train: TrainConfig = TrainConfig()
@@ -233,7 +241,7 @@ class SFTConfig(TrainingStageConfig):
     """`rlhf-workflow sft`: supervised fine-tuning, loss on assistant tokens only."""
 
     data_kind: ClassVar[str] = "SFT conversations"
-    output_dir: str = "runs/sft"
+    output_dir: OutputDir = "runs/sft"
 
 
 class RewardLossConfig(Strict):
@@ -248,7 +256,7 @@ class RewardModelConfig(TrainingStageConfig):
     """`rlhf-workflow train-rm`: a Bradley–Terry reward model on preference pairs."""
 
     data_kind: ClassVar[str] = "preference pairs"
-    output_dir: str = "runs/rm"
+    output_dir: OutputDir = "runs/rm"
     loss: RewardLossConfig = RewardLossConfig()
     group_by_prompt: GroupByPrompt = False
 
@@ -256,9 +264,10 @@ class RewardModelConfig(TrainingStageConfig):
 class PreferenceFormatConfig(Strict):
     """How the preference model reads a comparison; saved with the model."""
 
-    template: str = "[CONTEXT] {context} [RESPONSE A] {response_a} [RESPONSE B] {response_b}"
-    label_a: str = "A"
-    label_b: str = "B"
+    template: str = Field("[CONTEXT] {context} [RESPONSE A] {response_a} [RESPONSE B] {response_b}",
+                          description="how the two responses are shown to the model (a user turn of its chat template)")
+    label_a: str = Field("A", description="the answer that means: response A is better (one token)")
+    label_b: str = Field("B", description="the answer that means: response B is better (one token)")
 
     @model_validator(mode="after")
     def _placeholders(self) -> "PreferenceFormatConfig":
@@ -272,7 +281,7 @@ class PreferenceModelConfig(TrainingStageConfig):
     """`rlhf-workflow train-pm`: a pairwise preference model that answers "A" or "B"."""
 
     data_kind: ClassVar[str] = "preference pairs"
-    output_dir: str = "runs/pm"
+    output_dir: OutputDir = "runs/pm"
     format: PreferenceFormatConfig = PreferenceFormatConfig()
 
 
@@ -316,7 +325,7 @@ class DPOConfig(TrainingStageConfig, DPOOptions):
 
     data_kind: ClassVar[str] = "preference pairs"
     input_keys = TrainingStageConfig.input_keys + ("reference.name_or_path",)
-    output_dir: str = "runs/dpo"
+    output_dir: OutputDir = "runs/dpo"
     reference: ReferenceConfig = ReferenceConfig()
 
 
@@ -332,15 +341,16 @@ class EvalRMConfig(Strict):
     data: str = Field("", description="pairs (prompt, chosen, rejected; `subset` for RewardBench files), or a "
                       "RewardBench 2, RM-Bench or JudgeBench file")
     output: str | None = Field(None, description="JSON results file (default: next to the data, *.eval.json)")
-    kind: Literal["auto", "rm", "pm"] = "auto"
+    kind: Literal["auto", "rm", "pm"] = Field("auto", description="reward model or preference model; auto: read "
+                                              "from the directory")
     format: Literal["auto", "pairs", "rewardbench2", "rmbench", "judgebench"] = Field(
         "auto", description="the data file's format; auto: from the first row's fields")
     ranking: Literal["borda", "copeland", "knockout"] = Field(
         "borda", description="how a preference model finds the best of n (RewardBench 2): round robin with "
         "Borda or Copeland scores, or a knockout")
-    batch_size: int = Field(8, ge=1)
+    batch_size: int = Field(8, ge=1, description="sequences per forward pass")
     max_length: SequenceLength = 1024
-    dtype: Dtype = "float32"
+    dtype: Dtype = Field("float32", description="the dtype the model scores in")
     apply_chat_template: ApplyChatTemplate = True
 
     @property
@@ -366,7 +376,8 @@ class SamplingConfig(Strict):
     temperature: float = Field(1.0, ge=0, description="0 = greedy")
     top_p: float = Field(1.0, gt=0, le=1, description="nucleus sampling; 1 = off")
     top_k: int = Field(0, ge=0, description="keep the k most likely tokens; 0 = off")
-    max_new_tokens: int = Field(256, ge=1)
+    max_new_tokens: int = Field(256, ge=1, description="a response ends at its end of turn, a stop string or this many "
+                                "tokens (finish_reason length)")
     stop: list[str] = Field(default_factory=list, description="extra stop strings (cut from the response); "
                             "the model's end-of-turn and eos tokens always stop")
     seed: int = Field(0, description="with the same seed a prompt gets the same samples, whatever the batching")
@@ -382,7 +393,8 @@ class VLLMBackendConfig(Strict):
     """The vLLM backend: `pip install 'rlhf-workflow[vllm]'` on GPUs, `RLHF_VLLM=cpu bash scripts/install.sh`
     (vLLM's CPU build, in .venv-vllm) on a CPU."""
 
-    tensor_parallel_size: int = Field(1, ge=1)
+    tensor_parallel_size: int = Field(1, ge=1, description="GPUs per engine; under a launcher, W / k engines of k "
+                                      "GPUs each")
     gpu_memory_utilization: float = Field(0.9, gt=0, le=1, description="on GPUs: the fraction of GPU memory vLLM "
                                           "may take (weights, activations, KV cache); not used on a CPU, where "
                                           "vLLM would read it as a fraction of host RAM (see kv_cache_gib)")
@@ -392,7 +404,7 @@ class VLLMBackendConfig(Strict):
     enforce_eager: bool | None = Field(None, description="run the model without torch.compile and CUDA graphs; "
                                        "default: on a CPU true (compiling takes minutes there and vLLM's CPU build "
                                        "does not reload its compile cache), on GPUs false")
-    enable_prefix_caching: bool = True
+    enable_prefix_caching: bool = Field(True, description="reuse the KV cache of a prompt shared by its n samples")
     max_model_len: int | None = Field(None, ge=1, description="default: the model's context length")
     chunk_size: int = Field(1024, ge=1, description="prompts per call to the engine (each chunk is written "
                             "before the next starts, so a restart loses at most one chunk)")
@@ -432,7 +444,8 @@ class OpenAIBackendConfig(Strict):
 class GenerationOptions(Strict):
     """How responses are sampled and by which backend: what `generate` and a run's generation share."""
 
-    backend: Backend = "hf"
+    backend: Backend = Field("hf", description="hf: transformers in this process (CPU or GPU); vllm: vLLM's engine; "
+                             "openai: OpenAI-compatible servers")
     sampling: SamplingConfig = SamplingConfig()
     hf: HFBackendConfig = HFBackendConfig()
     vllm: VLLMBackendConfig = VLLMBackendConfig()
@@ -471,7 +484,9 @@ class GenerateConfig(GenerationOptions):
 class JudgeConfig(Strict):
     """Who scores the responses: a reward model, a preference model, or a Python function."""
 
-    type: Literal["reward_model", "preference_model", "function"] = "reward_model"
+    type: Literal["reward_model", "preference_model", "function"] = Field(
+        "reward_model", description="what scores the responses: a train-rm model, a train-pm model ranking each "
+        "prompt's responses, or a function")
     path: str = Field("", description="reward_model / preference_model: the directory saved by train-rm / train-pm")
     function: str = Field("", description="function: 'package.module:name' or 'path/to/file.py:name', called as "
                           "name(row, response) -> float, row being the generations row (prompt and metadata)")
@@ -480,7 +495,7 @@ class JudgeConfig(Strict):
         "round robin of all n(n-1)/2 pairs scored by Copeland or Borda")
     batch_size: int = Field(16, ge=1, description="sequences per forward pass of a model judge")
     max_length: int = Field(1024, gt=0, description="model judges: tokens per sequence (prompts cut from the left)")
-    dtype: Dtype = "float32"
+    dtype: Dtype = Field("float32", description="the dtype a model judge scores in")
     timeout: float = Field(0.0, ge=0, description="function judges: seconds one response may take; one that takes "
                            "longer gets no reward (null, with the reason); 0 = no limit")
 
@@ -569,7 +584,8 @@ class RunPromptsConfig(Strict):
     per_iteration: int = Field(0, ge=0, description="prompts per iteration from `train`; 0 = an equal share of all")
     eval: str = Field("", description="held-out prompts for the evaluation after every iteration")
     eval_limit: int = Field(0, ge=0, description="use only the first N held-out prompts; 0 = all")
-    seed: int = 0
+    seed: int = Field(0, description="seeds the shuffle of prompts.train and which prompts a task makes (the "
+                      "run's `seed` moves the training prompts, never the eval prompts)")
     task: TaskName | None = Field(
         None, description="make the prompts with a built-in task instead of reading files: per_iteration prompts "
         "per iteration from its train split, eval_count from its eval split")
@@ -626,7 +642,8 @@ class FeedbackConfig(Strict):
     """Simulated human feedback: label π0's samples with a gold judge, train the reward model on them,
     then run the loop with that reward model as the judge (the paper's proxy)."""
 
-    enabled: bool = False
+    enabled: bool = Field(False, description="simulate human feedback: label π0's samples with judge_function and "
+                          "train the loop's judge on them")
     prompts: int = Field(128, ge=1, description="task prompts whose samples are labelled (besides the loop's)")
     judge_function: str = Field("", description="the simulated human, 'module:name' (e.g. "
                                 "rlhf_workflow.tasks.instructions:judge)")
@@ -728,15 +745,15 @@ class MakePromptsConfig(Strict):
     required_what = "the prompts file to write"
     output_keys = ("output",)
 
-    task: TaskName = "instructions"
-    split: Literal["train", "dev", "eval"] = "train"
-    count: int = Field(256, ge=1)
-    seed: int = 0
+    task: TaskName = Field("instructions", description="the built-in task")
+    split: Literal["train", "dev", "eval"] = Field(
+        "train", description="the split; assigned by a hash of the prompt, so splits never share one")
+    count: int = Field(256, ge=1, description="prompts to write")
+    seed: int = Field(0, description="seeds which prompts the task makes")
     options: dict[str, Any] = Field(default_factory=dict, description="task options, e.g. ifeval / instructions: "
                                     "{max_instructions: 1, types: [punctuation:no_comma]}; arithmetic: "
                                     "{digits: 2, operations: '+-'}")
-    output: str = ""
-
+    output: str = Field("", description="the prompts file to write (JSON Lines)")
 
 
 STAGE_CONFIGS: dict[str, type[Strict]] = {
@@ -993,6 +1010,74 @@ def annotated_yaml(config: BaseModel, width: int = 100) -> str:
 
     emit(config, values, "")
     return "\n".join(lines) + "\n"
+
+
+class ConfigKey(BaseModel):
+    """One key of a config as the reference lists it: the dotted name a user types, its type, its default
+    (as YAML writes it; None where it must be given) and what it means."""
+
+    key: str
+    type: str
+    default: Any = None
+    required: bool = False
+    description: str = ""
+
+
+def _type_name(annotation: Any) -> str:
+    """A field's type as a reader writes it: `int`, `str | None`, `'hf' | 'vllm'`, `list[str]`."""
+    import typing
+
+    origin = typing.get_origin(annotation)
+    args = typing.get_args(annotation)
+    if origin is Annotated:
+        return _type_name(args[0])
+    if origin is Literal:
+        return " | ".join(repr(a) for a in args)
+    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
+        return " | ".join(_type_name(a) for a in args)
+    if origin is not None:
+        inner = ", ".join(_type_name(a) for a in args)
+        return f"{getattr(origin, '__name__', str(origin))}[{inner}]"
+    if annotation is type(None):
+        return "None"
+    return getattr(annotation, "__name__", str(annotation))
+
+
+def _section_class(annotation: Any) -> type[BaseModel] | None:
+    """The config section a field holds (also through ``X | None``), or None for a plain value."""
+    import typing
+
+    candidates = [annotation, *typing.get_args(annotation)]
+    for candidate in candidates:
+        if isinstance(candidate, type) and issubclass(candidate, BaseModel):
+            return candidate
+    return None
+
+
+def config_reference(model: type[BaseModel]) -> list[ConfigKey]:
+    """Every key of the config ``model``, sections walked depth first in declaration order, with its
+    type, default and description: the one source of the documentation's config reference."""
+    keys: list[ConfigKey] = []
+    required = set(getattr(model, "required", ()))
+
+    def walk(section: type[BaseModel], default: BaseModel | None, prefix: str) -> None:
+        for name, field in section.model_fields.items():
+            key = prefix + name
+            value = getattr(default, name, None) if default is not None else field.get_default(call_default_factory=True)
+            sub = _section_class(field.annotation)
+            about = field.description or ""
+            if sub is not None and (value is None or isinstance(value, BaseModel)):
+                doc = (sub.__doc__ or "").strip().split("\n\n")[0].replace("\n", " ")
+                keys.append(ConfigKey(key=key, type="section" + (" | None" if value is None else ""),
+                                      default=None if value is None else "", description=about or doc))
+                walk(sub, value if isinstance(value, BaseModel) else None, key + ".")
+                continue
+            shown = value.model_dump(mode="json") if isinstance(value, BaseModel) else value
+            keys.append(ConfigKey(key=key, type=_type_name(field.annotation), default=shown,
+                                  required=not prefix and name in required, description=about))
+
+    walk(model, None, "")
+    return keys
 
 
 def save_config(config: BaseModel, path: str | os.PathLike) -> None:

@@ -10,7 +10,7 @@ comes from code this project did not write.
 
 `TYPES` are the IFEval types SmolLM2-135M-Instruct follows in at least 10 % and at most 70 % of its
 answers at temperature 1 with 48 new tokens (measured by ``experiments/ifeval_rates.py``; the
-figures are in the README): a type it never follows, or always does, gives the reward model no
+figures are in docs/guide/tasks.md): a type it never follows, or always does, gives the reward model no
 pair to learn from.
 
 `noisy_judge` replaces 20 % of the judge's scores by a uniform random number (deterministic for a
