@@ -41,6 +41,37 @@ def test_print_config_shows_every_default(capsys):
     assert cfg["model"]["trust_remote_code"] is False
 
 
+@pytest.mark.parametrize("command", ["sft", "train-rm", "train-pm", "dpo", "eval-rm", "generate", "annotate", "pairs",
+                                     "prompts", "run"])
+def test_print_config_prints_for_every_command_with_no_arguments(command, capsys):
+    """--print-config needs nothing given: every key is printed, and the inputs the command still needs
+    are marked in the YAML and listed, all at once, on stderr."""
+    from rlhf_workflow.config import STAGE_CONFIGS, load_config
+
+    assert main([command, "--print-config"]) == 0
+    printed = capsys.readouterr()
+    assert yaml.safe_load(printed.out)  # loadable YAML
+    missing = load_config(STAGE_CONFIGS[command], unfinished=True).missing()
+    assert missing  # every one of these commands needs an input file or two
+    for key, why in missing:
+        assert f"# REQUIRED: {why}"[:60] in printed.out
+        assert f"{key}=..." in printed.err
+
+
+@pytest.mark.parametrize(("command", "keys"), [
+    ("run", ["prompts.train", "prompts.eval", "judge.path"]),
+    ("generate", ["prompts is required", "output is required"]),
+    ("annotate", ["input is required", "output is required", "judge.path is required"]),
+    ("eval-rm", ["model is required", "data is required"]),
+])
+def test_a_command_names_every_missing_input_at_once(command, keys, capsys):
+    assert main([command]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1
+    for key in keys:
+        assert key in err, (key, err)
+
+
 def test_console_script_errors_are_one_line_without_traceback(tmp_path):
     data = write_jsonl(tmp_path / "d.jsonl", [{"prompt": "a", "completion": "b"}])
     result = subprocess.run(

@@ -157,7 +157,7 @@ def test_print_config_puts_each_description_above_its_key():
 
     lines = annotated_yaml(load_config(RunConfig, None, REQUIRED["run"])).splitlines()
     beta = next(i for i, line in enumerate(lines) if line.strip().startswith("beta:"))
-    assert lines[beta - 1].strip() == "# KL strength β (IPO's τ)"
+    assert lines[beta - 1].strip() == "# KL strength β (IPO's τ) [float; default 0.1]"  # what, type, default
     assert lines[beta].startswith("    beta:")  # dpo.loss.beta, two levels deep
     sampling = next(i for i, line in enumerate(lines) if line.startswith("  sampling:"))
     assert lines[sampling - 1].strip().startswith("# How responses are sampled")  # a section's docstring

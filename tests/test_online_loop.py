@@ -238,7 +238,10 @@ def test_recipe_file_is_the_first_argument(tmp_path, capsys):
     assert main(["run", str(recipe), "dpo.loss.beta=0.2", "--print-config"]) == 0
     printed = capsys.readouterr().out
     assert "iterations: 3" in printed and "beta: 0.2" in printed
-    assert main(["run", str(recipe), "prompts.eval=", "--print-config"]) == 2
+    assert main(["run", str(recipe), "prompts.eval=", "--print-config"]) == 0  # printed, the missing key marked
+    printed = capsys.readouterr()
+    assert "# REQUIRED: prompts.eval is required" in printed.out and "also give prompts.eval=..." in printed.err
+    assert main(["run", str(recipe), "prompts.eval="]) == 2
     assert "prompts.eval is required" in capsys.readouterr().err
     assert main(["run", str(recipe), "prompts.train_per_iteration=[x.jsonl]", "--print-config"]) == 2
     assert "names 1 files for 3 iterations" in capsys.readouterr().err

@@ -232,12 +232,12 @@ def _stage_runner(stage: str, module: str, function: str) -> Callable[[argparse.
     def run(args: argparse.Namespace) -> None:
         import importlib
 
-        from rlhf_workflow.config import STAGE_CONFIGS, annotated_yaml, load_config
+        from rlhf_workflow.config import STAGE_CONFIGS, load_config
 
-        config = load_config(STAGE_CONFIGS[stage], args.config, args.overrides)
         if args.print_config:
-            print(annotated_yaml(config), end="")
+            _print_config(load_config(STAGE_CONFIGS[stage], args.config, args.overrides, unfinished=True), stage)
             return
+        config = load_config(STAGE_CONFIGS[stage], args.config, args.overrides)
         runner = getattr(importlib.import_module(module), function)
         options = {name: getattr(args, name) for name in ("resume", "force") if hasattr(args, name)}
         runner(config, **options)
@@ -246,19 +246,31 @@ def _stage_runner(stage: str, module: str, function: str) -> Callable[[argparse.
 
 
 def _run_workflow(args: argparse.Namespace) -> None:
-    from rlhf_workflow.config import RunConfig, annotated_yaml, load_config
+    from rlhf_workflow.config import RunConfig, load_config
 
     overrides = list(args.overrides)
     config_path = args.config
     if config_path is None and overrides and "=" not in overrides[0]:
         config_path = overrides.pop(0)
-    config = load_config(RunConfig, config_path, overrides)
     if args.print_config:
-        print(annotated_yaml(config), end="")
+        _print_config(load_config(RunConfig, config_path, overrides, unfinished=True), "run")
         return
+    config = load_config(RunConfig, config_path, overrides)
     from rlhf_workflow.workflow import run_workflow
 
     run_workflow(config, force=args.force)  # type: ignore[arg-type]
+
+
+def _print_config(config, command: str) -> None:
+    """The config as annotated YAML on stdout; the inputs it still lacks are marked in it and listed,
+    all of them, on stderr (what `rlhf-workflow COMMAND` would refuse)."""
+    from rlhf_workflow.config import annotated_yaml
+
+    print(annotated_yaml(config), end="")
+    missing = config.missing()
+    if missing:
+        keys = " ".join(f"{key}=..." for key, _ in missing)
+        print(f"note: to run `rlhf-workflow {command}`, also give {keys} (marked REQUIRED above)", file=sys.stderr)
 
 
 def _demo(args: argparse.Namespace) -> None:

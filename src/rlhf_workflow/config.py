@@ -12,6 +12,7 @@ config is written next to the stage's outputs as ``config.yaml``.
 from __future__ import annotations
 
 import difflib
+import json
 import os
 import re
 import reprlib
@@ -20,14 +21,20 @@ from pathlib import Path
 from typing import Annotated, Any, ClassVar, Literal, TypeVar
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from rlhf_workflow.errors import UserError
 
 
+def _unfinished(info: ValidationInfo) -> bool:
+    """Whether this validation builds a config only to show it (--print-config): the inputs it still lacks
+    are then marked in what is printed instead of refused."""
+    return bool(info.context and info.context.get("unfinished"))
+
+
 class Strict(BaseModel):
     """Base for every config section: unknown keys are errors, defaults are validated, and the
-    fields named in ``required`` (a stage's files) must be given; ``required_what`` says what they are.
+    fields named in ``required`` (a stage's files) must be given; their descriptions say what they are.
 
     A stage's config names the keys of its inputs (``input_keys``: files, model directories,
     'file.py:name' functions) and of its outputs (``output_keys``: a file, or a directory when the
@@ -37,20 +44,27 @@ class Strict(BaseModel):
     # inf and nan are refused for every number (an lr or a penalty coefficient of inf is never meant)
     model_config = ConfigDict(extra="forbid", validate_default=True, validate_assignment=True, allow_inf_nan=False)
     required: ClassVar[tuple[str, ...]] = ()
-    required_what: ClassVar[str] = ""
     input_keys: ClassVar[tuple[str, ...]] = ()
     output_keys: ClassVar[tuple[str, ...]] = ()
 
     @model_validator(mode="after")
-    def _required_given(self) -> "Strict":
-        if any(not getattr(self, name) for name in self.required):
-            verb = "is" if len(self.required) == 1 else "are"
-            raise ValueError(f"{' and '.join(self.required)} {verb} required: {self.required_what}")
+    def _required_given(self, info: ValidationInfo) -> "Strict":
+        if not _unfinished(info):
+            missing = self.missing()
+            if missing:
+                raise ValueError("; ".join(why for _, why in missing))
         return self
 
+    def missing(self) -> list[tuple[str, str]]:
+        """Every input this config needs and was not given, as (dotted key, the sentence that says so),
+        all at once: a command refuses with all of them, and --print-config marks them."""
+        fields = type(self).model_fields
+        return [(name, f"{name} is required: {fields[name].description}")
+                for name in self.required if not getattr(self, name)]
+
     @model_validator(mode="after")
-    def _outputs_are_not_inputs(self) -> "Strict":
-        if self.output_keys:
+    def _outputs_are_not_inputs(self, info: ValidationInfo) -> "Strict":
+        if self.output_keys and not _unfinished(info):
             from rlhf_workflow.data.outputs import path_conflicts, unwritable
 
             outputs = {key: str(self.output_at(key) or "") for key in self.output_keys}
@@ -230,11 +244,8 @@ class TrainingStageConfig(Strict):
     data: DataConfig = DataConfig()
     train: TrainConfig = TrainConfig()
 
-    @model_validator(mode="after")
-    def _needs_data(self) -> "TrainingStageConfig":
-        if self.data.train is None:
-            raise ValueError(f"data.train is required: the file of {self.data_kind}")
-        return self
+    def missing(self) -> list[tuple[str, str]]:
+        return super().missing() + ([] if self.data.train else [("data.train", f"data.train is required: the file of {self.data_kind}")])
 
 
 class SFTConfig(TrainingStageConfig):
@@ -333,7 +344,6 @@ class EvalRMConfig(Strict):
     """`rlhf-workflow eval-rm`: accuracy of a reward or preference model on held-out pairs."""
 
     required = ("model", "data")
-    required_what = "the saved reward/preference model and a pairs file"
     input_keys = ("model", "data")
     output_keys = ("output",)
 
@@ -456,7 +466,6 @@ class GenerateConfig(GenerationOptions):
     """`rlhf-workflow generate`: n sampled responses for every prompt of a prompts file."""
 
     required = ("prompts", "output")
-    required_what = "the prompts file to read and the generations file to write"
     input_keys = ("prompts", "model.name_or_path", "model.tokenizer")
     output_keys = ("output",)
 
@@ -499,12 +508,14 @@ class JudgeConfig(Strict):
     timeout: float = Field(0.0, ge=0, description="function judges: seconds one response may take; one that takes "
                            "longer gets no reward (null, with the reason); 0 = no limit")
 
-    def check(self, prefix: str = "judge") -> None:
-        """Raise ValueError when the judge's source is missing (called by the configs that hold one)."""
+    def missing_source(self, prefix: str = "judge") -> list[tuple[str, str]]:
+        """The judge's source when it is not given (for the configs that hold a judge: their `missing`)."""
         if self.type == "function" and ":" not in self.function:
-            raise ValueError(f"{prefix}.function is required for a function judge, as 'module:name' or 'file.py:name'")
+            return [(f"{prefix}.function", f"{prefix}.function is required for a function judge, as 'module:name' "
+                     "or 'file.py:name'")]
         if self.type != "function" and not self.path:
-            raise ValueError(f"{prefix}.path is required for a {self.type} judge: the saved model's directory")
+            return [(f"{prefix}.path", f"{prefix}.path is required for a {self.type} judge: the saved model's directory")]
+        return []
 
 
 class LengthPenaltyConfig(Strict):
@@ -520,7 +531,6 @@ class AnnotateConfig(Strict):
     """`rlhf-workflow annotate`: a reward for every response of a generations file."""
 
     required = ("input", "output")
-    required_what = "the generations file to read and the file to write"
     input_keys = ("input", "judge.path", "judge.function")
     output_keys = ("output",)
 
@@ -534,10 +544,8 @@ class AnnotateConfig(Strict):
         False, description="reward-model judge: keep each prompt's keys and values in this process (up to 1 GiB "
         "a model) so that a later annotate of the same prompts computes only the responses (a run's evaluations)")
 
-    @model_validator(mode="after")
-    def _judge_given(self) -> "AnnotateConfig":
-        self.judge.check()
-        return self
+    def missing(self) -> list[tuple[str, str]]:
+        return super().missing() + self.judge.missing_source()
 
     def row_settings(self) -> dict[str, Any]:
         """What determines the annotated rows (recorded beside the output; `data.outputs`)."""
@@ -563,7 +571,6 @@ class PairsConfig(PairOptions):
     """`rlhf-workflow pairs`: preference pairs from annotated generations."""
 
     required = ("input", "output")
-    required_what = "the annotated generations and the pairs file to write"
     input_keys = ("input",)
     output_keys = ("output",)
 
@@ -707,21 +714,29 @@ class RunConfig(Strict):
         numpy's seeding (transformers' ``set_seed``) requires."""
         return (base + 1_000_003 * self.seed) % 2**32
 
+    def missing(self) -> list[tuple[str, str]]:
+        p = self.prompts
+        found = []
+        if p.task is not None:
+            if not p.per_iteration:
+                found.append(("prompts.per_iteration", "prompts.per_iteration is required with prompts.task: how many "
+                              "prompts each iteration gets"))
+        else:
+            if not p.train and not p.train_per_iteration:
+                found.append(("prompts.train", "prompts.train (one file split over the iterations), "
+                              "prompts.train_per_iteration or prompts.task is required"))
+            if not p.eval:
+                found.append(("prompts.eval", "prompts.eval is required: held-out prompts to evaluate every policy on"))
+        if not self.feedback.enabled:
+            found += self.judge.missing_source()
+        return super().missing() + found
+
     @model_validator(mode="after")
     def _check(self) -> "RunConfig":
         p = self.prompts
-        if p.task is not None:
-            if not p.per_iteration:
-                raise ValueError("prompts.per_iteration is required with prompts.task: how many prompts each iteration gets")
-        else:
-            if not p.train and not p.train_per_iteration:
-                raise ValueError("prompts.train (one file split over the iterations), prompts.train_per_iteration or "
-                                 "prompts.task is required")
-            if p.train_per_iteration and len(p.train_per_iteration) != self.iterations:
-                raise ValueError(f"prompts.train_per_iteration names {len(p.train_per_iteration)} files for "
-                                 f"{self.iterations} iterations")
-            if not p.eval:
-                raise ValueError("prompts.eval is required: held-out prompts to evaluate every policy on")
+        if p.task is None and p.train_per_iteration and len(p.train_per_iteration) != self.iterations:
+            raise ValueError(f"prompts.train_per_iteration names {len(p.train_per_iteration)} files for "
+                             f"{self.iterations} iterations")
         if self.feedback.enabled:
             if p.task is None or ":" not in self.feedback.judge_function:
                 raise ValueError("feedback needs prompts.task and feedback.judge_function (the simulated human)")
@@ -731,8 +746,6 @@ class RunConfig(Strict):
             if self.judge.type == "preference_model" and self.feedback.judge == "rm":
                 raise ValueError("judge.type=preference_model with feedback: set feedback.judge=pm to judge with the "
                                  "preference model trained on the feedback")
-        else:
-            self.judge.check()
         if self.offline.after_online and self.mode != "online":
             raise ValueError("offline.after_online belongs to an online run (mode: online)")
         return self
@@ -742,7 +755,6 @@ class MakePromptsConfig(Strict):
     """`rlhf-workflow prompts`: a built-in task's prompts of one split."""
 
     required = ("output",)
-    required_what = "the prompts file to write"
     output_keys = ("output",)
 
     task: TaskName = Field("instructions", description="the built-in task")
@@ -968,9 +980,11 @@ def format_validation_error(exc: ValidationError, model: type[BaseModel], source
 
 
 def load_config(
-    model: type[Strict], path: str | os.PathLike | None = None, overrides: list[str] | None = None
+    model: type[Strict], path: str | os.PathLike | None = None, overrides: list[str] | None = None, *,
+    unfinished: bool = False,
 ) -> Strict:
-    """Build a validated config of type ``model`` from an optional YAML file and overrides."""
+    """Build a validated config of type ``model`` from an optional YAML file and overrides. ``unfinished``:
+    only to show it (--print-config), so the inputs it lacks (`Strict.missing`) are not refused."""
     data: dict[str, Any] = read_yaml(path) if path is not None else {}
     over = parse_overrides(overrides or [])
     merged = deep_merge(data, over)
@@ -978,7 +992,7 @@ def load_config(
     if over:
         source += " with overrides" if path is not None else " (command-line overrides)"
     try:
-        return model.model_validate(merged)
+        return model.model_validate(merged, context={"unfinished": True} if unfinished else None)
     except ValidationError as exc:
         raise UserError(format_validation_error(exc, model, source)) from None
 
@@ -987,28 +1001,41 @@ def config_to_yaml(config: BaseModel) -> str:
     return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)
 
 
-def annotated_yaml(config: BaseModel, width: int = 100) -> str:
-    """``config`` as YAML that loads back to the same config, every key once, with what it means as a
-    comment above it (the field's description, or a section's docstring): what --print-config shows."""
+def annotated_yaml(config: Strict, width: int = 100) -> str:
+    """``config`` as YAML that loads back to the same config, every key once, with what it means, its type
+    and its default as a comment above it (a section: its docstring), and each input the config still
+    lacks marked ``# REQUIRED``: what --print-config shows."""
     values = config.model_dump(mode="json")
+    reference = {key.key: key for key in config_reference(type(config))}
+    missing: dict[str, list[str]] = {}
+    for key, why in config.missing():
+        missing.setdefault(key, []).append(why)
     lines: list[str] = []
 
-    def emit(model: BaseModel, data: dict[str, Any], indent: str) -> None:
-        for name, field in type(model).model_fields.items():
-            value = getattr(model, name)
-            about = field.description
-            if about is None and isinstance(value, BaseModel) and type(value).__doc__:
-                about = type(value).__doc__.strip().split("\n\n")[0].replace("\n", " ")
-            if about:
-                lines.extend(f"{indent}# {line}" for line in textwrap.wrap(about, max(40, width - len(indent) - 2)))
-            if isinstance(value, BaseModel):
-                lines.append(f"{indent}{name}:")
-                emit(value, data[name], indent + "  ")
-            else:
-                text = yaml.safe_dump({name: data[name]}, sort_keys=False, width=10**6, allow_unicode=True)
-                lines.extend(indent + line for line in text.rstrip("\n").split("\n"))
+    def comment(text: str, indent: str) -> None:
+        lines.extend(f"{indent}# {line}" for line in textwrap.wrap(text, max(40, width - len(indent) - 2)))
 
-    emit(config, values, "")
+    def emit(model: BaseModel, data: dict[str, Any], indent: str, prefix: str) -> None:
+        for name in type(model).model_fields:
+            key, value = prefix + name, getattr(model, name)
+            about = reference[key]
+            for why in missing.get(key, []):
+                comment(f"REQUIRED: {why}", indent)
+            if isinstance(value, BaseModel):
+                if about.description:
+                    comment(about.description, indent)
+                lines.append(f"{indent}{name}:")
+                emit(value, data[name], indent + "  ", key + ".")
+                continue
+            if about.type.startswith("section"):  # a section left out (null)
+                comment(f"{about.description} [a section; default null]", indent)
+            else:
+                default = json.dumps(about.default, ensure_ascii=False)
+                comment(f"{about.description} [{about.type}; default {default}]".lstrip(), indent)
+            text = yaml.safe_dump({name: data[name]}, sort_keys=False, width=10**6, allow_unicode=True)
+            lines.extend(indent + line for line in text.rstrip("\n").split("\n"))
+
+    emit(config, values, "", "")
     return "\n".join(lines) + "\n"
 
 
