@@ -80,9 +80,9 @@ def setup(work: Path) -> list[str]:
         f"policy.name_or_path={model}", f"prompts.train={train}", f"prompts.eval={heldout}", "iterations=2",
         "generation.sampling.n=4", "generation.sampling.max_new_tokens=12", "generation.hf.batch_size=1",
         "judge.type=function", f"judge.function={work}/task.py:judge", f"eval.gold_function={work}/task.py:gold",
-        "eval.sampling.n=2", "eval.sampling.max_new_tokens=12", "eval.bootstrap=200", "dpo.max_length=64",
+        "eval.sampling.n=2", "eval.sampling.max_new_tokens=12", "eval.bootstrap=200", "dpo.data.max_length=64",
         "dpo.train.lr=1e-3", "dpo.train.epochs=2", "dpo.train.per_device_batch_size=2", "dpo.train.save_every=1",
-        "dpo.train.warmup_ratio=0", "dpo.reference_batch_size=2", "offline.after_online=true",
+        "dpo.train.warmup_ratio=0", "dpo.reference.batch_size=2", "offline.after_online=true",
     ]
 
 

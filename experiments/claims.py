@@ -100,7 +100,7 @@ FIRST_STAGE_FED: dict[str, tuple[str, ...]] = {
     "judge": ("iter_0/eval",),
     # the preference model's own stages, which a demo run does not have (it shares all it has)
     "feedback.train_pm": ("feedback/pm",),
-    "feedback.pm_train": ("feedback/pm",),
+    "feedback.pm": ("feedback/pm",),
     "offline": ("offline/generate",),  # the baseline's stages (and offline/prompts.jsonl, never copied)
 }
 # What each stage of a run writes (globs under the run directory); {t} is the iteration
@@ -145,12 +145,14 @@ def shared_stages(source: Path, variant_yaml: str) -> tuple[list[str], str]:
     same, in order, and why the list ends where it does."""
     import yaml
 
-    from rlhf_workflow.config import RunConfig
+    from rlhf_workflow.config import RunConfig, upgrade_keys
 
     def resolved(text: str) -> dict[str, Any]:
         """Every key of the recipe, defaults filled in: a config.yaml written before a key existed
-        holds that key's default, as the run that wrote it did."""
-        return flat(RunConfig.model_validate(yaml.safe_load(text)).model_dump(mode="json"))
+        holds that key's default, as the run that wrote it did, and one written before a key was
+        renamed holds it under its new name."""
+        data = upgrade_keys(RunConfig, yaml.safe_load(text), "config.yaml")
+        return flat(RunConfig.model_validate(data).model_dump(mode="json"))
 
     ours = resolved((source / "config.yaml").read_text())
     theirs = resolved(variant_yaml)
@@ -275,8 +277,8 @@ def run(root: Path, variant: str, seed: int, split: str, log: Path, recipe: str 
         # the demo's precision, so that the variant never measures its own (and never differs in it);
         # a preference model trains as the demo's reward model did. A variant that has started
         # (config.yaml) gets none: `demo` continues it in the precision it started with.
-        overrides = [f"{key}={held.value_at(key)}" for key in PRECISION_KEYS if key != "feedback.pm_train.precision"] + [
-            f"feedback.pm_train.precision={held.value_at('feedback.rm_train.precision')}"] + overrides
+        overrides = [f"{key}={held.value_at(key)}" for key in PRECISION_KEYS if key != "feedback.pm.train.precision"] + [
+            f"feedback.pm.train.precision={held.value_at('feedback.rm.train.precision')}"] + overrides
         if not path.exists():
             variant_config = load_config(RunConfig, DEMO_RECIPE.with_name(RECIPES[recipe][0]), overrides + common)
             source, stages, why = best_source(root, seed, path, config_to_yaml(variant_config))

@@ -95,7 +95,7 @@ def on_pre_build(config) -> None:  # the mkdocs hook
     if found:
         from mkdocs.exceptions import PluginError
 
-        raise PluginError(f"{', '.join('docs/' + p for p in found)} differ from the code: run python scripts/docs_reference.py")
+        raise PluginError(f"generated from the code, but stale: {', '.join('docs/' + p for p in found)}; run python scripts/docs_reference.py")
 
 
 def main(argv: list[str]) -> int:

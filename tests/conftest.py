@@ -296,7 +296,7 @@ def recipe(tiny_model_dir, tmp_path):
         "iterations=2", "generation.sampling.n=4", "generation.sampling.max_new_tokens=8", "generation.hf.batch_size=2",
         "judge.type=function", f"judge.function={tmp_path}/task.py:judge",
         f"eval.gold_function={tmp_path}/task.py:gold", "eval.sampling.n=2", "eval.sampling.max_new_tokens=8",
-        "eval.bootstrap=200", "dpo.max_length=64", "dpo.train.lr=1e-3", "dpo.train.epochs=1",
+        "eval.bootstrap=200", "dpo.data.max_length=64", "dpo.train.lr=1e-3", "dpo.train.epochs=1",
         "dpo.train.per_device_batch_size=2", "dpo.train.save_every=1", "dpo.train.warmup_ratio=0",
     ]
 

@@ -175,8 +175,11 @@ def test_a_run_section_becomes_its_stage_config_with_the_paths_filled_in():
     assert (generate.sampling.n, generate.hf.batch_size, generate.backend, generate.openai.concurrency) == (7, 3, "openai", 5)
     pairs = stage_config(PairsConfig, run.pairs, input="s.jsonl", output="p.jsonl")
     assert (pairs.strategy, pairs.min_margin) == ("max_random", 0.5)
-    dpo = stage_config(DPOConfig, run.dpo, data={"train": "p.jsonl"})
+    dpo = stage_config(DPOConfig, run.dpo, data={"train": "p.jsonl", "max_length": run.dpo.data.max_length},
+                       train=run.dpo.train)
     assert (dpo.loss.beta, dpo.logprob_chunk, dpo.train.lr) == (0.3, 64, run.dpo.train.lr)
+    with pytest.raises(TypeError, match="not built on"):  # only what the two are built on is copied
+        stage_config(DPOConfig, run.generation, data={"train": "p.jsonl"})
     # a setting given for the call wins over the section's
     assert stage_config(GenerateConfig, run.generation, prompts="p", output="o", sampling={"n": 2}).sampling.n == 2
 

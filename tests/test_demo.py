@@ -20,12 +20,12 @@ def test_miniature_demo_runs_end_to_end(tiny_model_dir, tmp_path):
     overrides = [
         f"output_dir={run_dir}", f"policy.name_or_path={tiny_model_dir}", "iterations=1", "prompts.per_iteration=6",
         "prompts.eval_count=6", "feedback.prompts=10", "feedback.sampling.n=6", "feedback.sampling.max_new_tokens=8",
-        "feedback.judge_function=rlhf_workflow.tasks.instructions:noisy_judge", "feedback.rm_train.epochs=1",
-        "feedback.rm_max_length=96", "feedback.rm_train.per_device_batch_size=2", "dpo.train.per_device_batch_size=2", "generation.sampling.max_new_tokens=8", "generation.hf.batch_size=4",
-        "judge.max_length=96", "dpo.max_length=96", "dpo.train.epochs=1", "dpo.train.lr=1e-3",
+        "feedback.judge_function=rlhf_workflow.tasks.instructions:noisy_judge", "feedback.rm.train.epochs=1",
+        "feedback.rm.data.max_length=96", "feedback.pm.data.max_length=96", "feedback.rm.train.per_device_batch_size=2", "dpo.train.per_device_batch_size=2", "generation.sampling.max_new_tokens=8", "generation.hf.batch_size=4",
+        "judge.max_length=96", "dpo.data.max_length=96", "dpo.train.epochs=1", "dpo.train.lr=1e-3",
         "eval.sampling.max_new_tokens=8", "eval.bootstrap=100", "feedback.train_pm=true",
-        "feedback.pm_train.per_device_batch_size=2", "feedback.rm_train.precision=bf16", "dpo.train.precision=bf16",
-        "feedback.pm_train.precision=fp32",
+        "feedback.pm.train.per_device_batch_size=2", "feedback.rm.train.precision=bfloat16", "dpo.train.precision=bfloat16",
+        "feedback.pm.train.precision=float32",
     ]
     # the reward model and DPO train with bf16 autocast (the recipe's, pinned here: on a CPU with slow
     # bf16 the demo would choose fp32), the preference model in fp32: stages of one process with
@@ -63,7 +63,7 @@ def test_miniature_demo_runs_end_to_end(tiny_model_dir, tmp_path):
 
 
 def _precision(config):
-    return (config.generation.dtype, config.judge.dtype, config.feedback.rm_train.precision,
+    return (config.generation.dtype, config.judge.dtype, config.feedback.rm.train.precision,
             config.dpo.train.precision)
 
 
@@ -75,11 +75,11 @@ def test_demo_runs_in_fp32_on_a_cpu_where_bf16_is_slower(tmp_path, monkeypatch):
     out = f"output_dir={tmp_path / 'demo'}"
     monkeypatch.setattr(processes, "no_accelerator", lambda: True)  # a CPU, on a GPU machine too
     monkeypatch.setattr(workflow, "cpu_bf16_speedup", lambda: 2.5)
-    assert _precision(workflow.demo_config([out])) == ("bfloat16", "bfloat16", "bf16", "bf16")
+    assert _precision(workflow.demo_config([out])) == ("bfloat16", "bfloat16", "bfloat16", "bfloat16")
     monkeypatch.setattr(workflow, "cpu_bf16_speedup", lambda: 0.5)
     slow = workflow.demo_config([out])
-    assert _precision(slow) == ("float32", "float32", "fp32", "fp32")
-    assert _precision(workflow.demo_config([out, "dpo.train.precision=bf16"])) == ("float32", "float32", "fp32", "bf16")
+    assert _precision(slow) == ("float32", "float32", "float32", "float32")
+    assert _precision(workflow.demo_config([out, "dpo.train.precision=bfloat16"])) == ("float32", "float32", "float32", "bfloat16")
 
     (tmp_path / "demo").mkdir()
     (tmp_path / "demo" / "config.yaml").write_text(config_to_yaml(slow))
@@ -87,7 +87,7 @@ def test_demo_runs_in_fp32_on_a_cpu_where_bf16_is_slower(tmp_path, monkeypatch):
     def measured():
         raise AssertionError("a run directory that holds a run is continued with its own precision")
     monkeypatch.setattr(workflow, "cpu_bf16_speedup", measured)
-    assert _precision(workflow.demo_config([out])) == ("float32", "float32", "fp32", "fp32")
+    assert _precision(workflow.demo_config([out])) == ("float32", "float32", "float32", "float32")
 
 
 def test_demo_full_is_the_same_recipe_at_the_experiments_size(tmp_path, monkeypatch):
@@ -202,15 +202,15 @@ rank = int(os.environ["RANK"])
 workflow.cpu_bf16_speedup = lambda: float(sys.argv[2 + rank])  # each process "measures" its own speedup
 config = workflow.demo_config([f"output_dir={sys.argv[1]}"])
 with open(f"{sys.argv[1]}.rank{rank}", "w") as out:  # a file each: two processes' prints can interleave
-    out.write(f"{config.generation.dtype} {config.judge.dtype} {config.feedback.rm_train.precision} "
+    out.write(f"{config.generation.dtype} {config.judge.dtype} {config.feedback.rm.train.precision} "
               f"{config.dpo.train.precision}")
 dist.barrier()
 dist.destroy_process_group()
 '''
 
 
-@pytest.mark.parametrize("speedups, chosen", [(("2.5", "0.5"), "bfloat16 bfloat16 bf16 bf16"),
-                                              (("0.5", "2.5"), "float32 float32 fp32 fp32")])
+@pytest.mark.parametrize("speedups, chosen", [(("2.5", "0.5"), "bfloat16 bfloat16 bfloat16 bfloat16"),
+                                              (("0.5", "2.5"), "float32 float32 float32 float32")])
 def test_every_process_of_a_launched_demo_runs_the_main_processs_precision(tmp_path, speedups, chosen):
     """Under `accelerate launch` the main process measures and decides; a process whose own timing
     would choose the other precision runs the main one's."""

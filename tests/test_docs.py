@@ -45,7 +45,7 @@ def test_config_reference_lists_nested_keys_with_their_defaults():
     keys = {key.key: key for key in config_reference(RunConfig)}
     assert keys["dpo.train.lr"].default == 5e-7  # the run recipe's own default, not the stage's
     assert keys["generation.sampling.n"].type == "int" and keys["generation.sampling.n"].default == 4
-    assert keys["feedback.rm_model"].type == "section | None"  # an optional section
+    assert keys["feedback.rm.model"].type == "section | None"  # an optional section
     assert "policy.lora.r" in keys and keys["policy"].type == "section"
     generate = {key.key: key for key in config_reference(GenerateConfig)}
     assert generate["prompts"].required and generate["output"].required

@@ -173,7 +173,7 @@ def test_the_reference_pass_runs_in_the_training_precision(tiny_model_dir, pairs
     body rounds otherwise, and the bf16 projection passes that on (1.6e-6 here)."""
     train, _ = pairs
     out = tmp_path / "bf16"
-    assert main(_args(tiny_model_dir, train, out, "train.max_steps=1", "train.precision=bf16")) == 0
+    assert main(_args(tiny_model_dir, train, out, "train.max_steps=1", "train.precision=bfloat16")) == 0
     assert read_metrics(out)[0]["loss"] == pytest.approx(math.log(2), abs=5e-6)
 
 

@@ -33,12 +33,12 @@ def miniature(tiny_model_dir, run_dir: Path, *extra: str) -> list[str]:
     return [
         f"output_dir={run_dir}", f"policy.name_or_path={tiny_model_dir}", "iterations=2", "prompts.per_iteration=6",
         "prompts.eval_count=6", "feedback.prompts=10", "feedback.sampling.n=4", "feedback.sampling.max_new_tokens=8",
-        "feedback.judge_function=rlhf_workflow.tasks.instructions:noisy_judge", "feedback.rm_train.epochs=1",
-        "feedback.rm_max_length=96", "feedback.rm_train.per_device_batch_size=2", "dpo.train.per_device_batch_size=2",
+        "feedback.judge_function=rlhf_workflow.tasks.instructions:noisy_judge", "feedback.rm.train.epochs=1",
+        "feedback.rm.data.max_length=96", "feedback.pm.data.max_length=96", "feedback.rm.train.per_device_batch_size=2", "dpo.train.per_device_batch_size=2",
         "generation.sampling.max_new_tokens=8", "generation.hf.batch_size=4", "judge.max_length=96",
-        "dpo.max_length=96", "dpo.train.epochs=1", "dpo.train.lr=1e-3", "eval.sampling.max_new_tokens=8",
-        "eval.bootstrap=100", "generation.dtype=float32", "judge.dtype=float32", "feedback.rm_train.precision=fp32",
-        "dpo.train.precision=fp32", *extra,
+        "dpo.data.max_length=96", "dpo.train.epochs=1", "dpo.train.lr=1e-3", "eval.sampling.max_new_tokens=8",
+        "eval.bootstrap=100", "generation.dtype=float32", "judge.dtype=float32", "feedback.rm.train.precision=float32",
+        "dpo.train.precision=float32", *extra,
     ]
 
 
@@ -118,8 +118,8 @@ def test_shared_stages_stop_at_the_first_stage_a_differing_key_feeds(tmp_path):
     assert last("pairs.strategy=random") == "iter_1/annotate"
     assert last("reference=previous") == "iter_2/pairs"
     assert last("length_penalty.coef=0.01") == "iter_1/generate"
-    assert last("feedback.judge=pm", "judge.ranking=knockout", "feedback.pm_train.lr=1e-4") == "feedback/eval-rm"
-    assert last("feedback.pm_train.lr=1e-4") == "offline/generate"  # the preference model judges nothing here
+    assert last("feedback.judge=pm", "judge.ranking=knockout", "feedback.pm.train.lr=1e-4") == "feedback/eval-rm"
+    assert last("feedback.pm.train.lr=1e-4") == "offline/generate"  # the preference model judges nothing here
     assert last("pairs.strategy=random", "reference=previous") == "iter_1/annotate"  # the earliest cut wins
     stages, why = shared("dpo.train.lr=1e-5", "pairs.strategy=random")
     assert stages == [] and "dpo.train.lr differs" in why  # a key whose stages are not declared: no copy
@@ -164,7 +164,7 @@ def test_a_variant_starts_from_the_run_of_its_seed_that_shares_the_most(tmp_path
     source, stages, why = variant("pm-copeland-s0", "feedback.judge=pm", "judge.ranking=copeland")
     assert source == knockout and stages == head + ["feedback/pm", "feedback/eval-pm"]
     assert "iter_0/eval is fed by judge.ranking" in why
-    source, stages, _ = variant("pm-lr-s0", "feedback.judge=pm", "judge.ranking=knockout", "feedback.pm_train.lr=1e-4")
+    source, stages, _ = variant("pm-lr-s0", "feedback.judge=pm", "judge.ranking=knockout", "feedback.pm.train.lr=1e-4")
     assert source == demo and stages == head  # the knockout run's preference model trained at another lr
     source, stages, _ = variant("random-s0", "pairs.strategy=random")
     assert source == demo and stages[-1] == "iter_1/annotate"
@@ -279,7 +279,7 @@ def test_no_variant_sets_a_precision_of_its_own():
         assert not any(key.endswith((".precision", ".dtype")) for key in keys), name
 
 
-@pytest.mark.parametrize("trained", ["fp32", "bf16"])
+@pytest.mark.parametrize("trained", ["float32", "bfloat16"])
 def test_a_variant_starts_in_its_demos_precision_and_continues_in_its_own(tmp_path, monkeypatch, trained):
     """A new variant gets the precision of its seed's demo run, its preference model that of the demo's
     reward model (a demo run made before the recipe named the preference model's holds its default,
@@ -291,7 +291,7 @@ def test_a_variant_starts_in_its_demos_precision_and_continues_in_its_own(tmp_pa
 
     demo = tmp_path / "demo-s0"
     demo.mkdir()
-    precision = [f"{key}={value}" for key, value in PRECISION_KEYS.items()] if trained == "fp32" else []
+    precision = [f"{key}={value}" for key, value in PRECISION_KEYS.items()] if trained == "float32" else []
     held = load_config(RunConfig, DEMO_RECIPE, precision + [f"output_dir={demo}"])
     (demo / "config.yaml").write_text(config_to_yaml(held))
     (demo / "state.json").write_text(json.dumps({"completed": []}))
@@ -302,8 +302,8 @@ def test_a_variant_starts_in_its_demos_precision_and_continues_in_its_own(tmp_pa
     keys = [arg.partition("=")[0] for arg in commands[-1][5:]]
     assert len(keys) == len(set(keys))  # each setting once
     settings = dict(arg.partition("=")[::2] for arg in commands[-1][5:])
-    assert settings["feedback.pm_train.precision"] == trained == settings["feedback.rm_train.precision"]
-    assert all(settings[key] == str(held.value_at(key)) for key in PRECISION_KEYS if key != "feedback.pm_train.precision")
+    assert settings["feedback.pm.train.precision"] == trained == settings["feedback.rm.train.precision"]
+    assert all(settings[key] == str(held.value_at(key)) for key in PRECISION_KEYS if key != "feedback.pm.train.precision")
     variant = tmp_path / "pm-knockout-s0"
     variant.mkdir(exist_ok=True)
     (variant / "config.yaml").write_text("started: true\n")

@@ -280,7 +280,7 @@ def test_a_users_ifeval_file_runs_end_to_end_with_ifevals_judge(tiny_model_dir, 
                  "prompts.per_iteration=8", "iterations=1", "generation.sampling.n=6",
                  "generation.sampling.max_new_tokens=16", "generation.hf.batch_size=4", "judge.type=function",
                  "judge.function=rlhf_workflow.tasks.ifeval:judge", "eval.gold_function=rlhf_workflow.tasks.ifeval:judge",
-                 "eval.sampling.n=2", "eval.sampling.max_new_tokens=8", "eval.bootstrap=50", "dpo.max_length=96",
+                 "eval.sampling.n=2", "eval.sampling.max_new_tokens=8", "eval.bootstrap=50", "dpo.data.max_length=96",
                  "dpo.train.epochs=1", "dpo.train.per_device_batch_size=2"]) == 0
     metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [m["id"] for m in metrics] == ["iter_0", "iter_1"]

@@ -100,8 +100,8 @@ def test_bf16_on_a_cpu_that_emulates_it_is_said_once_per_setting(tiny_model_dir,
     for _ in range(2):
         load_model(ModelConfig(name_or_path=str(tiny_model_dir), dtype="bfloat16"))
     assert caplog.text.count("dtype: bfloat16: this CPU has no bf16 instructions") == 1
-    make_accelerator(TrainConfig(precision="bf16"), tmp_path)
-    assert caplog.text.count("precision: bf16: this CPU has no bf16 instructions") == 1
+    make_accelerator(TrainConfig(precision="bfloat16"), tmp_path)
+    assert caplog.text.count("train.precision: bfloat16: this CPU has no bf16 instructions") == 1
 
 
 def test_lora_trains_adapters_and_saves_a_plain_model(tiny_model_dir, tmp_path):

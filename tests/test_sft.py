@@ -54,7 +54,7 @@ def test_loss_ignores_prompt_tokens(tiny_model_dir, tmp_path):
 
 def test_lora_and_bf16_run(tiny_model_dir, sft_data, tmp_path):
     out = tmp_path / "lora"
-    assert main(sft_args(tiny_model_dir, sft_data, out, "model.lora.r=4", "train.precision=bf16", "train.max_steps=3",
+    assert main(sft_args(tiny_model_dir, sft_data, out, "model.lora.r=4", "train.precision=bfloat16", "train.max_steps=3",
                          "model.gradient_checkpointing=true")) == 0
     assert len(read_metrics(out)) == 3
     model = AutoModelForCausalLM.from_pretrained(out / "model")

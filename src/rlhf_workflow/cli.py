@@ -19,10 +19,27 @@ from typing import Callable
 from rlhf_workflow import __version__
 from rlhf_workflow.errors import UserError
 
-EPILOG = """overrides: any config key as dotted key=value after the options, e.g.
-  train.lr=1e-6 train.per_device_batch_size=4 model.lora.r=16 'train.report_to=[tensorboard]'
-Values are parsed as YAML. Unknown keys and wrong types are errors that name the key.
---print-config shows every key with its default and what it means."""
+# Override examples per command, each made of keys that command takes (a test holds them to its config)
+EXAMPLES = {
+    "sft": "train.lr=2e-5 train.per_device_batch_size=4 model.lora.r=16 'train.report_to=[tensorboard]'",
+    "train-rm": "train.lr=1e-5 data.max_length=512 model.lora.r=16 loss.center_coef=0.01",
+    "train-pm": "train.lr=1e-5 data.max_length=512 format.label_a=A format.label_b=B",
+    "dpo": "train.lr=5e-7 loss.beta=0.1 loss.type=ipo data.max_length=1024 model.lora.r=16",
+    "generate": "sampling.n=8 sampling.temperature=0.7 backend=vllm vllm.tensor_parallel_size=2",
+    "annotate": "judge.type=reward_model judge.path=runs/rm/model length_penalty.coef=0.01",
+    "pairs": "strategy=max_random min_margin=0.5",
+    "prompts": "task=arithmetic count=200 options.digits=2",
+    "eval-rm": "batch_size=16 max_length=512 ranking=knockout",
+    "run": "dpo.train.lr=5e-7 generation.sampling.n=8 policy.lora.r=16 judge.path=runs/rm/model",
+    "demo": "seed=1 iterations=3 generation.sampling.n=8",
+}
+
+
+def epilog(command: str) -> str:
+    """The lines under a command's --help: how overrides are given, with keys of that command."""
+    return (f"overrides: any config key as dotted key=value after the options, e.g.\n  {EXAMPLES[command]}\n"
+            "Values are parsed as YAML. Unknown keys and wrong types are errors that name the key.\n"
+            "--print-config shows every key with what it means, its type and default.")
 
 
 def _stage_parser(
@@ -30,7 +47,7 @@ def _stage_parser(
     resumable: bool = True, appends: bool = False,
 ) -> argparse.ArgumentParser:
     parser = sub.add_parser(
-        name, help=help_text, description=description, epilog=EPILOG,
+        name, help=help_text, description=description, epilog=epilog(name),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--config", "-c", metavar="FILE", help="YAML config of this stage")
@@ -160,7 +177,7 @@ def _parsers() -> tuple[argparse.ArgumentParser, argparse._SubParsersAction]:
         "pairs sampled from π0 (offline.match_run=RUN for the same number of pairs as an online run).\n\n"
         "  rlhf-workflow run configs/demo.yaml\n  rlhf-workflow run configs/demo.yaml mode=offline "
         "output_dir=runs/demo-offline offline.match_run=runs/demo",
-        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=epilog("run"), formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     run.add_argument("overrides", nargs="*", metavar="CONFIG.yaml | key=value",
                      help="the recipe (a YAML file) and dotted config overrides")
@@ -179,7 +196,7 @@ def _parsers() -> tuple[argparse.ArgumentParser, argparse._SubParsersAction]:
         "Writes runs/demo/ and its report (runs/demo/report/report.html). Rerun to continue after an interruption. "
         "--full runs configs/demo-full.yaml instead: the same recipe with twice the training prompts and 200 eval "
         "prompts instead of 64 (the size of the experiments in docs/results/), into runs/demo-full/.",
-        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=epilog("demo"), formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     demo.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides of the demo recipe")
     demo.add_argument("--full", action="store_true", help="the full recipe, configs/demo-full.yaml: twice the "

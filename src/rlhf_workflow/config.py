@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import difflib
 import json
+import logging
 import os
 import re
 import reprlib
@@ -44,6 +45,7 @@ class Strict(BaseModel):
     # inf and nan are refused for every number (an lr or a penalty coefficient of inf is never meant)
     model_config = ConfigDict(extra="forbid", validate_default=True, validate_assignment=True, allow_inf_nan=False)
     required: ClassVar[tuple[str, ...]] = ()
+    renamed: ClassVar[dict[str, tuple[str, ...]]] = {}  # old dotted key -> its new key(s)
     input_keys: ClassVar[tuple[str, ...]] = ()
     output_keys: ClassVar[tuple[str, ...]] = ()
 
@@ -179,12 +181,17 @@ class ModelConfig(Strict):
         return self
 
 
-class DataConfig(Strict):
+class DataOptions(Strict):
+    """How rows become token sequences: what a training stage's `data` and a run's sections share."""
+
+    max_length: SequenceLength = 1024
+
+
+class DataConfig(DataOptions):
     """Input files and how rows become token ids."""
 
     train: str | None = Field(None, description="training rows: .jsonl, .json, .parquet or a saved Arrow dir")
     eval: str | None = Field(None, description="optional held-out rows, same format")
-    max_length: SequenceLength = 1024
     apply_chat_template: ApplyChatTemplate = True
 
 
@@ -204,7 +211,9 @@ class TrainConfig(Strict):
     warmup_ratio: float = Field(0.0, ge=0, le=1, description="share of the steps with a linear warmup")
     warmup_steps: int = Field(0, ge=0, description="overrides warmup_ratio when > 0")
     max_grad_norm: float = Field(1.0, ge=0, description="0 disables clipping")
-    precision: Literal["fp32", "bf16"] = Field("fp32", description="bf16 = autocast mixed precision")
+    precision: Literal["float32", "bfloat16"] = Field(
+        "float32", description="the precision of the matmuls: bfloat16 = autocast mixed precision (fp32 weights and "
+        "optimizer); the names of `dtype`")
     seed: int = Field(42, description="seeds the data order, dropout and a new head's initialisation")
     group_by_length: bool = Field(
         True, description="batch examples of similar length together (less padding; batches still shuffled)"
@@ -263,13 +272,18 @@ class RewardLossConfig(Strict):
     center_coef: float = Field(0.0, ge=0, description="reward-centering penalty η·(r_c + r_r)²")
 
 
-class RewardModelConfig(TrainingStageConfig):
+class RewardModelOptions(Strict):
+    """The reward model's own settings, which `train-rm` and a run's feedback.rm share."""
+
+    loss: RewardLossConfig = RewardLossConfig()
+    group_by_prompt: GroupByPrompt = False
+
+
+class RewardModelConfig(RewardModelOptions, TrainingStageConfig):
     """`rlhf-workflow train-rm`: a Bradley–Terry reward model on preference pairs."""
 
     data_kind: ClassVar[str] = "preference pairs"
     output_dir: OutputDir = "runs/rm"
-    loss: RewardLossConfig = RewardLossConfig()
-    group_by_prompt: GroupByPrompt = False
 
 
 class PreferenceFormatConfig(Strict):
@@ -288,12 +302,17 @@ class PreferenceFormatConfig(Strict):
         return self
 
 
-class PreferenceModelConfig(TrainingStageConfig):
+class PreferenceModelOptions(Strict):
+    """The preference model's own settings, which `train-pm` and a run's feedback.pm share."""
+
+    format: PreferenceFormatConfig = PreferenceFormatConfig()
+
+
+class PreferenceModelConfig(PreferenceModelOptions, TrainingStageConfig):
     """`rlhf-workflow train-pm`: a pairwise preference model that answers "A" or "B"."""
 
     data_kind: ClassVar[str] = "preference pairs"
     output_dir: OutputDir = "runs/pm"
-    format: PreferenceFormatConfig = PreferenceFormatConfig()
 
 
 class DPOLossConfig(Strict):
@@ -308,7 +327,13 @@ class DPOLossConfig(Strict):
     length_normalize: bool = Field(False, description="use per-token average log-probs instead of sums")
 
 
-class ReferenceConfig(Strict):
+class ReferenceOptions(Strict):
+    """How DPO's reference pass runs: what the `dpo` stage's reference and a run's dpo.reference share."""
+
+    batch_size: int = Field(16, ge=1, description="pairs per forward pass of the reference pass")
+
+
+class ReferenceConfig(ReferenceOptions):
     """The reference policy π_ref of DPO."""
 
     name_or_path: str | None = Field(
@@ -319,7 +344,6 @@ class ReferenceConfig(Strict):
         True, description="compute reference log-probs in one inference pass before training and store them with "
         "the pairs (ref_chosen_logp, ref_rejected_logp); false: a frozen reference model runs at every step",
     )
-    batch_size: int = Field(16, ge=1, description="pairs per forward pass of the reference pass")
 
 
 class DPOOptions(Strict):
@@ -331,7 +355,7 @@ class DPOOptions(Strict):
     )
 
 
-class DPOConfig(TrainingStageConfig, DPOOptions):
+class DPOConfig(DPOOptions, TrainingStageConfig):
     """`rlhf-workflow dpo`: direct preference optimisation of a policy on preference pairs."""
 
     data_kind: ClassVar[str] = "preference pairs"
@@ -616,11 +640,12 @@ class RunGenerationConfig(GenerationOptions):
 
 
 class RunDPOConfig(DPOOptions):
-    """The DPO step of every iteration (warm-started from the previous policy; π_ref is `reference`)."""
+    """The DPO step of every iteration: the `dpo` stage's settings (warm-started from the previous policy;
+    π_ref is the run's `reference`, its log-probs computed once)."""
 
     train: TrainConfig = TrainConfig(epochs=2, lr=5e-7, warmup_ratio=0.03)
-    max_length: SequenceLength = 1024
-    reference_batch_size: int = Field(16, ge=1, description="pairs per forward pass of the reference pass")
+    data: DataOptions = DataOptions()
+    reference: ReferenceOptions = ReferenceOptions()
 
 
 class RunEvalConfig(Strict):
@@ -645,6 +670,22 @@ class OfflineConfig(Strict):
     max_pairs: int = Field(0, ge=0, description="or: at most this many pairs; 0 = all")
 
 
+class FeedbackRewardModel(RewardModelOptions):
+    """The reward model trained on the feedback: the `train-rm` stage's settings."""
+
+    model: ModelConfig | None = Field(None, description="its backbone; default: the policy's model")
+    data: DataOptions = DataOptions(max_length=512)
+    train: TrainConfig = TrainConfig(epochs=2, lr=1e-5, per_device_batch_size=8)
+
+
+class FeedbackPreferenceModel(PreferenceModelOptions):
+    """The preference model trained on the feedback (train_pm, or judge pm): the `train-pm` stage's settings."""
+
+    model: ModelConfig | None = Field(None, description="its backbone; default: the policy's model")
+    data: DataOptions = DataOptions(max_length=512)
+    train: TrainConfig = TrainConfig(epochs=1, lr=1e-5, per_device_batch_size=8)
+
+
 class FeedbackConfig(Strict):
     """Simulated human feedback: label π0's samples with a gold judge, train the reward model on them,
     then run the loop with that reward model as the judge (the paper's proxy)."""
@@ -659,25 +700,57 @@ class FeedbackConfig(Strict):
         "max_min", description="which pairs of each prompt's labelled responses train the reward model "
         "(see `pairs`); 'all' gives it every ordered pair")
     heldout_share: float = Field(0.2, ge=0, lt=1, description="share of the labelled pairs kept for the RM's accuracy")
-    rm_model: ModelConfig | None = Field(None, description="the reward model's backbone; default: the policy's")
-    rm_train: TrainConfig = TrainConfig(epochs=2, lr=1e-5, per_device_batch_size=8)
-    rm_max_length: SequenceLength = 512
+    rm: FeedbackRewardModel = FeedbackRewardModel(group_by_prompt=True)
     train_pm: bool = Field(False, description="also train the pairwise preference model on the same pairs and "
                            "report its held-out accuracy (feedback/pm_eval.json)")
     judge: Literal["rm", "pm"] = Field(
         "rm", description="the loop's judge: rm, the Bradley-Terry reward model trained on the feedback, or pm, the "
         "pairwise preference model trained on it (then trained whatever train_pm says; it ranks the n samples by "
         "judge.ranking)")
-    pm_train: TrainConfig = TrainConfig(epochs=1, lr=1e-5, per_device_batch_size=8)
-    rm_group_by_prompt: GroupByPrompt = True
+    pm: FeedbackPreferenceModel = FeedbackPreferenceModel()
 
 
 class RunConfig(Strict):
     """`rlhf-workflow run`: online iterative DPO (or its offline baseline) from one recipe."""
 
+    # a stage's sections as a run recipe names them: a stage's `model` is the run's `policy`, its
+    # `train` the dpo step's (or a feedback model's) `dpo.train` (for did-you-mean hints)
+    aliases: ClassVar[dict[str, tuple[str, ...]]] = {
+        "model": ("policy",), "train": ("dpo.train",), "data": ("dpo.data",), "loss": ("dpo.loss",),
+        "sampling": ("generation.sampling",), "hf": ("generation.hf",), "vllm": ("generation.vllm",),
+        "openai": ("generation.openai",), "backend": ("generation.backend",), "strategy": ("pairs.strategy",),
+        "min_margin": ("pairs.min_margin",), "logprob_chunk": ("dpo.logprob_chunk",),
+    }
+    # How the run names the keys of each stage it runs, for the messages from inside the stage
+    # (`errors.keys_named`): {stage's key or section: the run's; "": the prefix of every other key}
+    stage_keys: ClassVar[dict[str, dict[str, str]]] = {
+        "generate": {"model": "policy", "apply_chat_template": "apply_chat_template", "": "generation"},
+        "eval/generate": {"model": "policy", "apply_chat_template": "apply_chat_template",
+                          "sampling": "eval.sampling", "": "generation"},
+        "feedback/generate": {"model": "policy", "apply_chat_template": "apply_chat_template",
+                              "sampling": "feedback.sampling", "": "generation"},
+        "annotate": {},  # annotate's judge, length_penalty and apply_chat_template are the run's
+        "feedback/annotate": {"judge.function": "feedback.judge_function", "apply_chat_template": "apply_chat_template",
+                              "": "feedback"},
+        "pairs": {"sampling": "generation.sampling", "": "pairs"},
+        "feedback/pairs": {"sampling": "feedback.sampling", "": "feedback"},
+        "dpo": {"model": "policy", "data.apply_chat_template": "apply_chat_template",
+                "reference.name_or_path": "policy.name_or_path", "": "dpo"},
+        "feedback/rm": {"model": "feedback.rm.model", "data.apply_chat_template": "apply_chat_template",
+                        "": "feedback.rm"},
+        "feedback/pm": {"model": "feedback.pm.model", "data.apply_chat_template": "apply_chat_template",
+                        "": "feedback.pm"},
+    }
+    # keys of earlier versions: recipes and run directories that use them still load (`upgrade_keys`)
+    renamed: ClassVar[dict[str, tuple[str, ...]]] = {
+        "dpo.max_length": ("dpo.data.max_length",), "dpo.reference_batch_size": ("dpo.reference.batch_size",),
+        "feedback.rm_model": ("feedback.rm.model", "feedback.pm.model"), "feedback.rm_train": ("feedback.rm.train",),
+        "feedback.rm_max_length": ("feedback.rm.data.max_length", "feedback.pm.data.max_length"),
+        "feedback.pm_train": ("feedback.pm.train",), "feedback.rm_group_by_prompt": ("feedback.rm.group_by_prompt",),
+    }
     input_keys = ("prompts.train", "prompts.train_per_iteration", "prompts.eval", "policy.name_or_path",
                   "policy.tokenizer", "judge.path", "judge.function", "eval.gold_function", "feedback.judge_function",
-                  "feedback.rm_model.name_or_path")
+                  "feedback.rm.model.name_or_path", "feedback.pm.model.name_or_path")
     output_keys = ("output_dir",)
 
     output_dir: str = Field("runs/online", description="the run directory: config.yaml, state.json, iter_<t>/, "
@@ -798,10 +871,13 @@ StageT = TypeVar("StageT", bound=Strict)
 
 def stage_config(stage: type[StageT], options: Strict, **fields: Any) -> StageT:
     """The config of ``stage`` (e.g. `GenerateConfig`) that a run recipe's section ``options`` (e.g.
-    `RunGenerationConfig`, which holds the stage's path-free settings) describes: every setting the
-    two share is taken from ``options``, and ``fields`` fill in the rest (paths, the model) or
-    override a shared one for this call."""
-    shared = {name: getattr(options, name) for name in type(options).model_fields if name in stage.model_fields}
+    `RunGenerationConfig`) describes. Both are built on one options class (`GenerationOptions`): its
+    settings come from ``options``, and ``fields`` fill in the rest (paths, the model) or override one
+    of them for this call."""
+    common = next(base for base in type(options).__mro__ if issubclass(stage, base))
+    if common is Strict:
+        raise TypeError(f"{stage.__name__} is not built on the options of {type(options).__name__}")
+    shared = {name: getattr(options, name) for name in common.model_fields}
     return stage(**(shared | fields))
 
 
@@ -954,20 +1030,46 @@ _SHORT.maxstring = _SHORT.maxother = 60
 _SHORT.maxlong = 40  # a 5,000-digit integer is shown by its first digits
 
 
+def _dotted_keys(value: Any, prefix: str = "") -> list[str]:
+    """The dotted keys of the leaves of a nested mapping as a user types them ({} -> [])."""
+    if not isinstance(value, dict):
+        return [prefix[:-1]] if prefix else []
+    return [key for name, item in value.items() for key in _dotted_keys(item, f"{prefix}{name}.")]
+
+
+def _close_keys(model: type[BaseModel], typed: str) -> list[str]:
+    """The keys of ``model`` a user who typed the unknown ``typed`` most likely meant: the same key where
+    this config names a stage's section otherwise (`aliases`: a run's `policy` is a stage's `model`),
+    a close name among its siblings, the keys that end in the same name anywhere (`max_new_tokens`),
+    or a close dotted key."""
+    keys = [key.key for key in config_reference(model)]
+    root, _, rest = typed.partition(".")
+    for alias in getattr(model, "aliases", {}).get(root, ()):
+        candidate = f"{alias}.{rest}" if rest else alias
+        if candidate in keys:
+            return [candidate]
+    prefix, _, name = typed.rpartition(".")
+    siblings = [key.rpartition(".")[2] for key in keys if key.rpartition(".")[0] == prefix]
+    close = difflib.get_close_matches(name, siblings, n=1, cutoff=0.6)
+    if close:
+        return [f"{prefix}.{close[0]}" if prefix else close[0]]
+    same_name = [key for key in keys if key.rpartition(".")[2] == name]
+    if same_name:
+        return same_name[:3]
+    return difflib.get_close_matches(typed, keys, n=1, cutoff=0.6)
+
+
 def format_validation_error(exc: ValidationError, model: type[BaseModel], source: str) -> str:
     lines = []
     for err in exc.errors():
         loc = tuple(err["loc"])
         key = ".".join(str(p) for p in loc) or "(top level)"
         if err["type"] == "extra_forbidden":
-            owner = _section_model(model, loc)
-            hint = ""
-            if owner is not None:
-                close = difflib.get_close_matches(str(loc[-1]), list(owner.model_fields), n=1, cutoff=0.6)
-                if close:
-                    prefix = ".".join(str(p) for p in loc[:-1])
-                    hint = f" (did you mean '{prefix + '.' if prefix else ''}{close[0]}'?)"
-            lines.append(f"unknown key '{key}'{hint}")
+            typed = [f"{key}.{below}" for below in _dotted_keys(err.get("input"))] or [key]
+            shown = typed[0] if len(typed) == 1 else key
+            close = _close_keys(model, typed[0])
+            hint = f" (did you mean {' or '.join(repr(c) for c in close)}?)" if close else ""
+            lines.append(f"unknown key '{shown}'{hint}")
         elif err["type"] == "value_error" and not loc:
             lines.append(str(err["msg"]).removeprefix("Value error, "))
         else:
@@ -979,6 +1081,59 @@ def format_validation_error(exc: ValidationError, model: type[BaseModel], source
     return f"{source}: " + "; ".join(lines)
 
 
+# values of earlier versions, by the name of their key: (old value -> new value)
+RENAMED_VALUES: dict[str, dict[str, str]] = {"precision": {"fp32": "float32", "bf16": "bfloat16"}}
+_told: set[str] = set()
+
+
+def _deprecated(message: str) -> None:
+    """One warning line per old name and source, once per process."""
+    if message not in _told:
+        _told.add(message)
+        logging.getLogger(__name__).warning(message)
+
+
+def upgrade_keys(model: type[BaseModel], data: dict[str, Any], source: str) -> dict[str, Any]:
+    """``data`` (a recipe, or a config.yaml of an earlier version) with the keys and values that were
+    renamed since given their new names, one warning line for each; a new key given too wins."""
+    import copy
+
+    data = copy.deepcopy(data)
+    for old, new in getattr(model, "renamed", {}).items():
+        *parents, last = old.split(".")
+        holder = data
+        for part in parents:
+            holder = holder.get(part) if isinstance(holder, dict) else None
+        if not isinstance(holder, dict) or last not in holder:
+            continue
+        value = holder.pop(last)
+        for key in new:
+            *path, name = key.split(".")
+            target = data
+            for part in path:
+                if not isinstance(target.get(part), dict):
+                    target[part] = {}
+                target = target[part]
+            if name not in target:
+                target[name] = copy.deepcopy(value)
+            elif isinstance(value, dict) and isinstance(target[name], dict):
+                target[name] = deep_merge(value, target[name])
+        _deprecated(f"{source}: '{old}' is now '{' and '.join(new)}' (the old name still loads)")
+
+    def values(node: Any, prefix: str) -> None:
+        if isinstance(node, dict):
+            for key, value in node.items():
+                renames = RENAMED_VALUES.get(key, {})
+                if isinstance(value, str) and value in renames:
+                    node[key] = renames[value]
+                    _deprecated(f"{source}: {prefix}{key}: '{value}' is now '{renames[value]}' (the old value still loads)")
+                else:
+                    values(value, f"{prefix}{key}.")
+
+    values(data, "")
+    return data
+
+
 def load_config(
     model: type[Strict], path: str | os.PathLike | None = None, overrides: list[str] | None = None, *,
     unfinished: bool = False,
@@ -987,7 +1142,7 @@ def load_config(
     only to show it (--print-config), so the inputs it lacks (`Strict.missing`) are not refused."""
     data: dict[str, Any] = read_yaml(path) if path is not None else {}
     over = parse_overrides(overrides or [])
-    merged = deep_merge(data, over)
+    merged = deep_merge(upgrade_keys(model, data, str(path)), upgrade_keys(model, over, "the command line"))
     source = str(path) if path is not None else "config"
     if over:
         source += " with overrides" if path is not None else " (command-line overrides)"

@@ -6,7 +6,7 @@ import logging
 from dataclasses import dataclass
 from typing import Any, Callable, TypeVar
 
-from rlhf_workflow.errors import UserError
+from rlhf_workflow.errors import UserError, config_key
 
 T = TypeVar("T")
 logger = logging.getLogger(__name__)
@@ -66,9 +66,9 @@ def engine_group(rank: int, world_size: int, local_rank: int, local_world_size: 
     ranks node by node (node n holds ranks n·L .. n·L + L − 1), so consecutive ranks share a node
     when ``size`` divides the processes per node L; a group never spans two nodes."""
     if size < 1:
-        raise UserError(f"vllm.tensor_parallel_size is {size}: it must be at least 1")
+        raise UserError(f"{config_key('vllm.tensor_parallel_size')} is {size}: it must be at least 1")
     if world_size % size or local_world_size % size:
-        raise UserError(f"vllm.tensor_parallel_size {size} must divide the number of processes ({world_size}) and "
+        raise UserError(f"{config_key('vllm.tensor_parallel_size')} {size} must divide the number of processes ({world_size}) and "
                         f"the processes per node ({local_world_size}): each engine runs on {size} GPUs of one node, "
                         f"one process per GPU")
     member = rank % size

@@ -46,8 +46,8 @@ def run_workflow(config: RunConfig, *, force: bool = False) -> Path:
 # `feedback.train_pm=true`; bf16 where experiments/claims.py's variants follow the reward model's),
 # which a run directory continued keeps as it started, like the others
 PRECISION_KEYS = {"generation.dtype": "float32", "judge.dtype": "float32",
-                  "feedback.rm_train.precision": "fp32", "feedback.pm_train.precision": "fp32",
-                  "dpo.train.precision": "fp32"}
+                  "feedback.rm.train.precision": "float32", "feedback.pm.train.precision": "float32",
+                  "dpo.train.precision": "float32"}
 BF16_MIN_SPEEDUP = 1.3  # bf16 is kept where its matmuls run at least this much faster than fp32
 
 

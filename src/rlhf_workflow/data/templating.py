@@ -31,7 +31,7 @@ from __future__ import annotations
 from typing import Any
 
 from rlhf_workflow.data.schemas import Message, to_messages
-from rlhf_workflow.errors import UserError
+from rlhf_workflow.errors import UserError, config_key
 
 NOT_PREFIX_CONSISTENT = (
     "the chat template is not prefix-consistent: the rendered conversation does not start with the "
@@ -46,7 +46,7 @@ def require_chat_template(tokenizer: Any, key: str = "data.apply_chat_template")
     turns templating off in the calling stage (``apply_chat_template`` for generate, annotate, run)."""
     if getattr(tokenizer, "chat_template", None) is None:
         name = getattr(tokenizer, "name_or_path", "") or "the model"
-        raise UserError(f"the tokenizer of {name} has no chat template; set {key}=false to use plain text, "
+        raise UserError(f"the tokenizer of {name} has no chat template; set {config_key(key)}=false to use plain text, "
                         "or use a chat model")
 
 
@@ -147,7 +147,8 @@ def encode_prompt(tokenizer: Any, prompt: ConversationValue, *, chat_template: b
     if not chat_template:
         if not isinstance(prompt, str):
             raise UserError(
-                "a prompt given as a list of messages needs the chat template; set data.apply_chat_template=true"
+                "a prompt given as a list of messages needs the chat template; set "
+                f"{config_key('data.apply_chat_template')}=true"
             )
         return list(tokenizer(prompt, add_special_tokens=True)["input_ids"])
     text = render(tokenizer, to_messages(prompt, "user"), add_generation_prompt=True)
@@ -169,7 +170,8 @@ def encode_prompt_response(
     if not chat_template:
         if not isinstance(response, str):
             raise UserError(
-                "a response given as a list of messages needs the chat template; set data.apply_chat_template=true"
+                "a response given as a list of messages needs the chat template; set "
+                f"{config_key('data.apply_chat_template')}=true"
             )
         if tokenizer.eos_token_id is None:
             raise UserError("the tokenizer has no eos token to end a plain-text response with")
@@ -206,7 +208,7 @@ def encode_conversation(
         if [message["role"] for message in plain] != ["user", "assistant"]:
             raise UserError(
                 "a conversation other than one user and one assistant message needs the chat template; "
-                "set data.apply_chat_template=true"
+                f"set {config_key('data.apply_chat_template')}=true"
             )
         return encode_prompt_response(tokenizer, plain[0]["content"], plain[1]["content"], chat_template=False)
     full_text = render(tokenizer, plain, add_generation_prompt=False)

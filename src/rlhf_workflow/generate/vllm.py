@@ -48,7 +48,7 @@ import re
 from typing import Any, Iterator, Sequence
 
 from rlhf_workflow.data.templating import end_of_turn_ids
-from rlhf_workflow.errors import UserError
+from rlhf_workflow.errors import UserError, config_key
 from rlhf_workflow.generate.base import (
     GenerationRequest,
     GenerationResult,
@@ -103,8 +103,9 @@ def check_cpu_kv_cache(size: int) -> None:
 
     available = psutil.virtual_memory().available
     if size > available:
-        raise UserError(f"vllm.kv_cache_gib asks for a KV cache of {size / 2**30:g} GiB, but only "
-                        f"{available / 2**30:.1f} GiB of memory is available: lower vllm.kv_cache_gib")
+        key = config_key("vllm.kv_cache_gib")
+        raise UserError(f"{key} asks for a KV cache of {size / 2**30:g} GiB, but only "
+                        f"{available / 2**30:.1f} GiB of memory is available: lower {key}")
 
 
 def one_line(exc: BaseException) -> str:

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from rlhf_workflow import cache_dir
-from rlhf_workflow.errors import ModelSourceError, UserError
+from rlhf_workflow.errors import ModelSourceError, UserError, config_key
 from rlhf_workflow.models.lora import apply_lora
 
 if TYPE_CHECKING:
@@ -181,7 +181,7 @@ def _from_pretrained(loader: Any, location: str, what: str, **kwargs: Any) -> An
         if "safetensors" in text and Path(location).is_dir() and any(Path(location).glob("*.bin")):
             raise ModelSourceError(
                 f"{what} {location} has only pickle (.bin) weights; rlhf-workflow loads safetensors only "
-                "(convert it with save_pretrained, which writes safetensors, or set model.allow_pickle_weights=true "
+                f"(convert it with save_pretrained, which writes safetensors, or set {config_key('model.allow_pickle_weights')}=true "
                 "to load it with torch.load(weights_only=True))"
             ) from None
         if Path(location).is_dir():
@@ -320,10 +320,10 @@ def check_loadable(config: "ModelConfig", location: str, *, causal_lm: bool) -> 
         raise ModelSourceError(f"{config.name_or_path} is a {architectures[0]} (a reward model?), not a causal language "
                                "model: a policy or a preference model must be a causal LM")
     if config.device and config.device.startswith("cuda") and not torch.cuda.is_available():
-        raise UserError(f"model.device={config.device}, but this machine has no CUDA device (torch "
-                        f"{torch.__version__}); use cpu or leave model.device empty")
+        raise UserError(f"{config_key('model.device')}={config.device}, but this machine has no CUDA device (torch "
+                        f"{torch.__version__}); use cpu or leave {config_key('model.device')} empty")
     if config.attn_implementation == "flash_attention_2" and importlib.util.find_spec("flash_attn") is None:
-        raise UserError("model.attn_implementation=flash_attention_2 needs the flash-attn package (pip install "
+        raise UserError(f"{config_key('model.attn_implementation')}=flash_attention_2 needs the flash-attn package (pip install "
                         "flash-attn, on a CUDA machine); or use sdpa")
 
 

@@ -30,10 +30,10 @@ def apply_lora(model: Any, lora: "LoraConfig", *, task_type: str = "CAUSAL_LM") 
     try:
         model = get_peft_model(model, peft_config)
     except ValueError as exc:  # e.g. target modules that match no module of this model
-        from rlhf_workflow.errors import UserError
+        from rlhf_workflow.errors import UserError, config_key
 
-        raise UserError(f"model.lora: {str(exc).splitlines()[0][:300]} (model.lora.target_modules="
-                        f"{lora.target_modules})") from None
+        raise UserError(f"{config_key('model.lora')}: {str(exc).splitlines()[0][:300]} "
+                        f"({config_key('model.lora.target_modules')}={lora.target_modules})") from None
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
     log.info("LoRA r=%d: %d of %d parameters trainable (%.2f%%)", lora.r, trainable, total, 100 * trainable / total)

@@ -23,7 +23,7 @@ from typing import Any
 from tqdm.auto import tqdm
 
 from rlhf_workflow.config import AnnotateConfig
-from rlhf_workflow.errors import UserError
+from rlhf_workflow.errors import UserError, config_key
 
 logger = logging.getLogger(__name__)
 
@@ -43,7 +43,7 @@ def response_lengths(row: dict[str, Any], unit: str, where: str) -> list[float]:
     if not isinstance(tokens, list) or len(tokens) != len(row["responses"]) or \
             not all(isinstance(t, int) and not isinstance(t, bool) for t in tokens):
         raise UserError(f"{where}: row {row['id']!r}: field 'response_tokens': a length penalty in tokens needs one "
-                        "token count per response (written by the generate stage); use length_penalty.unit=characters")
+                        f"token count per response (written by the generate stage); use {config_key('length_penalty.unit')}=characters")
     return [float(t) for t in tokens]
 
 

@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Callable
 
 from rlhf_workflow.config import (AnnotateConfig, DataConfig, EvalRMConfig, GenerateConfig, JudgeConfig, PairsConfig,
                                   PreferenceModelConfig, RewardModelConfig, RunConfig, stage_config)
+from rlhf_workflow.errors import keys_named
 
 if TYPE_CHECKING:
     from accelerate import PartialState
@@ -100,17 +101,19 @@ class Feedback:
         from rlhf_workflow.generate.stage import run_generate
 
         c = self.config
-        run_generate(stage_config(GenerateConfig, c.generation, prompts=str(self.dir / "prompts.jsonl"),
-                                  output=str(self.dir / "generations.jsonl"), model=c.sampling_model(c.policy),
-                                  sampling=c.feedback.sampling.model_copy(update={"seed": c.seeded(c.feedback.sampling.seed)}),
-                                  apply_chat_template=c.apply_chat_template))
+        with keys_named(RunConfig.stage_keys["feedback/generate"]):
+            run_generate(stage_config(GenerateConfig, c.generation, prompts=str(self.dir / "prompts.jsonl"),
+                                      output=str(self.dir / "generations.jsonl"), model=c.sampling_model(c.policy),
+                                      sampling=c.feedback.sampling.model_copy(update={"seed": c.seeded(c.feedback.sampling.seed)}),
+                                      apply_chat_template=c.apply_chat_template))
 
     def annotate(self) -> None:
         from rlhf_workflow.online.annotate import run_annotate
 
-        run_annotate(AnnotateConfig(input=str(self.dir / "generations.jsonl"), output=str(self.dir / "scored.jsonl"),
-                                    judge=JudgeConfig(type="function", function=self.config.feedback.judge_function),
-                                    apply_chat_template=self.config.apply_chat_template))
+        with keys_named(RunConfig.stage_keys["feedback/annotate"]):
+            run_annotate(AnnotateConfig(input=str(self.dir / "generations.jsonl"), output=str(self.dir / "scored.jsonl"),
+                                        judge=JudgeConfig(type="function", function=self.config.feedback.judge_function),
+                                        apply_chat_template=self.config.apply_chat_template))
 
     def pairs(self) -> None:
         from rlhf_workflow.data.io import iter_jsonl, write_jsonl
@@ -119,8 +122,9 @@ class Feedback:
         if not self.state.is_main_process:
             return
         c = self.config
-        run_pairs(PairsConfig(input=str(self.dir / "scored.jsonl"), output=str(self.dir / "all_pairs.jsonl"),
-                              strategy=c.feedback.strategy, seed=c.seeded(c.prompts.seed)))
+        with keys_named(RunConfig.stage_keys["feedback/pairs"]):
+            run_pairs(PairsConfig(input=str(self.dir / "scored.jsonl"), output=str(self.dir / "all_pairs.jsonl"),
+                                  strategy=c.feedback.strategy, seed=c.seeded(c.prompts.seed)))
         rows = [row for _, row in iter_jsonl(self.dir / "all_pairs.jsonl")]
         train, held, held_prompts, prompts = split_by_prompt(rows, c.feedback.heldout_share, c.seeded(c.prompts.seed))
         write_jsonl(self.dir / "heldout_pairs.jsonl", held)
@@ -139,23 +143,26 @@ class Feedback:
                 remove_checkpoints(out)  # (left beside the model when a kill came right after its save)
             return
         c, f = self.config, self.config.feedback
-        model = (f.rm_model or c.policy).model_copy(update={"gradient_checkpointing": False})
+        section = f.rm if kind == "rm" else f.pm
+        model = (section.model or c.policy).model_copy(update={"gradient_checkpointing": False})
         held = self.heldout
         data = DataConfig(train=str(self.dir / "pairs.jsonl"), eval=str(held) if held else None,
-                          max_length=f.rm_max_length, apply_chat_template=c.apply_chat_template)
+                          max_length=section.data.max_length, apply_chat_template=c.apply_chat_template)
+        train = section.train.model_copy(update={"seed": c.seeded(section.train.seed)})
         resume = True  # continues from the last checkpoint, if any
-        if kind == "rm":
-            from rlhf_workflow.train.reward import run_train_rm
+        # the model is the policy's unless the section names one: messages name the key that set it
+        names = RunConfig.stage_keys[f"feedback/{kind}"] | ({} if section.model else {"model": "policy"})
+        with keys_named(names):
+            if kind == "rm":
+                from rlhf_workflow.train.reward import run_train_rm
 
-            run_train_rm(RewardModelConfig(output_dir=str(out), model=model, data=data,
-                                           train=f.rm_train.model_copy(update={"seed": c.seeded(f.rm_train.seed)}),
-                                           group_by_prompt=f.rm_group_by_prompt), resume=resume)
-        else:
-            from rlhf_workflow.train.preference import run_train_pm
+                run_train_rm(stage_config(RewardModelConfig, f.rm, output_dir=str(out), model=model, data=data,
+                                          train=train), resume=resume)
+            else:
+                from rlhf_workflow.train.preference import run_train_pm
 
-            run_train_pm(PreferenceModelConfig(output_dir=str(out), model=model, data=data,
-                                               train=f.pm_train.model_copy(update={"seed": c.seeded(f.pm_train.seed)})),
-                         resume=resume)
+                run_train_pm(stage_config(PreferenceModelConfig, f.pm, output_dir=str(out), model=model, data=data,
+                                          train=train), resume=resume)
 
     def evaluate(self, kind: str) -> None:
         from rlhf_workflow.eval.reward_eval import run_eval_rm
@@ -165,5 +172,5 @@ class Feedback:
             # in the dtype the loop's judge scores in, so that the accuracy is that of the judge the loop uses
             run_eval_rm(EvalRMConfig(model=str(self.dir / kind / "model"), data=str(held), kind=kind,
                                      dtype=self.config.judge.dtype,
-                                     output=str(self.dir / f"{kind}_eval.json"), max_length=self.config.feedback.rm_max_length,
+                                     output=str(self.dir / f"{kind}_eval.json"), max_length=getattr(self.config.feedback, kind).data.max_length,
                                      apply_chat_template=self.config.apply_chat_template))

@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any, Callable, Protocol
 
 from rlhf_workflow.data.schemas import prompt_messages
-from rlhf_workflow.errors import UserError, model_source
+from rlhf_workflow.errors import UserError, config_key, model_source
 
 
 @dataclass
@@ -73,7 +73,7 @@ class RewardModelJudge:
                     rewards.append(float(value))
                 else:  # marked on the row, so the pairs never see it
                     rewards.append(None)
-                    errors[index] = (f"the prompt and response do not fit in judge.max_length {self.scorer.max_length}"
+                    errors[index] = (f"the prompt and response do not fit in {config_key('judge.max_length')} {self.scorer.max_length}"
                                      if value is None else f"the reward model returned {value}")
             out.rewards.append(rewards)
             out.errors.append(errors)
@@ -161,7 +161,7 @@ class FunctionJudge:
         except KeyboardInterrupt:
             raise
         except _TimedOut:
-            return f"{self.name} took longer than judge.timeout ({self.timeout:g} s)"
+            return f"{self.name} took longer than {config_key('judge.timeout')} ({self.timeout:g} s)"
         except Exception as exc:  # a user's function: any failure is reported with the row
             return f"{self.name} raised {type(exc).__name__}: {_text(exc)}"
         except BaseException as exc:  # SystemExit and the like: it tried to end the program
@@ -191,33 +191,35 @@ class FunctionJudge:
         return out
 
 
-def load_function(spec: str) -> Callable[..., Any]:
-    """``package.module:name`` or ``path/to/file.py:name`` -> the callable."""
+def load_function(spec: str, key: str = "judge.function") -> Callable[..., Any]:
+    """``package.module:name`` or ``path/to/file.py:name`` -> the callable; ``key``: the config key that names
+    it, for messages."""
+    key = config_key(key)
     location, _, name = spec.rpartition(":")
     if not location or not name:
-        raise UserError(f"judge.function {spec!r}: expected 'package.module:name' or 'path/to/file.py:name'")
+        raise UserError(f"{key} {spec!r}: expected 'package.module:name' or 'path/to/file.py:name'")
     if location.endswith(".py"):
         path = Path(location)
         if not path.is_file():
-            raise UserError(f"judge.function {spec!r}: {path} does not exist")
+            raise UserError(f"{key} {spec!r}: {path} does not exist")
         module_name = f"rlhf_workflow_judge_{path.stem}"
         module_spec = importlib.util.spec_from_file_location(module_name, path)
         if module_spec is None or module_spec.loader is None:
-            raise UserError(f"judge.function {spec!r}: cannot load {path}")
+            raise UserError(f"{key} {spec!r}: cannot load {path}")
         module = importlib.util.module_from_spec(module_spec)
         sys.modules[module_name] = module
         try:
             module_spec.loader.exec_module(module)
         except Exception as exc:
-            raise UserError(f"judge.function {spec!r}: importing {path} failed: {type(exc).__name__}: {exc}") from None
+            raise UserError(f"{key} {spec!r}: importing {path} failed: {type(exc).__name__}: {exc}") from None
     else:
         try:
             module = importlib.import_module(location)
         except Exception as exc:
-            raise UserError(f"judge.function {spec!r}: cannot import {location}: {type(exc).__name__}: {exc}") from None
+            raise UserError(f"{key} {spec!r}: cannot import {location}: {type(exc).__name__}: {exc}") from None
     function = getattr(module, name, None)
     if not callable(function):
-        raise UserError(f"judge.function {spec!r}: {location} has no function {name!r}")
+        raise UserError(f"{key} {spec!r}: {location} has no function {name!r}")
     return function
 
 
@@ -228,12 +230,12 @@ def make_judge(config: Any, *, device: Any = None, chat_template: bool = True) -
     from rlhf_workflow.models.preference import detect_kind
 
     if not Path(config.path).is_dir():
-        raise UserError(f"judge.path {config.path} is not a directory (expected a model saved by "
+        raise UserError(f"{config_key('judge.path')} {config.path} is not a directory (expected a model saved by "
                         f"{'train-rm' if config.type == 'reward_model' else 'train-pm'})")
-    kind = detect_kind(config.path, hint="judge.path must be a model saved by train-rm or train-pm")
+    kind = detect_kind(config.path, hint=f"{config_key('judge.path')} must be a model saved by train-rm or train-pm")
     if kind != {"reward_model": "rm", "preference_model": "pm"}[config.type]:
         found = "a preference model" if kind == "pm" else "a reward model"
-        raise UserError(f"judge.path {config.path} holds {found}; set judge.type="
+        raise UserError(f"{config_key('judge.path')} {config.path} holds {found}; set {config_key('judge.type')}="
                         f"{'preference_model' if kind == 'pm' else 'reward_model'}")
     if config.type == "reward_model":
         from rlhf_workflow.models.reward import load_reward_scorer

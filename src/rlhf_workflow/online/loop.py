@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING, Any, Callable
 from rlhf_workflow.config import (AnnotateConfig, DataConfig, DPOConfig, GenerateConfig, JudgeConfig, ModelConfig,
                                   PairsConfig, ReferenceConfig, RunConfig, config_to_yaml, stage_config)
 from rlhf_workflow.data.io import count_jsonl_rows
-from rlhf_workflow.errors import UserError
+from rlhf_workflow.errors import UserError, keys_named
 from rlhf_workflow.online import feedback
 from rlhf_workflow.processes import process_state, release_memory
 
@@ -91,8 +91,15 @@ def check_config(run_dir: Path, config: RunConfig, *, force: bool) -> None:
     if path.exists() and path.read_text() != text and not force:
         import difflib
 
-        diff = [line for line in difflib.unified_diff(path.read_text().splitlines(), text.splitlines(), lineterm="", n=0)
+        from rlhf_workflow.config import load_config
+
+        # a config.yaml of an earlier version names some keys otherwise (`upgrade_keys`): the same recipe
+        held = config_to_yaml(load_config(RunConfig, path))
+        diff = [line for line in difflib.unified_diff(held.splitlines(), text.splitlines(), lineterm="", n=0)
                 if line[:1] in "+-" and line[:3] not in ("+++", "---")]
+    else:
+        diff = []
+    if diff:
         raise UserError(f"{run_dir} holds a run with a different config ({'; '.join(diff[:6])}); use another "
                         "output_dir, or --force to continue it with the new one")
     atomic_write_text(path, text)
@@ -232,9 +239,10 @@ class Runner:
             sampling = g.sampling.model_copy(update={"seed": self.config.seeded(g.sampling.seed + seed_offset + 1000 * index),
                                                      **({"temperature": temperature} if temperature is not None else {})})
             part = directory / ("generations.jsonl" if len(sources) == 1 else f"generations.source{index}.jsonl")
-            run_generate(stage_config(GenerateConfig, g, prompts=str(directory / "prompts.jsonl"), output=str(part),
-                                      model=self.config.sampling_model(policy), sampling=sampling,
-                                      apply_chat_template=self.config.apply_chat_template))
+            with keys_named(RunConfig.stage_keys["generate"]):
+                run_generate(stage_config(GenerateConfig, g, prompts=str(directory / "prompts.jsonl"), output=str(part),
+                                          model=self.config.sampling_model(policy), sampling=sampling,
+                                          apply_chat_template=self.config.apply_chat_template))
             parts.append(part)
         if len(parts) > 1 and self.state.is_main_process:
             pooled: dict[str, dict] = {}
@@ -276,8 +284,9 @@ class Runner:
         if not self.state.is_main_process:
             return
         output = directory / "pairs.jsonl"
-        run_pairs(stage_config(PairsConfig, self.config.pairs, input=str(directory / "scored.jsonl"), output=str(output),
-                               seed=self.config.seeded(self.config.prompts.seed), max_pairs=budget))
+        with keys_named(RunConfig.stage_keys["pairs"]):
+            run_pairs(stage_config(PairsConfig, self.config.pairs, input=str(directory / "scored.jsonl"),
+                                   output=str(output), seed=self.config.seeded(self.config.prompts.seed), max_pairs=budget))
         if budget:
             made = count_jsonl_rows(output)
             if made < budget:
@@ -311,15 +320,16 @@ class Runner:
         out = directory / "dpo"
         config = stage_config(
             DPOConfig, d, output_dir=str(out), model=start,
-            data=DataConfig(train=str(directory / "pairs.jsonl"), max_length=d.max_length,
+            data=DataConfig(train=str(directory / "pairs.jsonl"), max_length=d.data.max_length,
                             apply_chat_template=self.config.apply_chat_template),
             train=d.train.model_copy(update={"seed": self.config.seeded(d.train.seed + seed_offset)}),
-            reference=ReferenceConfig(name_or_path=reference, precompute=True, batch_size=d.reference_batch_size),
+            reference=ReferenceConfig(name_or_path=reference, precompute=True, batch_size=d.reference.batch_size),
         )
         target = directory / "policy"
         # the saved model, then the policy, appear whole by a rename: a kill after either keeps it
         if not (out / "model").is_dir() and not target.is_dir():
-            run_dpo(config, resume=True)  # continues from the last checkpoint, if any
+            with keys_named(RunConfig.stage_keys["dpo"]):
+                run_dpo(config, resume=True)  # continues from the last checkpoint, if any
         if self.state.is_main_process:
             if (out / "model").is_dir():
                 if target.exists():  # a policy from a run of this stage cut short: the saved model replaces it
@@ -344,17 +354,19 @@ class Runner:
         generations, scored = out / "generations.jsonl", out / "scored.jsonl"
         # as many rows per batch as in training generation, whatever the number of samples per prompt
         hf = g.hf.model_copy(update={"batch_size": max(1, g.hf.batch_size * g.sampling.n // c.eval.sampling.n)})
-        run_generate(stage_config(GenerateConfig, g, prompts=str(self.run_dir / "eval_prompts.jsonl"),
-                                  output=str(generations), model=self.config.sampling_model(policy), hf=hf, token_ids=c.eval.kl,
-                                  sampling=c.eval.sampling.model_copy(update={"seed": c.seeded(c.eval.sampling.seed)}),
-                                  apply_chat_template=c.apply_chat_template))
+        with keys_named(RunConfig.stage_keys["eval/generate"]):
+            run_generate(stage_config(GenerateConfig, g, prompts=str(self.run_dir / "eval_prompts.jsonl"),
+                                      output=str(generations), model=self.config.sampling_model(policy), hf=hf,
+                                      token_ids=c.eval.kl, apply_chat_template=c.apply_chat_template,
+                                      sampling=c.eval.sampling.model_copy(update={"seed": c.seeded(c.eval.sampling.seed)})))
         # every evaluation scores answers to the same prompts: the judge keeps their states between them
         run_annotate(AnnotateConfig(input=str(generations), output=str(scored), judge=self.judge,
                                     apply_chat_template=c.apply_chat_template, keep_prompt_states=True))
         if not self.state.is_main_process:
             return
         baseline = "iter_0"
-        gold = FunctionJudge(load_function(c.eval.gold_function), c.eval.gold_function) if c.eval.gold_function else None
+        gold = FunctionJudge(load_function(c.eval.gold_function, "eval.gold_function"), c.eval.gold_function) \
+            if c.eval.gold_function else None
         compare = None
         if self.judge.type == "preference_model" and name != baseline:
             compare = make_judge(self.judge, device=self.state.device,

@@ -29,7 +29,7 @@ from typing import Any, Sequence
 
 from rlhf_workflow.config import PairsConfig
 from rlhf_workflow.data.schemas import GENERATED_FIELDS
-from rlhf_workflow.errors import UserError
+from rlhf_workflow.errors import UserError, config_key
 
 DROP_REASONS = ("unscored", "tie", "margin", "identical")
 
@@ -160,7 +160,8 @@ def run_pairs(config: PairsConfig) -> Path:
     print(format_stats(stats) + f" -> {output}")
     if not pairs:
         raise UserError(f"no pairs from {config.input}: every row was dropped ({_drops(stats)}); with a "
-                        "programmatic judge try more samples per prompt (sampling.n) or another strategy")
+                        f"programmatic judge try more samples per prompt ({config_key('sampling.n')}) or another "
+                        f"{config_key('strategy')}")
     return output
 
 

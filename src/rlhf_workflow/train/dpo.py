@@ -246,7 +246,7 @@ def run_dpo(config: DPOConfig, *, resume: bool = False, force: bool = False) -> 
             source = policy
         source.to(accelerator.device)
         context = policy.model.disable_adapter() if lora and reference_model is None else contextlib.nullcontext()
-        # in the precision the policy trains in (bf16 autocast with train.precision=bf16): at the first
+        # in the precision the policy trains in (bf16 autocast with train.precision=bfloat16): at the first
         # step the policy then reads the same log-probs as its reference (loss log 2), and a bf16 pass
         # costs a third of an fp32 one on a CPU with fast bf16
         with context, accelerator.autocast():

@@ -28,7 +28,7 @@ import torch
 from tqdm.auto import tqdm
 
 from rlhf_workflow.config import TrainConfig
-from rlhf_workflow.errors import UserError
+from rlhf_workflow.errors import UserError, config_key
 from rlhf_workflow.train.checkpoint import latest_checkpoint, save_checkpoint
 from rlhf_workflow.train.metrics import MetricsLogger
 from rlhf_workflow.train.objective import Objective
@@ -50,16 +50,16 @@ def make_accelerator(config: TrainConfig, output_dir: str | Path) -> Any:
         try:
             __import__(module)
         except ImportError:
-            raise UserError(f"train.report_to names {tracker}, which is not installed: pip install {module}") from None
+            raise UserError(f"{config_key('train.report_to')} names {tracker}, which is not installed: pip install {module}") from None
     # With no GPU, say so: accelerate then runs several processes (torchrun / `accelerate launch
     # --multi_gpu`) as CPU data parallel over gloo instead of treating each as a lone process.
     from accelerate.state import AcceleratorState
 
     from rlhf_workflow.processes import no_accelerator, warn_if_bf16_is_emulated
 
-    precision = "bf16" if config.precision == "bf16" else "no"
+    precision = "bf16" if config.precision == "bfloat16" else "no"  # accelerate's names
     if precision == "bf16":
-        warn_if_bf16_is_emulated("precision: bf16")
+        warn_if_bf16_is_emulated("train.precision: bfloat16")
     state = AcceleratorState._shared_state
     if state and state.get("_mixed_precision") not in (None, precision):
         # An earlier stage of this process (a run trains the reward model, then DPO) left accelerate's
@@ -105,7 +105,7 @@ class Schedule:
                 f"the training set has {num_examples} examples, fewer than one global batch of "
                 f"{schedule.global_batch} (per_device_batch_size {config.per_device_batch_size} × {processes} "
                 f"processes × gradient_accumulation_steps {config.gradient_accumulation_steps}); "
-                "lower train.per_device_batch_size or train.gradient_accumulation_steps"
+                f"lower {config_key('train.per_device_batch_size')} or {config_key('train.gradient_accumulation_steps')}"
             )
         schedule.total_steps = config.max_steps or config.epochs * schedule.steps_per_epoch
         return schedule
@@ -419,7 +419,7 @@ def stop_for_nonfinite(accelerator: Any, output_dir: Path, step: int, nonfinite:
     resume = f"; the last checkpoint, {checkpoint.path}, is intact (--resume)" if checkpoint else ""
     raise UserError(
         f"step {step + 1}: {what} is not finite{where}; stopped before the update, so no weight was changed"
-        f"{resume}. Check those rows, or lower train.lr"
+        f"{resume}. Check those rows, or lower {config_key('train.lr')}"
     )
 
 

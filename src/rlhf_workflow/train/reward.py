@@ -18,7 +18,7 @@ import torch
 
 from rlhf_workflow.config import RewardModelConfig
 from rlhf_workflow.data.schemas import PairRow
-from rlhf_workflow.errors import UserError, model_source
+from rlhf_workflow.errors import UserError, config_key, model_source
 from rlhf_workflow.models.layout import LayoutOptions, layout
 from rlhf_workflow.train.losses import bradley_terry_loss, pair_accuracy
 from rlhf_workflow.train.pairs import group_by_prompt, pair_row_length, tokenize_pairs
@@ -86,7 +86,7 @@ def pair_margin(row: PairRow, field: str | None, source: str) -> float:
         return 0.0
     value = (row.model_extra or {}).get(field, getattr(row, field, None))
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise UserError(f"{source}: pair {row.id}: field '{field}' (loss.margin_field) must be a finite number, got {value!r}")
+        raise UserError(f"{source}: pair {row.id}: field '{field}' ({config_key('loss.margin_field')}) must be a finite number, got {value!r}")
     return float(value)
 
 

@@ -22,7 +22,7 @@ from typing import Any, Callable
 
 from rlhf_workflow.config import TrainingStageConfig, save_config
 from rlhf_workflow.data.outputs import OutputLock, claim_directory, directory_owner
-from rlhf_workflow.errors import UserError, model_source
+from rlhf_workflow.errors import UserError, config_key, model_source
 
 log = logging.getLogger(__name__)
 
@@ -131,7 +131,7 @@ def preference_training_model(model: Any, config: TrainingStageConfig) -> Any:
         return model
     changed = disable_dropout(model)
     if changed:
-        log.info("dropout turned off in %d places for training (train.keep_dropout=true keeps it)", changed)
+        log.info("dropout turned off in %d places for training (%s=true keeps it)", changed, config_key("train.keep_dropout"))
     return model
 
 
@@ -189,10 +189,11 @@ def length_limit(config: TrainingStageConfig) -> tuple[int, str]:
 
     context = model_context(config.model)
     if context is not None and config.data.max_length > context:
-        log.warning("data.max_length %d is longer than the model's context of %d tokens: sequences are limited to "
-                    "%d", config.data.max_length, context, context)
-        return context, f"the model's context of {context} tokens (data.max_length {config.data.max_length} is longer)"
-    return config.data.max_length, f"data.max_length {config.data.max_length}"
+        key = config_key("data.max_length")
+        log.warning("%s %d is longer than the model's context of %d tokens: sequences are limited to %d", key,
+                    config.data.max_length, context, context)
+        return context, f"the model's context of {context} tokens ({key} {config.data.max_length} is longer)"
+    return config.data.max_length, f"{config_key('data.max_length')} {config.data.max_length}"
 
 
 def finish_stage(stage: Stage, save: Callable[[Path, dict[str, str]], None], what: str, config: TrainingStageConfig,
