@@ -70,6 +70,10 @@ def peak_memory() -> dict[str, float]:
     return found
 
 
+# --precision's names (fp32, bf16) as a training config names them (train.precision)
+TRAIN_PRECISION = {"fp32": "float32", "bf16": "bfloat16"}
+
+
 def matmul_peak_flops(size: int = 1024, repeats: int = 20, precision: str = "fp32", budget_s: float = 2.0) -> float:
     """The FLOP/s of square matmuls in ``precision`` (fp32, bf16) on `device` (the best of three
     timed rounds of up to ``repeats`` matmuls); a GPU is synchronised around each round and given

@@ -22,6 +22,7 @@ import sys
 from pathlib import Path
 
 from rlhf_workflow.data.io import jsonl_lines
+from rlhf_workflow.data.run_layout import RunLayout
 
 CLI = [sys.executable, "-m", "rlhf_workflow"]
 
@@ -33,8 +34,10 @@ def _rows(path: Path) -> list[dict]:
 def build_dev_set(run: Path, work: Path, count: int, seed: int) -> Path:
     from rlhf_workflow.tasks import instructions
 
-    used = {r["prompt"] for r in _rows(run / "feedback" / "prompts.jsonl")}
-    used |= {r["prompt"] for p in run.glob("iter_*/prompts.jsonl") for r in _rows(p)}
+    layout = RunLayout(run)
+    used = {r["prompt"] for r in _rows(layout.feedback.prompts)}
+    used |= {r["prompt"] for iteration in layout.iterations() if iteration.prompts.exists()
+             for r in _rows(iteration.prompts)}
     rows = [r for r in instructions.prompts("train", 2 * count + 200, seed=seed) if r["prompt"] not in used][:count]
     prompts = work / "dev_prompts.jsonl"
     prompts.write_text("".join(json.dumps({**r, "id": "dev-" + r["id"]}) + "\n" for r in rows))
@@ -76,8 +79,8 @@ def main() -> None:
         dev = build_dev_set(run, work, args.dev_prompts, args.seed)
     dev_rows = _rows(dev)
     shorter = sum(len(r["chosen"]) < len(r["rejected"]) for r in dev_rows) / len(dev_rows)
-    train = all_pairs(run / "feedback" / "scored.jsonl", work / "all_pairs.jsonl") if args.all_pairs \
-        else run / "feedback" / "pairs.jsonl"
+    feedback = RunLayout(run).feedback
+    train = all_pairs(feedback.scored, work / "all_pairs.jsonl") if args.all_pairs else feedback.pairs
     print(f"dev set: {len(dev_rows)} pairs; the rule 'the shorter response wins' is right on {shorter:.3f}")
     print(f"training pairs: {len(_rows(train))} ({'all non-tied pairs' if args.all_pairs else 'best vs worst'})")
     for setting in args.setting or ["1e-5:2"]:

@@ -39,7 +39,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).parent))
 from common import (  # noqa: E402
     add_pair_training_options, bench_parser, device, dispatch, of_peak, pair_training_worker_args, peak_memory, peak_range,
-    run_selected, write_json, write_pairs,
+    TRAIN_PRECISION, run_selected, write_json, write_pairs,
 )
 from rlhf_workflow.data.io import jsonl_lines
 
@@ -63,7 +63,7 @@ def run_ours(args: argparse.Namespace) -> dict:
 
     config = TrainConfig(max_steps=args.steps, per_device_batch_size=args.batch, lr=1e-6, scheduler="constant",
                          log_every=1, seed=args.seed, share_prefix=not args.no_share, pack_length=args.pack_length,
-                         max_tokens_per_forward=args.max_tokens, precision=args.precision)
+                         max_tokens_per_forward=args.max_tokens, precision=TRAIN_PRECISION[args.precision])
     options = LayoutOptions.from_config(config)
     out = Path(args.workdir) / f"ours-{args.repeat}"
     accelerator = make_accelerator(config, out)

@@ -44,16 +44,18 @@ sys.path.insert(0, str(ROOT / "tests"))  # the tiny model builders, judge and wo
 
 from conftest import LOOP_JUDGE, LOOP_WORDS  # noqa: E402
 from rlhf_workflow.data.io import jsonl_lines
+from rlhf_workflow.data.run_layout import RunLayout
 
 TOLERANCE = 1e-4
 TEMPORARY = re.compile(r"^\..+\.(tmp|old)-.+-\d+$")  # an atomic write's name before its rename
 EVENTS = {  # moments worth a kill that a random draw rarely hits, as seen from the run directory
-    "checkpoint writing": lambda run: any(run.glob("*/dpo/checkpoints/.step-*.tmp-*")),
-    "policy saving": lambda run: any(run.glob("*/dpo/.model.tmp-*")),
+    "checkpoint writing": lambda run: any(any((p.dpo / "checkpoints").glob(".step-*.tmp-*"))
+                                          for p in RunLayout(run).trained()),
+    "policy saving": lambda run: any(any(p.dpo.glob(".model.tmp-*")) for p in RunLayout(run).trained()),
     "reference pass or first DPO step": lambda run: any(
-        not (p.parent / "checkpoints").exists() and not (p.parent.parent / "policy").exists()
-        for p in run.glob("*/dpo/*.ref.jsonl")),
-    "report writing": lambda run: (run / "report").is_dir() and not (run / "report" / "report.html").exists(),
+        any(p.dpo.glob("*.ref.jsonl")) and not (p.dpo / "checkpoints").exists() and not p.policy.exists()
+        for p in RunLayout(run).trained()),
+    "report writing": lambda run: RunLayout(run).report.is_dir() and not RunLayout(run).report_html.exists(),
 }
 
 
@@ -129,7 +131,7 @@ def compare(clean: Path, faulted: Path) -> list[str]:
         if sorted(set(ids_a)) != sorted(set(ids_b)):
             problems.append(f"{rel}: rows differ ({len(set(ids_a) - set(ids_b))} missing, "
                             f"{len(set(ids_b) - set(ids_a))} extra)")
-    for policy in sorted(faulted.glob("*/policy")):
+    for policy in sorted(p.policy for p in RunLayout(faulted).trained() if p.policy.exists()):
         try:
             load_file(policy / "model.safetensors")
             AutoModelForCausalLM.from_pretrained(policy)
@@ -137,17 +139,18 @@ def compare(clean: Path, faulted: Path) -> list[str]:
             problems.append(f"{policy.relative_to(faulted)}: does not load ({exc})")
         if not (policy / "README.md").is_file():
             problems.append(f"{policy.relative_to(faulted)}: no model card")
-    leftovers = [p.relative_to(faulted) for p in faulted.glob("*/dpo/checkpoints") if any(p.iterdir())]
+    leftovers = [p.dpo.relative_to(faulted) / "checkpoints" for p in RunLayout(faulted).trained()
+                 if (p.dpo / "checkpoints").is_dir() and any((p.dpo / "checkpoints").iterdir())]
     problems += [f"{p}: checkpoints left behind" for p in leftovers]
     temporary = [p.relative_to(faulted) for p in faulted.rglob("*") if TEMPORARY.match(p.name)]
     problems += [f"{p}: temporary file of an interrupted write left behind" for p in temporary]
-    metrics = {r["id"]: r for r in map(json.loads, jsonl_lines(clean / "metrics.jsonl"))}
-    for row in map(json.loads, jsonl_lines(faulted / "metrics.jsonl")):
+    metrics = {r["id"]: r for r in map(json.loads, jsonl_lines(RunLayout(clean).metrics))}
+    for row in map(json.loads, jsonl_lines(RunLayout(faulted).metrics)):
         for key, value in metrics[row["id"]].items():
             other = row.get(key)
             if isinstance(value, float) and (other is None or abs(value - other) > TOLERANCE):
                 problems.append(f"metrics {row['id']}.{key}: {other} vs {value} uninterrupted")
-    if not (faulted / "report" / "report.html").exists():
+    if not RunLayout(faulted).report_html.exists():
         problems.append("report/report.html missing")
     return problems
 

@@ -33,7 +33,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).parent))
 from common import (  # noqa: E402
     add_pair_training_options, bench_parser, device, dispatch, of_peak, pair_training_worker_args, peak_memory, peak_range,
-    run_selected, write_json, write_pairs,
+    TRAIN_PRECISION, run_selected, write_json, write_pairs,
 )
 from rlhf_workflow.data.io import jsonl_lines
 
@@ -59,7 +59,7 @@ def run_ours(args: argparse.Namespace) -> dict:
     train_config = TrainConfig(max_steps=args.steps, per_device_batch_size=args.batch, lr=1e-5, scheduler="constant",
                                log_every=max(args.steps // 4, 1), seed=args.seed, group_by_length=not args.no_grouping,
                                max_tokens_per_forward=args.max_tokens, share_prefix=not args.no_share,
-                               pack_length=args.pack_length, precision=args.precision)
+                               pack_length=args.pack_length, precision=TRAIN_PRECISION[args.precision])
     out = Path(args.workdir) / f"ours-{args.repeat}"
     accelerator = make_accelerator(train_config, out)
     tokenizer = prepare_reward_tokenizer(load_tokenizer(args.model))

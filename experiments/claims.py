@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from rlhf_workflow.data.io import jsonl_lines
+from rlhf_workflow.data.run_layout import RunLayout
 
 # variant -> overrides of the demo recipe
 VARIANTS: dict[str, list[str]] = {
@@ -76,7 +77,7 @@ def run_dir(root: Path, variant: str, seed: int) -> Path:
 
 def finished(path: Path) -> bool:
     """The run's last stage (its last evaluation) is done."""
-    state = path / "state.json"
+    state = RunLayout(path).state
     if not state.exists():
         return False
     done = json.loads(state.read_text()).get("completed", [])
@@ -154,7 +155,7 @@ def shared_stages(source: Path, variant_yaml: str) -> tuple[list[str], str]:
         data = upgrade_keys(RunConfig, yaml.safe_load(text), "config.yaml")
         return flat(RunConfig.model_validate(data).model_dump(mode="json"))
 
-    ours = resolved((source / "config.yaml").read_text())
+    ours = resolved(RunLayout(source).config.read_text())
     theirs = resolved(variant_yaml)
     differing = sorted(k for k in ours.keys() | theirs.keys() if k != "output_dir" and ours.get(k) != theirs.get(k))
     cut: set[str] = set()
@@ -163,7 +164,7 @@ def shared_stages(source: Path, variant_yaml: str) -> tuple[list[str], str]:
         if not known:
             return [], f"{key} differs ({ours.get(key)!r} vs {theirs.get(key)!r}) and its stages are not declared"
         cut.update(stages)
-    completed = json.loads((source / "state.json").read_text())["completed"]
+    completed = json.loads(RunLayout(source).state.read_text())["completed"]
     shared = []
     for stage in completed:
         if stage in cut:
@@ -184,7 +185,7 @@ def best_source(root: Path, seed: int, target: Path, variant_yaml: str) -> tuple
         path for path in root.glob(f"*-s{seed}") if path.is_dir() and path.name != f"demo-s{seed}" and path != target)
     best: tuple[Path | None, list[str], str] = (None, [], f"no run of seed {seed} under {root} shares a stage")
     for source in candidates:
-        if not ((source / "state.json").exists() and (source / "config.yaml").exists()):
+        if not (RunLayout(source).state.exists() and RunLayout(source).config.exists()):
             continue
         try:
             stages, why = shared_stages(source, variant_yaml)
@@ -235,10 +236,11 @@ def copy_shared(source: Path, target: Path, stages: list[str]) -> None:
         if destination.parent.is_dir() and not destination.exists():
             shutil.copy2(owner, destination)
     evaluated = {stage.split("/")[0] for stage in stages if stage.endswith("/eval")}
-    rows = [line for line in jsonl_lines(source / "metrics.jsonl") if json.loads(line)["id"] in evaluated] if (source / "metrics.jsonl").exists() else []
-    (partial / "metrics.jsonl").write_text("".join(line + "\n" for line in rows))
-    made_by = json.loads((source / "state.json").read_text()).get("made_by", {})  # what made them: the source's set-up
-    (partial / "state.json").write_text(json.dumps({"completed": stages, "last": stages[-1],
+    metrics = RunLayout(source).metrics
+    rows = [line for line in jsonl_lines(metrics) if json.loads(line)["id"] in evaluated] if metrics.exists() else []
+    RunLayout(partial).metrics.write_text("".join(line + "\n" for line in rows))
+    made_by = json.loads(RunLayout(source).state.read_text()).get("made_by", {})  # what made them: the source's set-up
+    RunLayout(partial).state.write_text(json.dumps({"completed": stages, "last": stages[-1],
                                                     "seconds": {stage: 0.0 for stage in stages},
                                                     "made_by": {s: made_by[s] for s in stages if s in made_by}},
                                                    indent=1) + "\n")
@@ -255,9 +257,9 @@ def recipe_of(path: Path) -> str | None:
     from rlhf_workflow.config import RunConfig, load_config
     from rlhf_workflow.workflow import DEMO_RECIPE, has_demo_sizes
 
-    if not (path / "config.yaml").exists():
+    if not RunLayout(path).config.exists():
         return None
-    held = load_config(RunConfig, path / "config.yaml")
+    held = load_config(RunConfig, RunLayout(path).config)
     return next((name for name, (recipe, _) in RECIPES.items() if has_demo_sizes(held, DEMO_RECIPE.with_name(recipe))), None)
 
 
@@ -269,11 +271,11 @@ def run(root: Path, variant: str, seed: int, split: str, log: Path, recipe: str 
     overrides = VARIANTS[variant] + ([] if variant == "demo" else ONLY_DEMO_TRAINS_OFFLINE)
     common = [f"seed={seed}", f"prompts.eval_split={split}", f"output_dir={path}"]
     demo = run_dir(root, "demo", seed)
-    if variant != "demo" and (demo / "state.json").exists() and not (path / "config.yaml").exists():
+    if variant != "demo" and RunLayout(demo).state.exists() and not RunLayout(path).config.exists():
         from rlhf_workflow.config import RunConfig, config_to_yaml, load_config
         from rlhf_workflow.workflow import DEMO_RECIPE, PRECISION_KEYS
 
-        held = load_config(RunConfig, demo / "config.yaml")
+        held = load_config(RunConfig, RunLayout(demo).config)
         # the demo's precision, so that the variant never measures its own (and never differs in it);
         # a preference model trains as the demo's reward model did. A variant that has started
         # (config.yaml) gets none: `demo` continues it in the precision it started with.
@@ -295,7 +297,7 @@ def run(root: Path, variant: str, seed: int, split: str, log: Path, recipe: str 
 
 def metrics_rows(path: Path) -> dict[str, dict]:
     """A run's metrics.jsonl by policy id."""
-    rows = [json.loads(line) for line in jsonl_lines(path / "metrics.jsonl")]
+    rows = [json.loads(line) for line in jsonl_lines(RunLayout(path).metrics)]
     return {row["id"]: row for row in rows}
 
 
@@ -303,8 +305,8 @@ def judge_accuracy(path: Path) -> str:
     """The held-out accuracy of the judge a run's loop used (and on how many pairs)."""
     import yaml
 
-    kind = (yaml.safe_load((path / "config.yaml").read_text()).get("feedback") or {}).get("judge", "rm")
-    found = path / "feedback" / f"{kind}_eval.json"
+    kind = (yaml.safe_load(RunLayout(path).config.read_text()).get("feedback") or {}).get("judge", "rm")
+    found = RunLayout(path).feedback.accuracy(kind)
     if not found.exists():
         return "–"
     result = json.loads(found.read_text())
@@ -323,7 +325,7 @@ def run_lines(root: Path, variants: list[str], seeds: list[int]) -> list[str]:
             path = run_dir(root, variant, seed)
             if not finished(path):
                 continue
-            state = json.loads((path / "state.json").read_text())
+            state = json.loads(RunLayout(path).state.read_text())
             for setup in stages_by_setup(state):
                 setups.setdefault(setup, []).append(path.name)
             rows = metrics_rows(path)

@@ -16,14 +16,16 @@ import torch
 
 from rlhf_workflow.config import RunConfig, load_config
 from rlhf_workflow.data.io import read_rows, row_to_dict
+from rlhf_workflow.data.run_layout import RunLayout
 from rlhf_workflow.data.schemas import GenerationRow
 from rlhf_workflow.eval.policy import response_logps
 from rlhf_workflow.models.loading import load_tokenizer
 
 
 def main(run: Path) -> None:
-    config = load_config(RunConfig, str(run / "config.yaml"))
-    rows = [row_to_dict(r) for r in read_rows(run / "iter_0" / "eval" / "generations.jsonl", GenerationRow)]
+    layout = RunLayout(run)
+    config = load_config(RunConfig, str(layout.config))
+    rows = [row_to_dict(r) for r in read_rows(layout.iteration(0).eval.generations, GenerationRow)]
     initial = config.sampling_model(config.policy)
     tokenizer = load_tokenizer(initial.tokenizer or initial.name_or_path)
     forward = response_logps(initial, tokenizer, rows, chat_template=config.apply_chat_template,

@@ -139,7 +139,7 @@ CASES: list[Case] = [
     Case("unknown-key-override", "dpo data.train={good_pairs} loss.betta=0.1 " + TINY,
          ("config (command-line overrides): unknown key 'loss.betta' (did you mean 'loss.beta'?)",)),
     Case("unknown-section-override", "train-rm data.train={good_pairs} trian.lr=1e-5 " + TINY,
-         ("config (command-line overrides): unknown key 'trian' (did you mean 'train'?)",)),
+         ("config (command-line overrides): unknown key 'trian.lr' (did you mean 'train.lr'?)",)),
     Case("invalid-yaml", "sft --config {corpus}/config_invalid_yaml.yaml " + TINY,
          ("{corpus}/config_invalid_yaml.yaml:4: invalid YAML: mapping values are not allowed here",)),
     Case("yaml-not-a-mapping", "sft --config {corpus}/config_not_a_mapping.yaml " + TINY,

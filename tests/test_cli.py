@@ -87,3 +87,22 @@ def test_console_script_errors_are_one_line_without_traceback(tmp_path):
 def test_unknown_key_from_the_command_line(capsys):
     assert main(["sft", "data.train=x.jsonl", "train.learning_rate=1e-5"]) == 2
     assert "unknown key 'train.learning_rate'" in capsys.readouterr().err
+
+
+def test_the_load_report_of_a_new_reward_head_is_not_shown_but_others_are():
+    """transformers reports a reward model's new scalar head as missing weights at every start; that
+    report is expected and filtered (shown with -v), a report of any other missing key is kept."""
+    import logging
+
+    from rlhf_workflow.cli import _expected_new_head
+
+    def record(rows: str) -> logging.LogRecord:
+        message = ("LlamaForSequenceClassification LOAD REPORT from: /models/x\nKey          | Status  | \n"
+                   f"-------------+---------+-\n{rows}\nNotes:\n- MISSING:\tthose params were newly initialized")
+        return logging.LogRecord("transformers.modeling_utils", logging.WARNING, __file__, 1, message, None, None)
+
+    assert not _expected_new_head(record("score.weight | MISSING | "))
+    assert _expected_new_head(record("score.weight | MISSING | \nmodel.layers.0.mlp.up_proj.weight | MISSING | "))
+    assert _expected_new_head(record("model.embed_tokens.weight | UNEXPECTED | "))
+    other = logging.LogRecord("transformers.modeling_utils", logging.WARNING, __file__, 1, "something else", None, None)
+    assert _expected_new_head(other)

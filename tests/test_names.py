@@ -166,6 +166,7 @@ def test_a_run_made_with_the_old_names_continues_without_force(tmp_path, monkeyp
     run = tmp_path / "run"
     run.mkdir()
     (run / "config.yaml").write_text(OLD_RECIPE)
+    (run / "state.json").write_text('{"completed": ["prompts"]}')  # it has started: a changed recipe is refused
     config = load_config(RunConfig, run / "config.yaml")
     check_config(run, config, force=False)  # not refused
     assert "rm_train" not in (run / "config.yaml").read_text()  # rewritten with the new names

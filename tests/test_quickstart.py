@@ -69,6 +69,11 @@ def test_every_quick_start_command_runs_as_written(tiny_model_dir, tmp_path, mon
     metrics = [json.loads(line) for line in (tmp_path / "runs" / "own-data" / "metrics.jsonl").read_text().splitlines()]
     assert [row["id"] for row in metrics] == ["iter_0", "iter_1"]  # π0 and the one iteration, evaluated
     assert all("proxy_reward" in row for row in metrics)
+    report = (tmp_path / "runs" / "own-data" / "report" / "report.md").read_text()
+    assert "No gold function is set (eval.gold_function)" in report  # why the gold column is empty
+    # the tiny random model rarely ends its turn: the report says its answers are cut
+    assert "of its answers hit eval.sampling.max_new_tokens (32) before ending their turn" in report
+    assert "no gold function set (eval.gold_function)" in (tmp_path / "comparison" / "compare.md").read_text()
     assert (tmp_path / "runs" / "own-data" / "report" / "report.html").is_file()
     assert (tmp_path / "comparison" / "compare.md").is_file()
     assert "sft" in ran and (tmp_path / "runs" / "quickstart-sft" / "model").is_dir()

@@ -272,10 +272,9 @@ def _run_workflow(args: argparse.Namespace) -> None:
     if args.print_config:
         _print_config(load_config(RunConfig, config_path, overrides, unfinished=True), "run")
         return
-    config = load_config(RunConfig, config_path, overrides)
-    from rlhf_workflow.workflow import run_workflow
+    from rlhf_workflow.workflow import run_config, run_workflow
 
-    run_workflow(config, force=args.force)  # type: ignore[arg-type]
+    run_workflow(run_config(config_path, overrides), force=args.force)
 
 
 def _print_config(config, command: str) -> None:
@@ -320,6 +319,23 @@ def _setup_logging(verbose: bool) -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     for noisy in ("httpx", "urllib3", "huggingface_hub", "filelock", "accelerate"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    if not verbose:
+        # the libraries' bars for loading and writing weights (a second each, a screenful in a log):
+        # transformers reads huggingface_hub's switch when it is imported, later
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+        logging.getLogger("transformers.modeling_utils").addFilter(_expected_new_head)
+
+
+def _expected_new_head(record: logging.LogRecord) -> bool:
+    """False for transformers' load report when all it reports is a missing classification head: a
+    reward model made from a causal LM gets a new scalar head (`score`) by design, which transformers
+    reports as a problem ("Consider training on your downstream task") at every start. -v shows it."""
+    message = record.getMessage()
+    if "LOAD REPORT" not in message:
+        return True
+    rows = [line.split("|") for line in message.splitlines() if line.count("|") >= 2]
+    keys = [(row[0].strip(), row[1].strip()) for row in rows[1:] if row[0].strip() and not row[0].strip().startswith("-")]
+    return not keys or not all(key.startswith("score.") and "MISSING" in status for key, status in keys)
 
 
 def main(argv: list[str] | None = None) -> int:

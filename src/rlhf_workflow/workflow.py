@@ -11,6 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from rlhf_workflow.config import RunConfig
+from rlhf_workflow.data.run_layout import RunLayout
 
 DEMO_RECIPE = Path(__file__).parent / "recipes" / "demo.yaml"  # `rlhf-workflow demo`
 DEMO_FULL_RECIPE = Path(__file__).parent / "recipes" / "demo-full.yaml"  # `demo --full`, the experiments' size
@@ -22,17 +23,21 @@ def run_workflow(config: RunConfig, *, force: bool = False) -> Path:
     from rlhf_workflow.online.feedback import Feedback
     from rlhf_workflow.online.loop import Runner
 
+    from rlhf_workflow.online.preflight import check_run
+    from rlhf_workflow.processes import process_state
+
     if config.generation.backend == "vllm":  # every sampling of the run uses it: say so before any work
         from rlhf_workflow.generate.vllm import import_vllm
 
         import_vllm()
+    check_run(config, process_state().num_processes)  # every path, model, function and batch size, in seconds
     with Runner(config, force=force) as runner:
         if config.feedback.enabled:
             runner.stage("prompts", runner.write_prompts)
             for name, work in Feedback(config, runner.run_dir, runner.state).stages():
                 runner.stage(name, work)
         run_dir = runner.run()
-        report = run_dir / "report" / "report.md"
+        report = RunLayout(run_dir).report_markdown
         if runner.state.is_main_process:
             report = write_report(run_dir)
             print(f"run finished: {run_dir}; report: {report} (and report.html)")
@@ -81,7 +86,7 @@ def refuse_the_other_demo(config: RunConfig, full: bool, overrides: list[str]) -
     from rlhf_workflow.config import load_config
     from rlhf_workflow.errors import UserError
 
-    existing = Path(config.output_dir) / "config.yaml"
+    existing = RunLayout(config.output_dir).config
     if not existing.exists():
         return
     try:
@@ -114,35 +119,60 @@ def demo_config(overrides: list[str], recipe: Path = DEMO_RECIPE) -> RunConfig:
 
 
 def demo_precision(config: RunConfig) -> list[str]:
-    """Overrides that put the demo in fp32 where bf16 would slow it down, else none.
+    """Overrides that put the demo in fp32 where bf16 would slow it down, else none (`fp32_fallback`
+    of every `PRECISION_KEYS` setting, the preference model's included)."""
+    return fp32_fallback(config, PRECISION_KEYS, "demo")
 
-    The recipe samples, scores and trains in bf16, which CPUs with fast bf16 units (AMD Zen 4's
+
+def run_config(recipe: str | Path | None, overrides: list[str]) -> RunConfig:
+    """`rlhf-workflow run`'s recipe with ``overrides``, its bf16 settings in fp32 on a CPU where bf16 is
+    not faster (`fp32_fallback`, as the demo does); the command line's own settings win."""
+    from rlhf_workflow.config import config_reference, load_config
+    from rlhf_workflow.processes import decided_on_main, process_state
+
+    config = load_config(RunConfig, recipe, overrides)
+    bf16 = {key.key: "float32" for key in config_reference(RunConfig)
+            if key.key.rpartition(".")[2] in ("dtype", "precision") and config.value_at(key.key) == "bfloat16"}
+    if not bf16:
+        return config  # type: ignore[return-value]
+    precision = decided_on_main(process_state(), lambda: fp32_fallback(config, bf16, "run"))  # type: ignore[arg-type]
+    return load_config(RunConfig, recipe, precision + overrides) if precision else config  # type: ignore[return-value]
+
+
+def fp32_fallback(config: RunConfig, keys: dict[str, str], who: str) -> list[str]:
+    """Overrides that set ``keys`` (bf16 settings) to their fp32 values where bf16 would slow the run
+    down, else none.
+
+    A recipe may sample, score and train in bf16, which CPUs with fast bf16 units (AMD Zen 4's
     AVX512-BF16, Intel's AMX) run 2-4x faster than fp32. Other CPUs, some with AVX512-BF16, run
-    bf16 matmuls at half the speed of fp32. On a CPU the choice is measured (`cpu_bf16_speedup`)
-    and printed; a run directory that already holds a run keeps the precision it started with, so
-    that continuing it never changes its recipe. GPUs keep the recipe.
+    bf16 matmuls at half the speed of fp32, and those without bf16 instructions 100x slower. On a
+    CPU the choice is measured (`cpu_bf16_speedup`) and printed; a run directory that already holds
+    a run keeps the precision it started with, so that continuing it never changes its recipe.
+    GPUs keep the recipe.
     """
     from rlhf_workflow.config import load_config
     from rlhf_workflow.errors import UserError
     from rlhf_workflow.processes import no_accelerator
 
-    existing = Path(config.output_dir) / "config.yaml"
+    existing = RunLayout(config.output_dir).config
     if existing.exists():
         try:
             held = load_config(RunConfig, existing)
         except (OSError, UserError):
             return []  # not a run's config: the run itself says what is wrong with it
-        return [f"{key}={held.value_at(key)}" for key in PRECISION_KEYS if held.value_at(key) is not None]
+        return [f"{key}={held.value_at(key)}" for key in keys if held.value_at(key) is not None]
     if not no_accelerator():
         return []
     speedup = cpu_bf16_speedup()
     if speedup >= BF16_MIN_SPEEDUP:
-        print(f"demo: bf16 matmuls run {speedup:.2g}x as fast as fp32 on this CPU: sampling, scoring and "
+        print(f"{who}: bf16 matmuls run {speedup:.2g}x as fast as fp32 on this CPU: sampling, scoring and "
               "training in bf16", flush=True)
         return []
-    print(f"demo: bf16 matmuls run {speedup:.2g}x as fast as fp32 on this CPU (under {BF16_MIN_SPEEDUP}x): "
-          f"the demo runs in fp32 ({' '.join(f'{k}={v}' for k, v in PRECISION_KEYS.items())})", flush=True)
-    return [f"{key}={value}" for key, value in PRECISION_KEYS.items()]
+    settings = " ".join(f"{k}={v}" for k, v in keys.items())
+    print(f"{who}: bf16 matmuls run {speedup:.2g}x as fast as fp32 on this CPU (under {BF16_MIN_SPEEDUP}x): "
+          f"the {who} runs in fp32 ({settings})" + ("" if who == "demo" else "; give bf16 on the command line "
+                                                   "to keep it"), flush=True)
+    return [f"{key}={value}" for key, value in keys.items()]
 
 
 def cpu_bf16_speedup(repeats: int = 7, budget_s: float = 1.0) -> float:

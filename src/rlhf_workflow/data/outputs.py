@@ -358,7 +358,8 @@ def move_aside(directory: Path, entries: list[Path]) -> Path:
 def claim_directory(directory: Path, stage: str, *, force: bool, resume: bool, earlier: str | None = None) -> None:
     """Make ``directory`` the output directory of ``stage`` (main process, holding its lock).
 
-    * no directory, an empty one, or one that holds only this stage's config: taken;
+    * no directory, an empty one, or one that holds only a stage's config (a command that failed before
+      writing anything): taken;
     * this stage's earlier outputs: continued with ``resume``; with ``force`` moved aside
       (`move_aside`) and started afresh; else refused;
     * another stage's outputs: refused, unless ``force`` (moved aside);
@@ -380,7 +381,7 @@ def claim_directory(directory: Path, stage: str, *, force: bool, resume: bool, e
                 " (or --resume, if an earlier version of rlhf-workflow wrote them)")
         raise UserError(f"output_dir {directory} already holds files that no rlhf-workflow stage claimed ({shown}): "
                         f"choose a new or empty directory{hint}")
-    if owner is not None and owner != stage:
+    if owner is not None and owner != stage and results:
         if not force:
             raise UserError(f"output_dir {directory} holds the outputs of `{owner}` ({shown}), not of `{stage}`: choose "
                             "another output_dir, or --force to move them aside (into replaced-<k>/) and write there")

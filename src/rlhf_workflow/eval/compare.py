@@ -47,8 +47,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator, Sequence
 
 from rlhf_workflow.data.schemas import GENERATED_FIELDS
+from rlhf_workflow.data.run_layout import PolicyFiles, RunLayout
 from rlhf_workflow.errors import UserError
-from rlhf_workflow.eval.render import html_page, html_table, markdown_table
+from rlhf_workflow.eval.render import html_image, html_page, html_table, markdown_table
 from rlhf_workflow.eval.stats import bootstrap_interval, mean, sign_flip_pvalue, t_interval
 
 if TYPE_CHECKING:
@@ -70,6 +71,7 @@ class PolicyEval:
     values: dict[str, dict[str, float]] = field(default_factory=dict)  # metric -> prompt id -> mean
     judge: str | None = None  # what scored the proxy rewards; None when they do not compare across prompts
     made_by: frozenset[str] = frozenset()  # the set-ups that made its run's stages (state.json); empty if unknown
+    absent: dict[str, str] = field(default_factory=dict)  # metric -> why it has no values at all
 
     @property
     def label(self) -> str:
@@ -143,9 +145,8 @@ def _rows_by_id(path: Path) -> Iterator[tuple[str, str, dict[str, Any]]]:
 def read_policy(path: Path, *, judge: str | None = None, seed: int | None = None) -> PolicyEval:
     """The per-prompt metrics of the policy evaluated in ``path`` (RUN/<policy>): eval/scored.jsonl
     for the proxy reward and length, eval/gold.jsonl for the gold score."""
-    from rlhf_workflow.eval.policy import EVAL_DIR, GOLD_FILE
-
-    scored = path / EVAL_DIR / "scored.jsonl"
+    files = PolicyFiles(path).eval
+    scored = files.scored
     if not scored.exists():
         raise UserError(f"{path} holds no evaluated policy ({scored} is missing)")
     found = PolicyEval(path=path, policy=path.name, seed=seed, judge=judge)
@@ -157,12 +158,16 @@ def read_policy(path: Path, *, judge: str | None = None, seed: int | None = None
             value = mean(_numbers(row, key, where))
             if value is not None:
                 target[prompt_id] = value
-    gold_file = path / EVAL_DIR / GOLD_FILE
+    gold_file = files.gold
     if gold_file.exists():
         for prompt_id, where, row in _rows_by_id(gold_file):
             value = mean(_numbers(row, "gold", where))
             if value is not None:
                 gold[prompt_id] = value
+        if not gold:
+            found.absent["gold"] = f"the gold function scored no answer (null for every one: {gold_file})"
+    else:
+        found.absent["gold"] = "no gold function set (eval.gold_function)"
     found.values = {"gold": gold, "proxy": proxy if judge is not None else {}, "length": length}
     return found
 
@@ -170,7 +175,7 @@ def read_policy(path: Path, *, judge: str | None = None, seed: int | None = None
 def _run_config(run_dir: Path) -> "RunConfig":
     from rlhf_workflow.config import RunConfig, load_config
 
-    path = run_dir / "config.yaml"
+    path = RunLayout(run_dir).config
     if not path.exists():
         raise UserError(f"{run_dir} is not a run directory (no config.yaml); give a run directory or RUN/<policy>")
     return load_config(RunConfig, str(path), [])  # type: ignore[return-value]
@@ -185,7 +190,7 @@ def _judge_identity(run_dir: Path, config: "RunConfig") -> str | None:
     if config.feedback.enabled:
         if config.feedback.judge == "pm":
             return None
-        trained = run_dir / "feedback" / "rm" / "model"
+        trained = RunLayout(run_dir).feedback.trained("rm")
         return f"reward_model:{_weights_digest(trained) or f'trained in {run_dir.resolve()}'}"
     if judge.type == "preference_model":
         return None
@@ -200,7 +205,7 @@ def _made_by(run_dir: Path) -> frozenset[str]:
     from rlhf_workflow.data.io import decode_json
     from rlhf_workflow.provenance import NOT_RECORDED, stages_by_setup
 
-    path = run_dir / "state.json"
+    path = RunLayout(run_dir).state
     data = decode_json(path.read_text(encoding="utf-8", errors="replace"), str(path), whole_file=True) if path.exists() else {}
     setups = stages_by_setup(data)
     return frozenset() if NOT_RECORDED in setups else frozenset(setups)
@@ -227,9 +232,8 @@ def _recipe_key(config: "RunConfig") -> str:
 
 
 def policy_dirs(run_dir: Path) -> list[Path]:
-    from rlhf_workflow.eval.policy import EVAL_DIR
-
-    found = [p for p in run_dir.iterdir() if p.is_dir() and (p / EVAL_DIR / "scored.jsonl").exists()]
+    """The evaluated policies of a run directory, π0 and the iterations in order, then the others."""
+    found = [files.dir for files in RunLayout(run_dir).evaluated()]
 
     def order(p: Path) -> tuple[int, int, str]:
         match = re.fullmatch(r"iter_(\d+)", p.name)
@@ -256,7 +260,7 @@ def load(inputs: Sequence[str]) -> list[PolicyEval]:
         path = Path(where)
         if not path.is_dir():
             raise UserError(f"{where}: no such run or policy directory")
-        if (path / "config.yaml").exists():
+        if RunLayout(path).config.exists():
             run_dir, policies = path, policy_dirs(path)
             if not policies:
                 raise UserError(f"{path}: no policy has been evaluated yet (no <policy>/eval/scored.jsonl)")
@@ -363,7 +367,8 @@ def difference(pairs: list[tuple[PolicyEval, PolicyEval]], metric: str, resample
                              "ci95": list(interval) if interval else None, "p_value": sign_flip_pvalue(diffs)})
     groups = list(by_prompt.values())
     if not groups:
-        return Difference(None, None, None, 0, None, None, [], note or "no prompt scored on both sides")
+        why = next((side.absent[metric] for a, b in pairs for side in (a, b) if metric in side.absent), None)
+        return Difference(None, None, None, 0, None, None, [], note or why or "no prompt scored on both sides")
     if one_sided:
         note = f"{one_sided} prompt(s) scored on one side only (over all seeds) are left out"
     flat = [d for g in groups for d in g]
@@ -560,13 +565,14 @@ def markdown_lines(comparisons: Sequence[Comparison], image: str | None) -> list
     return lines
 
 
-def html_parts(comparisons: Sequence[Comparison], image: str | None) -> list[str]:
+def html_parts(comparisons: Sequence[Comparison], image: Path | None) -> list[str]:
+    """The HTML of the tables, notes and plot (``image``, embedded in the page)."""
     parts = []
     for title, header, cells in tables(comparisons):
         parts += [f"<h2>{html.escape(title)}</h2>", html_table(header, cells)]
     parts += [f"<p>{html.escape(note)}</p>" for note in notes(comparisons)]
     if image:
-        parts.append(f"<img src='{html.escape(image)}' alt='paired differences'>")
+        parts.append(html_image(image, "paired differences"))
     return parts
 
 
@@ -578,7 +584,8 @@ def write_comparison(comparisons: Sequence[Comparison], out: Path, title: str) -
     image = "compare.png" if plot(comparisons, out / "compare.png") else None
     atomic_write_text(out / "compare.md", "\n".join([f"# {title}", ""] + markdown_lines(comparisons, image)) + "\n")
     atomic_write_text(out / "compare.html",
-                      html_page(title, [f"<h1>{html.escape(title)}</h1>"] + html_parts(comparisons, image)))
+                      html_page(title, [f"<h1>{html.escape(title)}</h1>"]
+                                + html_parts(comparisons, out / image if image else None)))
     atomic_write_text(out / "compare.json", json.dumps(to_json(comparisons), indent=1) + "\n")
     return out / "compare.md"
 

@@ -37,11 +37,10 @@ from typing import Any, Callable
 from rlhf_workflow.config import ModelConfig, RunConfig
 from rlhf_workflow.data.schemas import prompt_messages
 from rlhf_workflow.data.io import write_jsonl
+from rlhf_workflow.data.run_layout import RunLayout
 from rlhf_workflow.eval.stats import bootstrap_interval, length_controlled_win_rate, mean, pair_outcome
 from rlhf_workflow.tasks.ifeval import follows, is_ifeval_row, summary
 
-EVAL_DIR = "eval"
-GOLD_FILE = "gold.jsonl"  # {"id", "gold": [one score per response, null where the judge could not score it]}
 
 
 def win_rates(ours: dict[tuple[str, int], float | None],
@@ -181,7 +180,8 @@ def evaluate_policy(config: RunConfig, run_dir: Path, name: str, policy: ModelCo
     from rlhf_workflow.data.schemas import GenerationRow
     from rlhf_workflow.models.loading import load_tokenizer
 
-    rows = [row_to_dict(r) for r in read_rows(run_dir / name / EVAL_DIR / "scored.jsonl", GenerationRow)]
+    files = RunLayout(run_dir).policy_dir(name).eval
+    rows = [row_to_dict(r) for r in read_rows(files.scored, GenerationRow)]
     metrics: dict[str, Any] = {"id": name, "policy": policy.name_or_path, "prompts": len(rows),
                                "responses": sum(len(r["responses"]) for r in rows)}
     resamples = config.eval.bootstrap
@@ -199,8 +199,8 @@ def evaluate_policy(config: RunConfig, run_dir: Path, name: str, policy: ModelCo
         gold_scores = gold.score(rows)
         summarise("gold", [[r for r in rewards if r is not None] for rewards in gold_scores.rewards])
         metrics["gold_unscored"] = sum(r is None for rewards in gold_scores.rewards for r in rewards)
-        write_jsonl(run_dir / name / EVAL_DIR / GOLD_FILE,
-                    [{"id": row["id"], "gold": rewards} for row, rewards in zip(rows, gold_scores.rewards)])
+        # {"id", "gold": [one score per response, null where the judge could not score it]}
+        write_jsonl(files.gold, [{"id": row["id"], "gold": rewards} for row, rewards in zip(rows, gold_scores.rewards)])
     if rows and all(is_ifeval_row(row) for row in rows):
         metrics.update(ifeval_metrics(rows, resamples))
     tokens = [t for row in rows for t in (row.get("response_tokens") or []) if isinstance(t, int)]
@@ -210,7 +210,7 @@ def evaluate_policy(config: RunConfig, run_dir: Path, name: str, policy: ModelCo
 
     if baseline is None or baseline == name:
         return metrics
-    base_rows = {r["id"]: r for r in (row_to_dict(x) for x in read_rows(run_dir / baseline / EVAL_DIR / "scored.jsonl",
+    base_rows = {r["id"]: r for r in (row_to_dict(x) for x in read_rows(RunLayout(run_dir).policy_dir(baseline).eval.scored,
                                                                          GenerationRow))}
     if compare is None:
         ours = {(row["id"], k): r for row in rows for k, r in enumerate(row["rewards"])}

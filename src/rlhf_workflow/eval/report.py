@@ -20,11 +20,12 @@ from pathlib import Path
 from typing import Any
 
 from rlhf_workflow.data.io import iter_jsonl
+from rlhf_workflow.data.run_layout import PolicyFiles, RunLayout
 from rlhf_workflow.errors import UserError
 from rlhf_workflow.eval.compare import html_parts as compare_html
 from rlhf_workflow.eval.compare import markdown_lines as compare_markdown
 from rlhf_workflow.eval.compare import plot as compare_plot
-from rlhf_workflow.eval.render import html_page, html_table, markdown_table
+from rlhf_workflow.eval.render import html_image, html_page, html_table, markdown_table
 
 logger = logging.getLogger(__name__)
 
@@ -41,7 +42,7 @@ COLUMNS = [("id", "policy"), ("proxy_reward", "proxy reward"), ("gold", "gold"),
 
 
 def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
-    path = run_dir / "metrics.jsonl"
+    path = RunLayout(run_dir).metrics
     if not path.exists():
         raise UserError(f"{run_dir} has no metrics.jsonl: not a run directory, or no policy evaluated yet")
     return [row for _, row in iter_jsonl(path)]
@@ -187,9 +188,8 @@ def _plot_pair_rewards(run_dir: Path, out: Path) -> tuple[str, str] | None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    files = sorted(run_dir.glob("iter_*/pairs.jsonl"), key=lambda p: int(p.parent.name.split("_")[1]))
-    if (run_dir / "offline" / "pairs.jsonl").exists():
-        files.append(run_dir / "offline" / "pairs.jsonl")
+    layout = RunLayout(run_dir)
+    files = [policy.pairs for policy in (*layout.iterations(), layout.offline) if policy.pairs.exists()]
     if not files:
         return None
     fig, axes = plt.subplots(1, len(files), figsize=(3.2 * len(files), 3), dpi=110, squeeze=False)
@@ -218,7 +218,7 @@ def paired_comparisons(run_dir: Path, resamples: int = 1000) -> list[Any]:
     the offline baseline when there is one. Empty when fewer than two policies were evaluated."""
     from rlhf_workflow.eval.compare import compare, load, policy_dirs
 
-    if not (run_dir / "config.yaml").exists() or not policy_dirs(run_dir):
+    if not RunLayout(run_dir).config.exists() or not policy_dirs(run_dir):
         return []
     policies = load([str(run_dir)])
     labels = list(dict.fromkeys(p.label for p in policies))
@@ -240,15 +240,13 @@ def gold_by_length(run_dir: Path) -> tuple[list[str], dict[str, list[tuple[float
     without gold scores."""
     from rlhf_workflow.data.io import iter_jsonl
     from rlhf_workflow.eval.compare import policy_dirs
-    from rlhf_workflow.eval.policy import EVAL_DIR, GOLD_FILE
-
     samples: dict[str, list[tuple[int, float]]] = {}
     for policy in policy_dirs(run_dir):
-        gold_file = policy / EVAL_DIR / GOLD_FILE
-        if not gold_file.exists():
+        files = PolicyFiles(policy).eval
+        if not files.gold.exists():
             continue
-        gold = {row["id"]: row.get("gold") or [] for _, row in iter_jsonl(gold_file)}
-        for _, row in iter_jsonl(policy / EVAL_DIR / "scored.jsonl"):
+        gold = {row["id"]: row.get("gold") or [] for _, row in iter_jsonl(files.gold)}
+        for _, row in iter_jsonl(files.scored):
             for tokens, score in zip(row.get("response_tokens") or [], gold.get(row["id"], [])):
                 if isinstance(tokens, int) and isinstance(score, (int, float)):
                     samples.setdefault(policy.name, []).append((tokens, float(score)))
@@ -316,19 +314,52 @@ def made_by_lines(state: dict[str, Any]) -> list[str]:
     return [f"{', '.join(stages)}: {setup}" for setup, stages in stages_of.items()]
 
 
+CUT_SHARE = 0.5  # a policy's answers cut by max_new_tokens more often than this are said to be
+
+
+def warnings(run_dir: Path, rows: list[dict[str, Any]]) -> list[str]:
+    """What a reader of the table must know: the gold column is empty and why, and the policies whose
+    answers mostly ran out of tokens (their length, rewards and gold are those of cut answers)."""
+    import yaml
+
+    lines = []
+    try:
+        recipe = yaml.safe_load(RunLayout(run_dir).config.read_text(encoding="utf-8")) or {}
+    except (OSError, yaml.YAMLError):
+        recipe = {}
+    evaluation = recipe.get("eval") if isinstance(recipe, dict) else None
+    evaluation = evaluation if isinstance(evaluation, dict) else {}
+    sampling = evaluation.get("sampling") if isinstance(evaluation.get("sampling"), dict) else {}
+    gold = evaluation.get("gold_function")
+    if rows and all(row.get("gold") is None for row in rows):
+        lines.append("No gold function is set (eval.gold_function): the gold columns are empty. Give the task's "
+                     "judge to see whether the proxy reward's gains hold." if not gold else
+                     f"The gold function {gold} scored no answer (null for every one; see <policy>/eval/gold.jsonl): "
+                     "is it the judge of these prompts?")
+    limit = sampling.get("max_new_tokens", "its limit")
+    for row in rows:
+        stopped = row.get("stopped")
+        if isinstance(stopped, (int, float)) and 1 - stopped > CUT_SHARE:
+            lines.append(f"{row['id']}: {1 - stopped:.0%} of its answers hit eval.sampling.max_new_tokens ({limit}) "
+                         "before ending their turn: its length, rewards and gold are those of cut answers; raise "
+                         "eval.sampling.max_new_tokens to see whole ones.")
+    return lines
+
+
 def write_report(run_dir: str | Path) -> Path:
     """Write RUN/report/{report.md, report.html, *.png}; returns the Markdown file."""
     from rlhf_workflow.data.io import atomic_write_text
 
     run_dir = Path(run_dir)
     rows = read_metrics(run_dir)
-    out = run_dir / "report"
+    layout = RunLayout(run_dir)
+    out = layout.report
     out.mkdir(parents=True, exist_ok=True)
     plots = _plot_curves(rows, out)
     for extra in (_plot_proxy_vs_gold(rows, out), _plot_pair_rewards(run_dir, out), _plot_ifeval_types(rows, out)):
         if extra:
             plots.append(extra)
-    state_file = run_dir / "state.json"
+    state_file = layout.state
     state = json.loads(state_file.read_text()) if state_file.exists() else {}
     seconds = state.get("seconds", {})
     made_lines = made_by_lines(state)
@@ -336,11 +367,12 @@ def write_report(run_dir: str | Path) -> Path:
     feedback_lines = [f"{row['id']}, length-controlled win rate vs π0: {row['lc_win_rate_vs_initial_note']}."
                       for row in rows if row.get("lc_win_rate_vs_initial_note")]
     for kind, what in (("rm", "Bradley–Terry reward model"), ("pm", "pairwise preference model")):
-        path = run_dir / "feedback" / f"{kind}_eval.json"
+        path = layout.feedback.accuracy(kind)
         if path.exists():
             result = json.loads(path.read_text())
             feedback_lines.append(f"The {what} trained on simulated human feedback: held-out accuracy "
                                   f"{result['accuracy']:.3f} on {result['scored']} pairs.")
+    feedback_lines += warnings(run_dir, rows)
     md = [f"# {title}", "", "Held-out evaluation of each policy (95 % bootstrap intervals over prompts in brackets):",
           "", table(rows), ""] + [line + "\n" for line in feedback_lines]
     extra_tables = ifeval_tables(rows)
@@ -367,7 +399,7 @@ def write_report(run_dir: str | Path) -> Path:
         md += ["", f"total: {sum(seconds.values()):.1f} s", ""]
     if made_lines:
         md += ["## Made by", ""] + [f"- {line}" for line in made_lines] + [""]
-    atomic_write_text(out / "report.md", "\n".join(md))
+    atomic_write_text(layout.report_markdown, "\n".join(md))
     body = [f"<h1>{html.escape(title)}</h1>", "<p>Held-out evaluation of each policy (95 % bootstrap intervals over "
             "prompts in brackets):</p>", "<table border='1' cellpadding='4' style='border-collapse:collapse'>",
             "<tr>" + "".join(f"<th>{html.escape(t)}</th>" for _, t in COLUMNS) + "</tr>"]
@@ -378,14 +410,14 @@ def write_report(run_dir: str | Path) -> Path:
     for heading, header, cells in extra_tables:
         body += [f"<h2>{html.escape(heading)}</h2>", html_table(header, cells)]
     if comparisons:
-        body += compare_html(comparisons, image)
-    for name, label in plots:
-        body += [f"<h2>{html.escape(label)}</h2>", f"<img src='{html.escape(name)}' alt='{html.escape(label)}'>"]
+        body += compare_html(comparisons, out / image if image else None)
+    for name, label in plots:  # embedded: report.html is one file that shows its plots wherever it goes
+        body += [f"<h2>{html.escape(label)}</h2>", html_image(out / name, label)]
     if seconds:
         body.append("<h2>Time per stage</h2><table border='1' cellpadding='4' style='border-collapse:collapse'>")
         body += [f"<tr><td>{html.escape(s)}</td><td>{v:.1f} s</td></tr>" for s, v in seconds.items()]
         body.append("</table>")
     if made_lines:
         body += ["<h2>Made by</h2><ul>"] + [f"<li>{html.escape(line)}</li>" for line in made_lines] + ["</ul>"]
-    atomic_write_text(out / "report.html", html_page(title, body))
-    return out / "report.md"
+    atomic_write_text(layout.report_html, html_page(title, body))
+    return layout.report_markdown

@@ -70,7 +70,7 @@ def prepare_reward_tokenizer(tokenizer: Any) -> Any:
     """Give the tokenizer a pad token distinct from eos when it can (see module docstring)."""
     token = distinct_pad_token(tokenizer)
     if token is not None:
-        log.info("reward model pads with %r instead of the eos token %r", token, tokenizer.eos_token)
+        log.debug("reward model pads with %r instead of the eos token %r", token, tokenizer.eos_token)
         tokenizer.pad_token = token
     return tokenizer
 

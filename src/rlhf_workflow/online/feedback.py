@@ -27,13 +27,11 @@ from typing import TYPE_CHECKING, Callable
 
 from rlhf_workflow.config import (AnnotateConfig, DataConfig, EvalRMConfig, GenerateConfig, JudgeConfig, PairsConfig,
                                   PreferenceModelConfig, RewardModelConfig, RunConfig, stage_config)
+from rlhf_workflow.data.run_layout import RunLayout
 from rlhf_workflow.errors import keys_named
 
 if TYPE_CHECKING:
     from accelerate import PartialState
-
-FEEDBACK_DIR = "feedback"
-
 
 def prompt_count(config: RunConfig) -> int:
     """How many of the task's train prompts the feedback takes (0 without feedback)."""
@@ -46,10 +44,6 @@ def carve_prompts(config: RunConfig, train_rows: list[dict]) -> tuple[list[dict]
     return train_rows[:count], train_rows[count:]
 
 
-def prompts_path(run_dir: Path) -> Path:
-    return run_dir / FEEDBACK_DIR / "prompts.jsonl"
-
-
 def loop_judge(config: RunConfig, run_dir: Path) -> JudgeConfig:
     """The loop's judge: the recipe's, or with feedback the model trained on it (``feedback.judge``:
     the reward model or the preference model)."""
@@ -57,7 +51,7 @@ def loop_judge(config: RunConfig, run_dir: Path) -> JudgeConfig:
         return config.judge
     kind = config.feedback.judge
     return config.judge.model_copy(update={"type": "reward_model" if kind == "rm" else "preference_model",
-                                           "path": str(run_dir / FEEDBACK_DIR / kind / "model")})
+                                           "path": str(RunLayout(run_dir).feedback.trained(kind))})
 
 
 def split_by_prompt(rows: list[dict], share: float, seed: int) -> tuple[list[dict], list[dict], int, int]:
@@ -78,7 +72,7 @@ class Feedback:
 
     def __init__(self, config: RunConfig, run_dir: Path, state: "PartialState"):
         self.config = config
-        self.dir = run_dir / FEEDBACK_DIR
+        self.files = RunLayout(run_dir).feedback
         self.state = state  # the processes of this run
 
     def stages(self) -> list[tuple[str, Callable[[], None]]]:
@@ -94,7 +88,7 @@ class Feedback:
     @property
     def heldout(self) -> Path | None:
         """The held-out pairs file, when there are held-out pairs."""
-        path = self.dir / "heldout_pairs.jsonl"
+        path = self.files.heldout_pairs
         return path if path.exists() and path.stat().st_size > 0 else None
 
     def generate(self) -> None:
@@ -102,8 +96,8 @@ class Feedback:
 
         c = self.config
         with keys_named(RunConfig.stage_keys["feedback/generate"]):
-            run_generate(stage_config(GenerateConfig, c.generation, prompts=str(self.dir / "prompts.jsonl"),
-                                      output=str(self.dir / "generations.jsonl"), model=c.sampling_model(c.policy),
+            run_generate(stage_config(GenerateConfig, c.generation, prompts=str(self.files.prompts),
+                                      output=str(self.files.generations), model=c.sampling_model(c.policy),
                                       sampling=c.feedback.sampling.model_copy(update={"seed": c.seeded(c.feedback.sampling.seed)}),
                                       apply_chat_template=c.apply_chat_template))
 
@@ -111,7 +105,7 @@ class Feedback:
         from rlhf_workflow.online.annotate import run_annotate
 
         with keys_named(RunConfig.stage_keys["feedback/annotate"]):
-            run_annotate(AnnotateConfig(input=str(self.dir / "generations.jsonl"), output=str(self.dir / "scored.jsonl"),
+            run_annotate(AnnotateConfig(input=str(self.files.generations), output=str(self.files.scored),
                                         judge=JudgeConfig(type="function", function=self.config.feedback.judge_function),
                                         apply_chat_template=self.config.apply_chat_template))
 
@@ -123,12 +117,12 @@ class Feedback:
             return
         c = self.config
         with keys_named(RunConfig.stage_keys["feedback/pairs"]):
-            run_pairs(PairsConfig(input=str(self.dir / "scored.jsonl"), output=str(self.dir / "all_pairs.jsonl"),
+            run_pairs(PairsConfig(input=str(self.files.scored), output=str(self.files.all_pairs),
                                   strategy=c.feedback.strategy, seed=c.seeded(c.prompts.seed)))
-        rows = [row for _, row in iter_jsonl(self.dir / "all_pairs.jsonl")]
+        rows = [row for _, row in iter_jsonl(self.files.all_pairs)]
         train, held, held_prompts, prompts = split_by_prompt(rows, c.feedback.heldout_share, c.seeded(c.prompts.seed))
-        write_jsonl(self.dir / "heldout_pairs.jsonl", held)
-        write_jsonl(self.dir / "pairs.jsonl", train)
+        write_jsonl(self.files.heldout_pairs, held)
+        write_jsonl(self.files.pairs, train)
         print(f"feedback: {len(train)} pairs to train the reward model, {len(held)} held out "
               f"({held_prompts} of {prompts} prompts)")
 
@@ -137,7 +131,7 @@ class Feedback:
         pairs as its eval split."""
         from rlhf_workflow.train.checkpoint import remove_checkpoints
 
-        out = self.dir / kind
+        out = self.files.stage_dir(kind)
         if (out / "model").is_dir():
             if self.state.is_main_process:
                 remove_checkpoints(out)  # (left beside the model when a kill came right after its save)
@@ -146,7 +140,7 @@ class Feedback:
         section = f.rm if kind == "rm" else f.pm
         model = (section.model or c.policy).model_copy(update={"gradient_checkpointing": False})
         held = self.heldout
-        data = DataConfig(train=str(self.dir / "pairs.jsonl"), eval=str(held) if held else None,
+        data = DataConfig(train=str(self.files.pairs), eval=str(held) if held else None,
                           max_length=section.data.max_length, apply_chat_template=c.apply_chat_template)
         train = section.train.model_copy(update={"seed": c.seeded(section.train.seed)})
         resume = True  # continues from the last checkpoint, if any
@@ -170,7 +164,7 @@ class Feedback:
         held = self.heldout
         if self.state.is_main_process and held is not None:
             # in the dtype the loop's judge scores in, so that the accuracy is that of the judge the loop uses
-            run_eval_rm(EvalRMConfig(model=str(self.dir / kind / "model"), data=str(held), kind=kind,
+            run_eval_rm(EvalRMConfig(model=str(self.files.trained(kind)), data=str(held), kind=kind,
                                      dtype=self.config.judge.dtype,
-                                     output=str(self.dir / f"{kind}_eval.json"), max_length=getattr(self.config.feedback, kind).data.max_length,
+                                     output=str(self.files.accuracy(kind)), max_length=getattr(self.config.feedback, kind).data.max_length,
                                      apply_chat_template=self.config.apply_chat_template))

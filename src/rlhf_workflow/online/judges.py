@@ -223,10 +223,12 @@ def load_function(spec: str, key: str = "judge.function") -> Callable[..., Any]:
     return function
 
 
-def make_judge(config: Any, *, device: Any = None, chat_template: bool = True) -> Judge:
-    """The judge a `JudgeConfig` describes, with its model (if any) on ``device``."""
+def check_judge(config: Any) -> None:
+    """A `UserError` when the judge a `JudgeConfig` describes cannot be had, found without loading a
+    model: a function that does not import, a path that holds no model or one of the other type."""
     if config.type == "function":
-        return FunctionJudge(load_function(config.function), config.function, timeout=config.timeout)
+        load_function(config.function)
+        return
     from rlhf_workflow.models.preference import detect_kind
 
     if not Path(config.path).is_dir():
@@ -237,6 +239,13 @@ def make_judge(config: Any, *, device: Any = None, chat_template: bool = True) -
         found = "a preference model" if kind == "pm" else "a reward model"
         raise UserError(f"{config_key('judge.path')} {config.path} holds {found}; set {config_key('judge.type')}="
                         f"{'preference_model' if kind == 'pm' else 'reward_model'}")
+
+
+def make_judge(config: Any, *, device: Any = None, chat_template: bool = True) -> Judge:
+    """The judge a `JudgeConfig` describes, with its model (if any) on ``device``."""
+    if config.type == "function":
+        return FunctionJudge(load_function(config.function), config.function, timeout=config.timeout)
+    check_judge(config)
     if config.type == "reward_model":
         from rlhf_workflow.models.reward import load_reward_scorer
 

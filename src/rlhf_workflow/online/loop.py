@@ -34,6 +34,7 @@ from typing import TYPE_CHECKING, Any, Callable
 from rlhf_workflow.config import (AnnotateConfig, DataConfig, DPOConfig, GenerateConfig, JudgeConfig, ModelConfig,
                                   PairsConfig, ReferenceConfig, RunConfig, config_to_yaml, stage_config)
 from rlhf_workflow.data.io import count_jsonl_rows
+from rlhf_workflow.data.run_layout import INITIAL, OFFLINE, PolicyFiles, RunLayout
 from rlhf_workflow.errors import UserError, keys_named
 from rlhf_workflow.online import feedback
 from rlhf_workflow.processes import process_state, release_memory
@@ -43,9 +44,6 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-STATE_FILE = "state.json"
-METRICS_FILE = "metrics.jsonl"
-
 
 class RunState:
     """The completed stages of a run directory (state.json, rewritten atomically after each stage)."""
@@ -53,7 +51,7 @@ class RunState:
     def __init__(self, run_dir: Path):
         from rlhf_workflow.data.io import decode_json
 
-        self.path = run_dir / STATE_FILE
+        self.path = RunLayout(run_dir).state
         data: Any = {}
         if self.path.exists():
             data = decode_json(self.path.read_text(encoding="utf-8", errors="replace"), str(self.path), whole_file=True)
@@ -83,12 +81,14 @@ class RunState:
 
 
 def check_config(run_dir: Path, config: RunConfig, *, force: bool) -> None:
-    """Refuse to continue a run with a different recipe (unless ``force``); write the recipe."""
+    """Refuse to continue a run with a different recipe (unless ``force``); write the recipe. A run that
+    has not finished its first stage holds nothing the recipe made: a new recipe simply replaces it."""
     from rlhf_workflow.data.io import atomic_write_text
 
-    path = run_dir / "config.yaml"
+    path = RunLayout(run_dir).config
     text = config_to_yaml(config)
-    if path.exists() and path.read_text() != text and not force:
+    started = bool(RunState(run_dir).completed)
+    if started and path.exists() and path.read_text() != text and not force:
         import difflib
 
         from rlhf_workflow.config import load_config
@@ -131,6 +131,39 @@ def split_prompts(config: RunConfig) -> list[list[Any]]:
     return chunks
 
 
+def make_prompts(config: RunConfig) -> tuple[list[dict], list[list[dict]], list[dict]]:
+    """(the held-out prompts, each iteration's prompts, the feedback's prompts) of a run, from its
+    files or its task; a `UserError` for files that do not read, too few prompts or shared ids."""
+    from rlhf_workflow.data.io import read_rows, row_to_dict
+    from rlhf_workflow.data.schemas import PromptRow
+
+    c, p = config, config.prompts
+    feedback_rows: list[dict] = []
+    if p.task is not None:
+        from rlhf_workflow.tasks import get_task
+
+        task = get_task(p.task)
+        try:
+            train = task.prompts("train", feedback.prompt_count(c) + c.iterations * p.per_iteration,
+                                 c.seeded(p.seed), **p.task_options)
+            eval_rows = task.prompts(p.eval_split, p.eval_count, p.seed, **p.task_options)  # whatever the run's seed
+        except (TypeError, ValueError) as exc:
+            raise UserError(f"prompts.task {p.task}: {exc}") from None
+        feedback_rows, train = feedback.carve_prompts(c, train)
+        chunks = [train[t * p.per_iteration : (t + 1) * p.per_iteration] for t in range(c.iterations)]
+    else:
+        eval_rows = [row_to_dict(r) for r in read_rows(p.eval, PromptRow)]
+        chunks = [[row_to_dict(r) for r in chunk] for chunk in split_prompts(c)]
+    if p.eval_limit:
+        eval_rows = eval_rows[: p.eval_limit]
+    train_ids = {row["id"] for chunk in chunks for row in chunk}
+    overlap = train_ids & {row["id"] for row in eval_rows}
+    if overlap:
+        raise UserError(f"held-out prompts share ids with training prompts ({sorted(overlap)[:3]}): the "
+                        "evaluation must use prompts the policy never trained on")
+    return eval_rows, chunks, feedback_rows
+
+
 def policy_config(config: RunConfig, path: Path | None) -> ModelConfig:
     """π0 (``path`` None) or a saved iterate as a ModelConfig with the recipe's other settings."""
     if path is None:
@@ -150,6 +183,7 @@ class Runner:
 
         self.config = config
         self.run_dir = Path(config.output_dir)
+        self.layout = RunLayout(self.run_dir)
         self.judge: JudgeConfig = feedback.loop_judge(config, self.run_dir)
         self.state: PartialState = process_state()
         # one run at a time in a run directory (released by `close`, or by the OS when the process ends)
@@ -157,7 +191,7 @@ class Runner:
 
         def claim() -> None:
             # rerunning a run continues it; files no stage claimed, only if they are a run's (state.json)
-            claim_directory(self.run_dir, "run", force=force, resume=True, earlier=STATE_FILE)
+            claim_directory(self.run_dir, "run", force=force, resume=True, earlier=self.layout.state.name)
             check_config(self.run_dir, config, force=force)
 
         on_main(self.state, claim)
@@ -191,44 +225,21 @@ class Runner:
     # ------------------------------------------------------------------ stages
 
     def write_prompts(self) -> None:
-        from rlhf_workflow.data.io import read_rows, row_to_dict, write_jsonl
-        from rlhf_workflow.data.schemas import PromptRow
+        from rlhf_workflow.data.io import write_jsonl
 
         if not self.state.is_main_process:
             return
-        c, p = self.config, self.config.prompts
-        feedback_rows: list[dict] = []
-        if p.task is not None:
-            from rlhf_workflow.tasks import get_task
-
-            task = get_task(p.task)
-            try:
-                train = task.prompts("train", feedback.prompt_count(c) + c.iterations * p.per_iteration,
-                                     c.seeded(p.seed), **p.task_options)
-                eval_rows = task.prompts(p.eval_split, p.eval_count, p.seed, **p.task_options)  # whatever the run's seed
-            except (TypeError, ValueError) as exc:
-                raise UserError(f"prompts.task {p.task}: {exc}") from None
-            feedback_rows, train = feedback.carve_prompts(c, train)
-            chunks = [train[t * p.per_iteration : (t + 1) * p.per_iteration] for t in range(c.iterations)]
-        else:
-            eval_rows = [row_to_dict(r) for r in read_rows(p.eval, PromptRow)]
-            chunks = [[row_to_dict(r) for r in chunk] for chunk in split_prompts(c)]
-        if p.eval_limit:
-            eval_rows = eval_rows[: p.eval_limit]
-        train_ids = {row["id"] for chunk in chunks for row in chunk}
-        overlap = train_ids & {row["id"] for row in eval_rows}
-        if overlap:
-            raise UserError(f"held-out prompts share ids with training prompts ({sorted(overlap)[:3]}): the "
-                            "evaluation must use prompts the policy never trained on")
-        write_jsonl(self.run_dir / "eval_prompts.jsonl", eval_rows)
+        c = self.config
+        eval_rows, chunks, feedback_rows = make_prompts(c)
+        write_jsonl(self.layout.eval_prompts, eval_rows)
         for t, chunk in enumerate(chunks, start=1):
-            write_jsonl(self.run_dir / f"iter_{t}" / "prompts.jsonl", chunk)
+            write_jsonl(self.layout.iteration(t).prompts, chunk)
         if c.mode == "offline" or c.offline.after_online:
-            write_jsonl(self.run_dir / "offline" / "prompts.jsonl", [row for chunk in chunks for row in chunk])
+            write_jsonl(self.layout.offline.prompts, [row for chunk in chunks for row in chunk])
         if feedback_rows:
-            write_jsonl(feedback.prompts_path(self.run_dir), feedback_rows)
+            write_jsonl(self.layout.feedback.prompts, feedback_rows)
 
-    def generate(self, directory: Path, sources: list[Source], seed_offset: int) -> None:
+    def generate(self, directory: PolicyFiles, sources: list[Source], seed_offset: int) -> None:
         """n responses per prompt from each (policy, temperature) source, pooled into generations.jsonl."""
         from rlhf_workflow.data.io import iter_jsonl, write_jsonl
         from rlhf_workflow.generate.stage import run_generate
@@ -238,9 +249,9 @@ class Runner:
         for index, (policy, temperature) in enumerate(sources):
             sampling = g.sampling.model_copy(update={"seed": self.config.seeded(g.sampling.seed + seed_offset + 1000 * index),
                                                      **({"temperature": temperature} if temperature is not None else {})})
-            part = directory / ("generations.jsonl" if len(sources) == 1 else f"generations.source{index}.jsonl")
+            part = directory.generations if len(sources) == 1 else directory.generations_of_source(index)
             with keys_named(RunConfig.stage_keys["generate"]):
-                run_generate(stage_config(GenerateConfig, g, prompts=str(directory / "prompts.jsonl"), output=str(part),
+                run_generate(stage_config(GenerateConfig, g, prompts=str(directory.prompts), output=str(part),
                                           model=self.config.sampling_model(policy), sampling=sampling,
                                           apply_chat_template=self.config.apply_chat_template))
             parts.append(part)
@@ -258,7 +269,7 @@ class Runner:
                             merged["response_logps"] = merged["response_logps"] + row["response_logps"]
                         else:  # one source without them: none for the pooled row
                             merged.pop("response_logps", None)
-            write_jsonl(directory / "generations.jsonl", pooled.values())
+            write_jsonl(directory.generations, pooled.values())
 
     def sources(self, t: int) -> list[Source]:
         """(policy, temperature) pairs iteration t samples from: π_{t-1} and earlier ones, at each temperature."""
@@ -268,38 +279,38 @@ class Runner:
         return [(p, temp) for p in policies for temp in temperatures]
 
     def policy(self, t: int) -> ModelConfig:
-        return policy_config(self.config, None if t == 0 else self.run_dir / f"iter_{t}" / "policy")
+        return policy_config(self.config, None if t == 0 else self.layout.iteration(t).policy)
 
-    def annotate(self, directory: Path) -> None:
+    def annotate(self, directory: PolicyFiles) -> None:
         from rlhf_workflow.online.annotate import run_annotate
 
-        run_annotate(AnnotateConfig(input=str(directory / "generations.jsonl"), output=str(directory / "scored.jsonl"),
+        run_annotate(AnnotateConfig(input=str(directory.generations), output=str(directory.scored),
                                     judge=self.judge, length_penalty=self.config.length_penalty,
                                     apply_chat_template=self.config.apply_chat_template))
 
-    def pairs(self, directory: Path, budget: int = 0) -> None:
+    def pairs(self, directory: PolicyFiles, budget: int = 0) -> None:
         """The pairs of this iteration (of the offline baseline: at most ``budget``, a seeded sample)."""
         from rlhf_workflow.online.pairs import run_pairs
 
         if not self.state.is_main_process:
             return
-        output = directory / "pairs.jsonl"
+        output = directory.pairs
         with keys_named(RunConfig.stage_keys["pairs"]):
-            run_pairs(stage_config(PairsConfig, self.config.pairs, input=str(directory / "scored.jsonl"),
+            run_pairs(stage_config(PairsConfig, self.config.pairs, input=str(directory.scored),
                                    output=str(output), seed=self.config.seeded(self.config.prompts.seed), max_pairs=budget))
         if budget:
             made = count_jsonl_rows(output)
             if made < budget:
                 logger.warning("offline: %d pairs, fewer than the budget of %d", made, budget)
 
-    def reuse_first_iteration(self, directory: Path, name: str) -> None:
+    def reuse_first_iteration(self, directory: PolicyFiles, name: str) -> None:
         """Before the offline baseline samples (or scores) π0's responses to every loop prompt, copy
         those iteration 1 already has: iteration 1 sampled the same prompts from the same π0 with the
         same seeds (and scored them with the same judge), so they are exactly the rows offline would
         make, and the stage then does only the rest (the prompts of iterations 2..T)."""
         c = self.config
-        first = self.run_dir / "iter_1" / name
-        target = directory / name
+        first = self.layout.iteration(1).dir / name
+        target = directory.dir / name
         if (self.state.is_main_process and c.mode == "online" and self.sources(1) == [(self.policy(0), None)]
                 and first.exists() and not target.exists()):
             import shutil
@@ -312,20 +323,20 @@ class Runner:
             print(f"offline: reusing iteration 1's {name} (π0's samples of its prompts, same seeds)")
         self.state.wait_for_everyone()
 
-    def dpo(self, directory: Path, start: ModelConfig, reference: str | None, seed_offset: int) -> None:
+    def dpo(self, directory: PolicyFiles, start: ModelConfig, reference: str | None, seed_offset: int) -> None:
         from rlhf_workflow.train.checkpoint import remove_checkpoints
         from rlhf_workflow.train.dpo import run_dpo
 
         d = self.config.dpo
-        out = directory / "dpo"
+        out = directory.dpo
         config = stage_config(
             DPOConfig, d, output_dir=str(out), model=start,
-            data=DataConfig(train=str(directory / "pairs.jsonl"), max_length=d.data.max_length,
+            data=DataConfig(train=str(directory.pairs), max_length=d.data.max_length,
                             apply_chat_template=self.config.apply_chat_template),
             train=d.train.model_copy(update={"seed": self.config.seeded(d.train.seed + seed_offset)}),
             reference=ReferenceConfig(name_or_path=reference, precompute=True, batch_size=d.reference.batch_size),
         )
-        target = directory / "policy"
+        target = directory.policy
         # the saved model, then the policy, appear whole by a rename: a kill after either keeps it
         if not (out / "model").is_dir() and not target.is_dir():
             with keys_named(RunConfig.stage_keys["dpo"]):
@@ -344,18 +355,18 @@ class Runner:
         """Sample the policy's answers to the held-out prompts, score them with the judge, and append
         its metrics (`eval.policy`) to metrics.jsonl."""
         from rlhf_workflow.data.io import JsonlAppender
-        from rlhf_workflow.eval.policy import EVAL_DIR, evaluate_policy
+        from rlhf_workflow.eval.policy import evaluate_policy
         from rlhf_workflow.generate.stage import run_generate
         from rlhf_workflow.online.annotate import run_annotate
         from rlhf_workflow.online.judges import FunctionJudge, load_function, make_judge
 
         c, g = self.config, self.config.generation
-        out = self.run_dir / name / EVAL_DIR
-        generations, scored = out / "generations.jsonl", out / "scored.jsonl"
+        files = self.layout.policy_dir(name)
+        generations, scored = files.eval.generations, files.eval.scored
         # as many rows per batch as in training generation, whatever the number of samples per prompt
         hf = g.hf.model_copy(update={"batch_size": max(1, g.hf.batch_size * g.sampling.n // c.eval.sampling.n)})
         with keys_named(RunConfig.stage_keys["eval/generate"]):
-            run_generate(stage_config(GenerateConfig, g, prompts=str(self.run_dir / "eval_prompts.jsonl"),
+            run_generate(stage_config(GenerateConfig, g, prompts=str(self.layout.eval_prompts),
                                       output=str(generations), model=self.config.sampling_model(policy), hf=hf,
                                       token_ids=c.eval.kl, apply_chat_template=c.apply_chat_template,
                                       sampling=c.eval.sampling.model_copy(update={"seed": c.seeded(c.eval.sampling.seed)})))
@@ -364,7 +375,7 @@ class Runner:
                                     apply_chat_template=c.apply_chat_template, keep_prompt_states=True))
         if not self.state.is_main_process:
             return
-        baseline = "iter_0"
+        baseline = INITIAL
         gold = FunctionJudge(load_function(c.eval.gold_function, "eval.gold_function"), c.eval.gold_function) \
             if c.eval.gold_function else None
         compare = None
@@ -373,13 +384,13 @@ class Runner:
                                  chat_template=c.apply_chat_template).judge.compare_many  # type: ignore[attr-defined]
         metrics = evaluate_policy(c, self.run_dir, name, policy, baseline=baseline, gold=gold, compare=compare,
                                   device=self.state.device)
-        metrics = {"id": name, "iteration": t, "mode": "offline" if name == "offline" else "online", **metrics}
-        stats_file = self.run_dir / name / "pairs.stats.json"
+        metrics = {"id": name, "iteration": t, "mode": "offline" if name == OFFLINE else "online", **metrics}
+        stats_file = files.pairs_stats
         if stats_file.exists():
             stats = json.loads(stats_file.read_text())
             metrics.update({"pairs": stats["pairs"], "pairs_chosen_reward": stats["mean_chosen_reward"],
                             "pairs_rejected_reward": stats["mean_rejected_reward"]})
-        with JsonlAppender(self.run_dir / METRICS_FILE) as sink:
+        with JsonlAppender(self.layout.metrics) as sink:
             sink.append([metrics])
         print("eval " + ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
                                   for k, v in metrics.items() if not k.endswith("ci95") and k != "policy"))
@@ -389,10 +400,10 @@ class Runner:
     def run(self) -> Path:
         c = self.config
         self.stage("prompts", self.write_prompts)
-        self.stage("iter_0/eval", lambda: self.evaluate("iter_0", 0, self.policy(0)))
+        self.stage("iter_0/eval", lambda: self.evaluate(INITIAL, 0, self.policy(0)))
         if c.mode == "online":
             for t in range(1, c.iterations + 1):
-                directory = self.run_dir / f"iter_{t}"
+                directory = self.layout.iteration(t)
                 reference = None if (t == 1 or c.reference == "previous") else c.policy.name_or_path
                 self.stage(f"iter_{t}/generate", lambda: self.generate(directory, self.sources(t), 100 * t))
                 self.stage(f"iter_{t}/annotate", lambda: self.annotate(directory))
@@ -400,7 +411,7 @@ class Runner:
                 self.stage(f"iter_{t}/dpo", lambda: self.dpo(directory, self.policy(t - 1), reference, t))
                 self.stage(f"iter_{t}/eval", lambda: self.evaluate(f"iter_{t}", t, self.policy(t)))
         if c.mode == "offline" or c.offline.after_online:
-            directory = self.run_dir / "offline"
+            directory = self.layout.offline
             if c.offline.after_online:
                 budget = online_pair_count(self.run_dir)
             elif c.offline.match_run:
@@ -420,13 +431,13 @@ class Runner:
             self.stage("offline/annotate", annotate)
             self.stage("offline/pairs", lambda: self.pairs(directory, budget))
             self.stage("offline/dpo", lambda: self.dpo(directory, self.policy(0), None, 1))
-            self.stage("offline/eval", lambda: self.evaluate("offline", None, policy_config(c, directory / "policy")))
+            self.stage("offline/eval", lambda: self.evaluate(OFFLINE, None, policy_config(c, directory.policy)))
         return self.run_dir
 
 
 def online_pair_count(run_dir: Path) -> int:
     """The total number of pairs an online run trained on (its iterations' pairs files)."""
-    files = sorted(run_dir.glob("iter_*/pairs.jsonl"))
+    files = [iteration.pairs for iteration in RunLayout(run_dir).iterations() if iteration.pairs.exists()]
     if not files:
         raise UserError(f"offline.match_run: {run_dir} has no iter_*/pairs.jsonl; run the online recipe first")
     return sum(count_jsonl_rows(f) for f in files)

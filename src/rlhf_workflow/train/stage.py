@@ -16,6 +16,7 @@ train again, and removes the checkpoints in case a kill came between.
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -39,6 +40,28 @@ class Stage:
     lock: OutputLock  # on output_dir, released by `finish_stage`
 
 
+def check_inputs(config: TrainingStageConfig) -> None:
+    """A `UserError` naming every input of ``config`` (its ``input_keys``) that is not there: a data file
+    that does not exist (a Hub dataset name is not a file), a model or tokenizer source that names
+    nothing loadable. Found before anything is written or loaded."""
+    from rlhf_workflow.data.io import hub_dataset
+    from rlhf_workflow.models.loading import resolve_source
+
+    problems = []
+    for key in config.input_keys:
+        for path in config.paths_at(key):
+            try:
+                if key.endswith(("name_or_path", "tokenizer")):
+                    with model_source(key):
+                        resolve_source(path)
+                elif hub_dataset(path) is None and not os.path.exists(os.path.expanduser(path)):
+                    raise UserError(f"{config_key(key)}: {path} does not exist")
+            except UserError as exc:
+                problems.append(str(exc))
+    if problems:
+        raise UserError("; ".join(problems))
+
+
 def start_stage(config: TrainingStageConfig, *, resume: bool, force: bool,
                 prepare_tokenizer: Callable[[Any], Any] | None = None) -> Stage:
     """Lock and claim the output directory (`data.outputs`: ``resume`` continues this stage's run
@@ -52,6 +75,7 @@ def start_stage(config: TrainingStageConfig, *, resume: bool, force: bool,
     from rlhf_workflow.train.checkpoint import remove_checkpoints
     from rlhf_workflow.train.loop import make_accelerator
 
+    check_inputs(config)  # before the output directory is claimed: a failed start leaves no claim
     output_dir = Path(config.output_dir)
     accelerator = make_accelerator(config.train, output_dir)
     lock = OutputLock(output_dir, directory=True).acquire(accelerator)
