@@ -82,11 +82,11 @@ def test_messages_from_inside_a_stage_name_the_key_the_user_types():
     assert config_key("train.lr") == "train.lr"  # left as it was
 
 
-def test_a_runs_dpo_step_that_has_too_few_pairs_names_the_runs_key(recipe, tmp_path, capsys, fresh_accelerate_state):
+def test_a_run_whose_dpo_batch_no_iteration_fills_names_the_runs_key(recipe, tmp_path, capsys, fresh_accelerate_state):
     args = [*recipe, f"output_dir={tmp_path / 'run'}", "iterations=1", "dpo.train.per_device_batch_size=64"]
     assert main(["run", *args]) == 2
     err = capsys.readouterr().err
-    assert "lower dpo.train.per_device_batch_size or dpo.train.gradient_accumulation_steps" in err, err
+    assert "lower dpo.train.per_device_batch_size" in err and " train.per_device_batch_size" not in err, err
 
 
 @pytest.mark.parametrize(("command", "typed", "meant"), [
