@@ -1,4 +1,4 @@
-"""The package's layers (DESIGN.md), read from its imports: no file imports a higher layer, or a
+"""The package's layers (docs/concepts.md), read from its imports: no file imports a higher layer, or a
 sibling folder of its own layer, and no files import each other in a circle.
 
 Every import counts, also those inside functions and under TYPE_CHECKING: a lazy import is still a

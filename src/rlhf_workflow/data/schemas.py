@@ -1,4 +1,4 @@
-"""Row schemas of the files passed between stages (see DESIGN.md, "Files between stages").
+"""Row schemas of the files passed between stages (docs/formats.md).
 
 Every row is a pydantic model that
 

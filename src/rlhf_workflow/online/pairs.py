@@ -77,7 +77,7 @@ def choose_pair(rewards: Sequence[float | None], strategy: str, rng: random.Rand
 
 def make_pairs(rows: Sequence[dict[str, Any]], strategy: str, *, seed: int = 0, min_margin: float = 0.0,
                max_pairs: int = 0) -> tuple[list[dict[str, Any]], dict[str, Any]]:
-    """Pairs rows (DESIGN.md format, plus the prompt row's metadata) and statistics of the pairs
+    """Pairs rows (the pairs format of docs/formats.md, plus the prompt row's metadata) and statistics of the pairs
     returned; with ``max_pairs``, a sample of at most that many (seeded by ``seed``, in file order)."""
     pairs: list[dict[str, Any]] = []
     sources: list[tuple[str, int | None, int | None]] = []  # per pair: its row, and its responses' token counts
