@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import logging
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -94,6 +95,21 @@ def generation_row(prompt_row: Any, result: GenerationResult, *, token_ids: bool
     return row
 
 
+@dataclass
+class GenerateStats:
+    """What one process's share of `generate` made (gathered from every process to the main one)."""
+
+    tokens: int = 0  # generated tokens, up to each response's end
+    finished: int = 0  # responses that ended their turn (the others hit max_new_tokens)
+    failed: list[tuple[str, str, bool]] = field(default_factory=list)  # (prompt id, error, whether a retry may help)
+    identical: int = 0  # prompts whose n samples are all the same text
+
+    @staticmethod
+    def sum(shares: list["GenerateStats"]) -> "GenerateStats":
+        return GenerateStats(sum(s.tokens for s in shares), sum(s.finished for s in shares),
+                             [e for s in shares for e in s.failed], sum(s.identical for s in shares))
+
+
 def run_generate(config: GenerateConfig, *, force: bool = False, progress: bool = True) -> Path:
     """The `generate` stage (see the module docstring); returns the output path. ``force``: start an
     output whose rows were made with other settings afresh (the old file kept as a backup)."""
@@ -113,11 +129,10 @@ def run_generate(config: GenerateConfig, *, force: bool = False, progress: bool 
     collective = config.backend == "vllm" and state.num_processes > 1
     group_size = config.vllm.tensor_parallel_size if collective else 1
 
-    def work(mine: list[PromptRow], sink: Any) -> tuple[int, int, list[tuple[str, str, bool]], int]:
-        errors: list[GenerationResult] = []
-        tokens = finished = identical = 0
+    def work(mine: list[PromptRow], sink: Any) -> GenerateStats:
+        stats = GenerateStats()
         if not mine and not collective:
-            return tokens, finished, [], identical
+            return stats
         with model_source("model.name_or_path"):
             generator = make_generator(config, state.device)
         by_id = {p.id: p for p in mine}
@@ -128,21 +143,21 @@ def run_generate(config: GenerateConfig, *, force: bool = False, progress: bool 
                 rows = []
                 for result in results:
                     if result.error is not None:
-                        errors.append(result)
+                        stats.failed.append((result.id, result.error, result.retryable))
                         continue
                     rows.append(generation_row(by_id[result.id], result, token_ids=config.token_ids))
-                    identical += len(result.samples) > 1 and len({s.text for s in result.samples}) == 1
-                    tokens += sum(s.num_tokens or 0 for s in result.samples)
-                    finished += sum(s.finish_reason == "stop" for s in result.samples)
+                    stats.identical += len(result.samples) > 1 and len({s.text for s in result.samples}) == 1
+                    stats.tokens += sum(s.num_tokens or 0 for s in result.samples)
+                    stats.finished += sum(s.finish_reason == "stop" for s in result.samples)
                 sink.append(rows)
                 bar.update(len(results))
-                bar.set_postfix(tokens_per_s=f"{tokens / max(time.perf_counter() - start, 1e-9):.0f}")
+                bar.set_postfix(tokens_per_s=f"{stats.tokens / max(time.perf_counter() - start, 1e-9):.0f}")
         finally:
             bar.close()
             generator.close()
             for line in generator.summary():
                 print(f"generate{f' (process {state.process_index})' if state.num_processes > 1 else ''}: {line}")
-        return tokens, finished, [(e.id, e.error, e.retryable) for e in errors], identical
+        return stats
 
     result = run_sharded(f"generate ({config.backend})", state, output, prompts, work, settings=config.row_settings(),
                          force=force, group_size=group_size)
@@ -150,10 +165,8 @@ def run_generate(config: GenerateConfig, *, force: bool = False, progress: bool 
         return output
     todo, everything = result
     seconds = time.perf_counter() - start
-    tokens = sum(s[0] for s in everything)
-    finished = sum(s[1] for s in everything)
-    failed = [e for s in everything for e in s[2]]
-    identical = sum(s[3] for s in everything)
+    total = GenerateStats.sum(everything)
+    tokens, finished, failed, identical = total.tokens, total.finished, total.failed, total.identical
     answered = len(todo) - len(failed)
     if config.sampling.n > 1 and config.sampling.temperature > 0 and answered >= 4 and identical > answered / 2:
         logger.warning("generate: %d of %d prompts got %d identical samples at temperature %g: the backend seems to "

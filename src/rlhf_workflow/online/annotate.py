@@ -17,6 +17,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -47,6 +48,17 @@ def response_lengths(row: dict[str, Any], unit: str, where: str) -> list[float]:
     return [float(t) for t in tokens]
 
 
+@dataclass
+class AnnotateStats:
+    """What one process's share of `annotate` scored (gathered from every process to the main one)."""
+
+    scored: int = 0  # responses with a reward
+    unscored: int = 0  # responses the judge could not score (null, with a reason in reward_errors)
+    total: float = 0.0  # the sum of the rewards, for their mean
+    comparisons: int = 0  # pairwise comparisons a preference model made
+    first_error: tuple[str, int, str] | None = None  # (row id, response index, why) of the first unscored
+
+
 def run_annotate(config: AnnotateConfig, *, force: bool = False, progress: bool = True) -> Path:
     """The `annotate` stage (see the module docstring); returns the output path. ``force``: start an
     output whose rows were made with other settings afresh (the old file kept as a backup)."""
@@ -63,13 +75,11 @@ def run_annotate(config: AnnotateConfig, *, force: bool = False, progress: bool 
     penalty = config.length_penalty
     start = time.perf_counter()
 
-    def work(mine: list[GenerationRow], sink: Any) -> tuple[int, int, float, int, tuple[str, int, str] | None]:
+    def work(mine: list[GenerationRow], sink: Any) -> AnnotateStats:
         lengths = {r.id: response_lengths(row_to_dict(r), penalty.unit, config.input) for r in mine} if penalty.coef else {}
-        scored = unscored = 0
-        first_error: tuple[str, int, str] | None = None
-        total = 0.0
+        stats = AnnotateStats()
         if not mine:
-            return scored, unscored, total, 0, first_error
+            return stats
         judge = make_judge(config.judge, device=state.device, chat_template=config.apply_chat_template)
         if config.keep_prompt_states and isinstance(judge, RewardModelJudge):
             judge.scorer.prompt_states = shared(model_identity(config.judge.path,
@@ -83,15 +93,16 @@ def run_annotate(config: AnnotateConfig, *, force: bool = False, progress: bool 
                 for row, rewards, errors in zip(chunk, scores.rewards, scores.errors):
                     row = {k: v for k, v in row.items() if k not in ("rewards", "raw_rewards", "reward_errors")}
                     for index, message in errors.items():
-                        if first_error is None:
-                            first_error = (row["id"], index, message)
+                        if stats.first_error is None:
+                            stats.first_error = (row["id"], index, message)
                         logger.warning("row %s, response %d: no reward: %s", row["id"], index, message)
-                    scored += sum(r is not None for r in rewards)
-                    unscored += sum(r is None for r in rewards)
-                    total += sum(r for r in rewards if r is not None)
-                    if scored == 0 and unscored >= FAIL_FAST and first_error is not None:
-                        raise UserError(f"the judge ({judge.name}) failed on all of the first {unscored} responses; "
-                                        f"first, row {first_error[0]!r} response {first_error[1]}: {first_error[2]}")
+                    stats.scored += sum(r is not None for r in rewards)
+                    stats.unscored += sum(r is None for r in rewards)
+                    stats.total += sum(r for r in rewards if r is not None)
+                    first = stats.first_error
+                    if stats.scored == 0 and stats.unscored >= FAIL_FAST and first is not None:
+                        raise UserError(f"the judge ({judge.name}) failed on all of the first {stats.unscored} responses; "
+                                        f"first, row {first[0]!r} response {first[1]}: {first[2]}")
                     if penalty.coef:
                         row["raw_rewards"] = rewards
                         rewards = length_penalised(rewards, lengths[row["id"]], penalty.coef)
@@ -103,18 +114,19 @@ def run_annotate(config: AnnotateConfig, *, force: bool = False, progress: bool 
                 bar.update(len(chunk))
         finally:
             bar.close()
-        return scored, unscored, total, judge.comparisons, first_error
+        stats.comparisons = judge.comparisons
+        return stats
 
     result = run_sharded("annotate", state, output, rows, work, settings=config.row_settings(), force=force)
     if result is None:  # not the main process
         return output
     todo, everything = result
     seconds = time.perf_counter() - start
-    scored = sum(s[0] for s in everything)
-    unscored = sum(s[1] for s in everything)
-    total = sum(s[2] for s in everything)
-    comparisons = sum(s[3] for s in everything)
-    first_error = next((s[4] for s in everything if s[4] is not None), None)
+    scored = sum(s.scored for s in everything)
+    unscored = sum(s.unscored for s in everything)
+    total = sum(s.total for s in everything)
+    comparisons = sum(s.comparisons for s in everything)
+    first_error = next((s.first_error for s in everything if s.first_error is not None), None)
     if not todo:
         print(f"annotate: all {len(rows)} rows are already in {output}")
         return output
