@@ -133,3 +133,22 @@ def test_run_falls_back_to_fp32_on_a_cpu_where_bf16_is_slower(tmp_path, monkeypa
     assert kept.dpo.train.precision == "bfloat16"  # the command line's own setting wins
     monkeypatch.setattr(workflow, "cpu_bf16_speedup", lambda: 2.5)
     assert workflow.run_config(recipe, [f"output_dir={tmp_path / 'run2'}"]).judge.dtype == "bfloat16"
+
+
+def test_a_continued_run_is_checked_against_the_prompts_it_wrote(recipe, tmp_path):
+    """Once a run has written its prompts, moving the recipe's prompts files away does not stop it."""
+    from rlhf_workflow.config import RunConfig, load_config
+    from rlhf_workflow.data.io import write_jsonl
+    from rlhf_workflow.data.run_layout import RunLayout
+    from rlhf_workflow.online.preflight import check_run
+
+    run = tmp_path / "run"
+    config = load_config(RunConfig, None, [*recipe, f"output_dir={run}", "iterations=1",
+                                            f"prompts.train={tmp_path}/moved.jsonl"])
+    with pytest.raises(Exception, match="prompts.train: .*moved.jsonl does not exist"):
+        check_run(config)
+    layout = RunLayout(run)
+    write_jsonl(layout.eval_prompts, [{"id": "e0", "prompt": "Tell me about the moon."}])
+    write_jsonl(layout.iteration(1).prompts, [{"id": f"t{i}", "prompt": f"Write about {i}."} for i in range(8)])
+    layout.state.write_text('{"completed": ["prompts"]}')
+    check_run(config)  # its own copies are read

@@ -12,10 +12,15 @@ from __future__ import annotations
 
 import math
 import os
-from typing import Any, Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable
 
 from rlhf_workflow.config import ModelConfig, RunConfig, TrainConfig
+from rlhf_workflow.data.run_layout import RunLayout
 from rlhf_workflow.errors import UserError, keys_named, model_source
+
+if TYPE_CHECKING:
+    from rlhf_workflow.online.loop import RunState
 
 SINGLE_PAIR = ("max_min", "max_random", "random", "max_max")  # strategies that make one pair per prompt
 
@@ -31,10 +36,13 @@ def check_run(config: RunConfig, processes: int = 1) -> None:
             problems.append(str(exc))
             return None
 
-    attempt(lambda: _run_state(config))
-    absent = _absent_files(config)
-    problems += absent
-    prompts = None if absent else attempt(lambda: _prompts(config))
+    state = attempt(lambda: _run_state(config))
+    if state is not None and "prompts" in state.completed:  # a run continued: its own copies of the prompts
+        prompts = attempt(lambda: _written_prompts(config))
+    else:
+        absent = _absent_files(config)
+        problems += absent
+        prompts = None if absent else attempt(lambda: _prompts(config))
     for key, model in _models(config):
         attempt(lambda key=key, model=model: _model(key, model))
     if not config.feedback.enabled:
@@ -55,13 +63,24 @@ def check_run(config: RunConfig, processes: int = 1) -> None:
         raise UserError(f"{config.output_dir}: the recipe cannot run, nothing was started: " + "; ".join(problems))
 
 
-def _run_state(config: RunConfig) -> None:
-    """A run directory's state.json, when there is one, reads as a run's state."""
-    from pathlib import Path
-
+def _run_state(config: RunConfig) -> "RunState":
+    """The run directory's state (its state.json, when there is one, must read as a run's state)."""
     from rlhf_workflow.online.loop import RunState
 
-    RunState(Path(config.output_dir))
+    return RunState(Path(config.output_dir))
+
+
+def _written_prompts(config: RunConfig) -> tuple[list[dict], list[list[dict]], list[dict]]:
+    """The prompts a continued run wrote in its first stage (its recipe's files may since have moved)."""
+    from rlhf_workflow.data.io import iter_jsonl
+
+    layout = RunLayout(config.output_dir)
+
+    def rows(path: Path) -> list[dict]:
+        return [row for _, row in iter_jsonl(path)] if path.exists() else []
+
+    chunks = [rows(layout.iteration(t).prompts) for t in range(1, config.iterations + 1)]
+    return rows(layout.eval_prompts), chunks, rows(layout.feedback.prompts)
 
 
 def _absent_files(config: RunConfig) -> list[str]:
