@@ -45,15 +45,16 @@ def check_run(config: RunConfig, processes: int = 1) -> None:
         prompts = None if absent else attempt(lambda: _prompts(config))
     for key, model in _models(config):
         attempt(lambda key=key, model=model: _model(key, model))
+    judge_found = False
     if not config.feedback.enabled:
         from rlhf_workflow.online.judges import check_judge
 
-        attempt(lambda: check_judge(config.judge))
+        judge_found = attempt(lambda: check_judge(config.judge) or True) is not None
     if prompts is not None:
         eval_rows, chunks, feedback_rows = prompts
         if config.eval.gold_function:
             attempt(lambda: _scores(config.eval.gold_function, "eval.gold_function", eval_rows, "eval prompts"))
-        if config.judge.type == "function" and not config.feedback.enabled and chunks and chunks[0]:
+        if config.judge.type == "function" and judge_found and chunks and chunks[0]:  # (a failed import: told once)
             attempt(lambda: _scores(config.judge.function, "judge.function", chunks[0], "training prompts"))
         if config.feedback.enabled:
             attempt(lambda: _scores(config.feedback.judge_function, "feedback.judge_function", feedback_rows,
