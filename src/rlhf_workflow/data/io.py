@@ -244,6 +244,11 @@ def hub_dataset(spec: str | os.PathLike[str]) -> tuple[str, str | None, str | No
     return (match.group("name"), first, second) if second else (match.group("name"), None, first)
 
 
+def absent_file(path: str | os.PathLike[str]) -> bool:
+    """Whether ``path``, a file a stage would read, is not there (a Hub dataset name is no file)."""
+    return hub_dataset(path) is None and not os.path.exists(os.path.expanduser(os.fspath(path)))
+
+
 def _read_hub(spec: str) -> list[tuple[str, dict[str, Any]]]:
     """The rows of a Hub dataset (see `hub_dataset`), loaded by ``datasets`` through its cache."""
     import datasets

@@ -13,14 +13,13 @@ from __future__ import annotations
 import math
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable
+from typing import Any, Callable
 
 from rlhf_workflow.config import ModelConfig, RunConfig, TrainConfig
+from rlhf_workflow.data.io import absent_file
 from rlhf_workflow.data.run_layout import RunLayout
 from rlhf_workflow.errors import UserError, keys_named, model_source
-
-if TYPE_CHECKING:
-    from rlhf_workflow.online.loop import RunState
+from rlhf_workflow.online.loop import RunState, make_prompts
 
 SINGLE_PAIR = ("max_min", "max_random", "random", "max_max")  # strategies that make one pair per prompt
 
@@ -36,13 +35,13 @@ def check_run(config: RunConfig, processes: int = 1) -> None:
             problems.append(str(exc))
             return None
 
-    state = attempt(lambda: _run_state(config))
+    state = attempt(lambda: RunState(Path(config.output_dir)))  # its state.json must read as a run's
     if state is not None and "prompts" in state.completed:  # a run continued: its own copies of the prompts
         prompts = attempt(lambda: _written_prompts(config))
     else:
         absent = _absent_files(config)
         problems += absent
-        prompts = None if absent else attempt(lambda: _prompts(config))
+        prompts = None if absent else attempt(lambda: make_prompts(config))
     for key, model in _models(config):
         attempt(lambda key=key, model=model: _model(key, model))
     judge_found = False
@@ -64,13 +63,6 @@ def check_run(config: RunConfig, processes: int = 1) -> None:
         raise UserError(f"{config.output_dir}: the recipe cannot run, nothing was started: " + "; ".join(problems))
 
 
-def _run_state(config: RunConfig) -> "RunState":
-    """The run directory's state (its state.json, when there is one, must read as a run's state)."""
-    from rlhf_workflow.online.loop import RunState
-
-    return RunState(Path(config.output_dir))
-
-
 def _written_prompts(config: RunConfig) -> tuple[list[dict], list[list[dict]], list[dict]]:
     """The prompts a continued run wrote in its first stage (its recipe's files may since have moved)."""
     from rlhf_workflow.data.io import iter_jsonl
@@ -86,21 +78,13 @@ def _written_prompts(config: RunConfig) -> tuple[list[dict], list[list[dict]], l
 
 def _absent_files(config: RunConfig) -> list[str]:
     """The prompts files the recipe names that are not there (a Hub dataset name is not a file)."""
-    from rlhf_workflow.data.io import hub_dataset
-
     p = config.prompts
     if p.task is not None:
         return []
     named = [("prompts.train", p.train), ("prompts.eval", p.eval)] + [
         (f"prompts.train_per_iteration[{i}]", path) for i, path in enumerate(p.train_per_iteration)]
     return [f"{key}: {path} does not exist" for key, path in named
-            if path and hub_dataset(path) is None and not os.path.exists(os.path.expanduser(path))]
-
-
-def _prompts(config: RunConfig) -> tuple[list[dict], list[list[dict]], list[dict]]:
-    from rlhf_workflow.online.loop import make_prompts
-
-    return make_prompts(config)
+            if path and absent_file(path)]
 
 
 def _models(config: RunConfig) -> list[tuple[str, ModelConfig]]:

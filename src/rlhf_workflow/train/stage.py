@@ -16,7 +16,6 @@ train again, and removes the checkpoints in case a kill came between.
 from __future__ import annotations
 
 import logging
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -44,7 +43,7 @@ def check_inputs(config: TrainingStageConfig) -> None:
     """A `UserError` naming every input of ``config`` (its ``input_keys``) that is not there: a data file
     that does not exist (a Hub dataset name is not a file), a model or tokenizer source that names
     nothing loadable. Found before anything is written or loaded."""
-    from rlhf_workflow.data.io import hub_dataset
+    from rlhf_workflow.data.io import absent_file
     from rlhf_workflow.models.loading import resolve_source
 
     problems = []
@@ -54,7 +53,7 @@ def check_inputs(config: TrainingStageConfig) -> None:
                 if key.endswith(("name_or_path", "tokenizer")):
                     with model_source(key):
                         resolve_source(path)
-                elif hub_dataset(path) is None and not os.path.exists(os.path.expanduser(path)):
+                elif absent_file(path):
                     raise UserError(f"{config_key(key)}: {path} does not exist")
             except UserError as exc:
                 problems.append(str(exc))
