@@ -29,10 +29,13 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 from rlhf_workflow.data.io import jsonl_lines
 from rlhf_workflow.data.run_layout import RunLayout
+
+if TYPE_CHECKING:
+    from rlhf_workflow.config import RunConfig
 
 # variant -> overrides of the demo recipe
 VARIANTS: dict[str, list[str]] = {
@@ -76,101 +79,35 @@ def run_dir(root: Path, variant: str, seed: int) -> Path:
 
 
 def finished(path: Path) -> bool:
-    """The run's last stage (its last evaluation) is done."""
-    state = RunLayout(path).state
-    if not state.exists():
+    """Every stage of the run's recipe is done."""
+    from rlhf_workflow.stages import plan
+
+    layout = RunLayout(path)
+    if not (layout.state.exists() and layout.config.exists()):
         return False
-    done = json.loads(state.read_text()).get("completed", [])
-    last = "offline/eval" if path.name.startswith("demo-") else "iter_2/eval"
-    return last in done
+    done = set(json.loads(layout.state.read_text()).get("completed", []))
+    return all(stage.name in done for stage in plan(config_of(layout.config.read_text()), path))
 
 
-# The stages a key of the recipe feeds first (the longest matching prefix wins): of a run's
-# completed stages, the earliest one of them ends what it shares. A variant whose recipe differs
-# from its seed's demo run (or another run of its seed) only in keys listed here starts from a copy
-# of that run's stages before there: those outputs are exactly the ones the variant would make (same
-# recipe up to there, same seed, same machine), so they are not made again. Any other differing
-# key: no copy, the variant runs whole.
-FIRST_STAGE_FED: dict[str, tuple[str, ...]] = {
-    "pairs": ("iter_1/pairs",),  # which two of the scored samples form a pair
-    "length_penalty": ("iter_1/annotate",),  # the loop's annotation (the eval's proxy reward is the raw judge)
-    "reference": ("iter_2/dpo",),  # iteration 1's reference is π0 either way: π0 = π_{t-1} there
-    # the loop's judge scores from π0's evaluation on; a preference-model judge is trained first
-    # (a run with the other judge may have no such stage, or one this variant would not run)
-    "feedback.judge": ("feedback/pm", "iter_0/eval"),
-    "judge": ("iter_0/eval",),
-    # the preference model's own stages, which a demo run does not have (it shares all it has)
-    "feedback.train_pm": ("feedback/pm",),
-    "feedback.pm": ("feedback/pm",),
-    "offline": ("offline/generate",),  # the baseline's stages (and offline/prompts.jsonl, never copied)
-}
-# What each stage of a run writes (globs under the run directory); {t} is the iteration
-STAGE_OUTPUTS: dict[str, list[str]] = {
-    "prompts": ["eval_prompts.jsonl", "feedback/prompts.jsonl", "iter_*/prompts.jsonl"],
-    "feedback/generate": ["feedback/generations.*"],
-    "feedback/annotate": ["feedback/scored.*"],
-    "feedback/pairs": ["feedback/all_pairs.*", "feedback/heldout_pairs.*", "feedback/pairs.*"],
-    "feedback/rm": ["feedback/rm"],
-    "feedback/eval-rm": ["feedback/rm_eval.json"],
-    "feedback/pm": ["feedback/pm"],
-    "feedback/eval-pm": ["feedback/pm_eval.json"],
-    "iter_{t}/generate": ["iter_{t}/generations*.jsonl", "iter_{t}/generations*.json"],
-    "iter_{t}/annotate": ["iter_{t}/scored.*"],
-    "iter_{t}/pairs": ["iter_{t}/pairs.*"],
-    "iter_{t}/dpo": ["iter_{t}/dpo", "iter_{t}/policy"],
-    "iter_{t}/eval": ["iter_{t}/eval"],
-}
-
-
-def flat(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    """A nested config dump as {dotted key: value} (an empty section is a value)."""
-    out: dict[str, Any] = {}
-    for key, value in data.items():
-        if isinstance(value, dict) and value:
-            out.update(flat(value, f"{prefix}{key}."))
-        else:
-            out[f"{prefix}{key}"] = value
-    return out
-
-
-def fed_stages(key: str) -> tuple[bool, tuple[str, ...]]:
-    """(known, the stages ``key`` feeds first) by the longest prefix of FIRST_STAGE_FED."""
-    for prefix in sorted(FIRST_STAGE_FED, key=len, reverse=True):
-        if key == prefix or key.startswith(prefix + "."):
-            return True, FIRST_STAGE_FED[prefix]
-    return False, ()
-
-
-def shared_stages(source: Path, variant_yaml: str) -> tuple[list[str], str]:
-    """The completed stages of the demo run ``source`` that a run of ``variant_yaml`` would make the
-    same, in order, and why the list ends where it does."""
+def config_of(text: str) -> "RunConfig":
+    """A run's recipe from the text of its config.yaml: one written before a key existed holds that
+    key's default, as the run that wrote it did, and one written before a key was renamed holds it
+    under its new name."""
     import yaml
 
     from rlhf_workflow.config import RunConfig, upgrade_keys
 
-    def resolved(text: str) -> dict[str, Any]:
-        """Every key of the recipe, defaults filled in: a config.yaml written before a key existed
-        holds that key's default, as the run that wrote it did, and one written before a key was
-        renamed holds it under its new name."""
-        data = upgrade_keys(RunConfig, yaml.safe_load(text), "config.yaml")
-        return flat(RunConfig.model_validate(data).model_dump(mode="json"))
+    return RunConfig.model_validate(upgrade_keys(RunConfig, yaml.safe_load(text), "config.yaml"))
 
-    ours = resolved(RunLayout(source).config.read_text())
-    theirs = resolved(variant_yaml)
-    differing = sorted(k for k in ours.keys() | theirs.keys() if k != "output_dir" and ours.get(k) != theirs.get(k))
-    cut: set[str] = set()
-    for key in differing:
-        known, stages = fed_stages(key)
-        if not known:
-            return [], f"{key} differs ({ours.get(key)!r} vs {theirs.get(key)!r}) and its stages are not declared"
-        cut.update(stages)
+
+def shared_stages(source: Path, variant_yaml: str) -> tuple[list[str], str]:
+    """The completed stages of the run ``source`` that a run of ``variant_yaml`` would make the
+    same, in order, and why the list ends where it does (`stages.still_valid`: those before the
+    first stage a differing key feeds, or one the variant does not have)."""
+    from rlhf_workflow.stages import still_valid
+
     completed = json.loads(RunLayout(source).state.read_text())["completed"]
-    shared = []
-    for stage in completed:
-        if stage in cut:
-            return shared, f"{stage} is fed by {', '.join(differing)}"
-        shared.append(stage)
-    return shared, "every stage is shared"
+    return still_valid(completed, config_of(RunLayout(source).config.read_text()), config_of(variant_yaml))
 
 
 def best_source(root: Path, seed: int, target: Path, variant_yaml: str) -> tuple[Path | None, list[str], str]:
@@ -199,18 +136,6 @@ def best_source(root: Path, seed: int, target: Path, variant_yaml: str) -> tuple
     return best
 
 
-def stage_globs(stage: str) -> list[str]:
-    for pattern, globs in STAGE_OUTPUTS.items():
-        if "{t}" in pattern:
-            prefix, suffix = pattern.split("{t}")
-            if stage.startswith(prefix) and stage.endswith(suffix) and stage[len(prefix):len(stage) - len(suffix)].isdigit():
-                t = stage[len(prefix):len(stage) - len(suffix)]
-                return [g.replace("{t}", t) for g in globs]
-        elif stage == pattern:
-            return globs
-    raise KeyError(f"no outputs are declared for the stage {stage}")
-
-
 def copy_shared(source: Path, target: Path, stages: list[str]) -> None:
     """Start ``target`` as a run holding ``source``'s outputs of ``stages`` (each marked done, its time
     0 s, as it cost nothing here, made by what made it in ``source``): their files, their directories'
@@ -218,24 +143,26 @@ def copy_shared(source: Path, target: Path, stages: list[str]) -> None:
     directory, then renamed."""
     import shutil
 
+    from rlhf_workflow.stages import plan
+
     partial = target.with_name(target.name + ".copying")
     if partial.exists():
         shutil.rmtree(partial)
     ignore = shutil.ignore_patterns(".lock", ".*.lock")
+    declared = {stage.name: stage for stage in plan(config_of(RunLayout(source).config.read_text()), source)}
     for stage in stages:
-        for pattern in stage_globs(stage):
-            for path in sorted(source.glob(pattern)):
-                destination = partial / path.relative_to(source)
-                destination.parent.mkdir(parents=True, exist_ok=True)
-                if path.is_dir():
-                    shutil.copytree(path, destination, ignore=ignore)
-                else:
-                    shutil.copy2(path, destination)
+        for path in declared[stage].outputs():
+            destination = partial / path.relative_to(source)
+            destination.parent.mkdir(parents=True, exist_ok=True)
+            if path.is_dir():
+                shutil.copytree(path, destination, ignore=ignore)
+            else:
+                shutil.copy2(path, destination)
     for owner in source.rglob(".rlhf-workflow.json"):  # the stage that claimed each directory copied
         destination = partial / owner.relative_to(source)
         if destination.parent.is_dir() and not destination.exists():
             shutil.copy2(owner, destination)
-    evaluated = {stage.split("/")[0] for stage in stages if stage.endswith("/eval")}
+    evaluated = {declared[stage].evaluates for stage in stages if declared[stage].evaluates}
     metrics = RunLayout(source).metrics
     rows = [line for line in jsonl_lines(metrics) if json.loads(line)["id"] in evaluated] if metrics.exists() else []
     RunLayout(partial).metrics.write_text("".join(line + "\n" for line in rows))

@@ -25,8 +25,10 @@ def make_run(root: Path, name: str, seed: int, policies: dict[str, dict[str, tup
     response_tokens) and eval/gold.jsonl, from {policy: {prompt id: (gold, rewards, tokens)}}."""
     run = root / name
     run.mkdir(parents=True)
+    iterations = max([int(p[5:]) for p in policies if p.startswith("iter_")] + [1])
     config = load_config(RunConfig, None, ["prompts.train=t.jsonl", "prompts.eval=e.jsonl", "judge.type=function",
-                                           f"judge.function={judge}", f"seed={seed}", f"output_dir={run}"])
+                                           f"judge.function={judge}", f"seed={seed}", f"output_dir={run}",
+                                           f"iterations={iterations}", f"offline.after_online={'offline' in policies}"])
     (run / "config.yaml").write_text(config_to_yaml(config))
     for policy, rows in policies.items():
         (run / policy / "eval").mkdir(parents=True)

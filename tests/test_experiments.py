@@ -122,9 +122,12 @@ def test_shared_stages_stop_at_the_first_stage_a_differing_key_feeds(tmp_path):
     assert last("feedback.pm.train.lr=1e-4") == "offline/generate"  # the preference model judges nothing here
     assert last("pairs.strategy=random", "reference=previous") == "iter_1/annotate"  # the earliest cut wins
     stages, why = shared("dpo.train.lr=1e-5", "pairs.strategy=random")
-    assert stages == [] and "dpo.train.lr differs" in why  # a key whose stages are not declared: no copy
+    assert stages[-1] == "iter_1/annotate" and why == "iter_1/pairs is fed by pairs.strategy"
+    assert last("dpo.train.lr=1e-5") == "iter_1/pairs"
+    assert last("eval.bootstrap=10") == "feedback/eval-rm"  # every evaluation, and so every stage after π0's
+    assert last("judge.dtype=float32") == "feedback/rm"  # the reward model's accuracy is measured in it
     stages, why = shared("seed=1")
-    assert stages == [] and "seed differs" in why
+    assert stages == [] and why == "prompts is fed by seed"
 
     # a config.yaml written before a key existed: the key's default is what its run used
     held = yaml.safe_load((source / "config.yaml").read_text())
@@ -172,28 +175,29 @@ def test_a_variant_starts_from_the_run_of_its_seed_that_shares_the_most(tmp_path
     random = load_config(RunConfig, DEMO_RECIPE, ["pairs.strategy=random", "offline.after_online=false",
                                                   f"output_dir={tmp_path / 'random-s0'}"])
     stages, why = claims.shared_stages(knockout, config_to_yaml(random))
-    assert stages == head and "feedback/pm is fed by" in why
+    assert stages == head and why == "feedback/pm is not a stage of the new recipe"
     (knockout / "config.yaml").write_text("policy: [unreadable\n")  # a sibling's broken config: not used
     source, stages, _ = variant("pm-copeland-s0", "feedback.judge=pm", "judge.ranking=copeland")
     assert source == demo and stages == head
     assert claims.best_source(tmp_path, 2, tmp_path / "x-s2", (demo / "config.yaml").read_text())[0] is None
 
 
-def test_stage_globs_name_each_iterations_outputs():
-    assert claims.stage_globs("iter_12/pairs") == ["iter_12/pairs.*"]
-    assert claims.stage_globs("feedback/rm") == ["feedback/rm"]
-    with pytest.raises(KeyError):
-        claims.stage_globs("iter_x/pairs")
-
-
 def test_the_tables_of_a_question_list_its_runs_and_pool_the_rates_per_instruction(tmp_path):
     def finished_run(variant: str, seed: int, iter2: dict, judge: str = "rm", made_by: str = "here") -> None:
+        from rlhf_workflow.config import RunConfig, config_to_yaml, load_config
+        from rlhf_workflow.stages import plan
+        from rlhf_workflow.workflow import DEMO_FULL_RECIPE
+
         path = tmp_path / f"{variant}-s{seed}"
         (path / "feedback").mkdir(parents=True)
-        (path / "config.yaml").write_text(yaml.safe_dump({"feedback": {"judge": judge}}))
+        config = load_config(RunConfig, DEMO_FULL_RECIPE, [f"feedback.judge={judge}", f"seed={seed}", f"output_dir={path}",
+                                                           *claims.VARIANTS[variant],
+                                                           *([] if variant == "demo" else claims.ONLY_DEMO_TRAINS_OFFLINE)])
+        (path / "config.yaml").write_text(config_to_yaml(config))
+        completed = [stage.name for stage in plan(config)]
         # a variant's first stage copied from a demo run made before runs recorded their set-up
-        recorded = {"offline/eval": made_by} | ({"iter_2/eval": made_by} if variant == "demo" else {})
-        (path / "state.json").write_text(json.dumps({"completed": ["iter_2/eval", "offline/eval"],
+        recorded = {stage: made_by for stage in (completed if variant == "demo" else completed[1:])}
+        (path / "state.json").write_text(json.dumps({"completed": completed,
                                                      "seconds": {"iter_2/eval": 30.4, "offline/eval": 20.2},
                                                      "made_by": recorded}))
         (path / "feedback" / f"{judge}_eval.json").write_text(json.dumps({"accuracy": 0.6, "pairs": 50}))

@@ -18,7 +18,7 @@ LAYERS: dict[str, int] = {
     "processes": 1,
     "data": 2,
     "config": 3, "tasks": 3,
-    "models": 4,
+    "models": 4, "stages": 4,
     "train": 5, "generate": 5, "eval": 5,
     "online": 6,
     "workflow": 7,

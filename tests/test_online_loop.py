@@ -66,6 +66,24 @@ def test_two_iterations_write_every_file_and_the_report(recipe, tmp_path):
     assert len(_metrics(run_dir)) == 3
     assert main(["run", *recipe, f"output_dir={run_dir}", "dpo.loss.beta=0.5"]) == 2
 
+    # with --force, the stages the changed key feeds (DPO on) are redone, those before it kept as they are
+    before = json.loads((run_dir / "state.json").read_text())
+    pairs, weights = (run_dir / "iter_1/pairs.jsonl").read_bytes(), (run_dir / "iter_1/policy/model.safetensors").read_bytes()
+    assert main(["run", *recipe, f"output_dir={run_dir}", "dpo.loss.beta=0.5", "--force"]) == 0
+    after = json.loads((run_dir / "state.json").read_text())
+    kept = before["completed"][: before["completed"].index("iter_1/dpo")]
+    assert after["completed"] == before["completed"] and all(after["seconds"][s] == before["seconds"][s] for s in kept)
+    assert (run_dir / "iter_1/pairs.jsonl").read_bytes() == pairs
+    aside = run_dir / "replaced-1"
+    assert (aside / "iter_1/policy/model.safetensors").read_bytes() == weights
+    assert (run_dir / "iter_1/policy/model.safetensors").read_bytes() != weights  # trained with the new beta
+    assert {p.name for p in (aside / "iter_2").iterdir()} >= {"generations.jsonl", "scored.jsonl", "pairs.jsonl",
+                                                             "pairs.stats.json", "dpo", "policy", "eval"}
+    assert not (aside / "iter_1/pairs.jsonl").exists() and not (aside / "iter_0").exists()
+    assert [r["id"] for r in _metrics(aside)] == ["iter_1", "iter_2"] and [r["id"] for r in _metrics(run_dir)] == [
+        "iter_0", "iter_1", "iter_2"]
+    assert _metrics(run_dir)[0] == rows[0]
+
 
 def test_offline_baseline_uses_the_online_pair_budget(recipe, tmp_path):
     online, offline = tmp_path / "online", tmp_path / "offline"
@@ -276,19 +294,20 @@ def test_two_processes_run_the_loop_like_one(recipe, tmp_path):
 
 def test_feedback_can_make_the_preference_model_the_loops_judge(tmp_path):
     from rlhf_workflow.config import RunConfig, load_config
-    from rlhf_workflow.online.feedback import Feedback, loop_judge
+    from rlhf_workflow.online.feedback import loop_judge
+    from rlhf_workflow.stages import plan
 
     base = ["prompts.task=instructions", "prompts.per_iteration=4", "feedback.enabled=true",
             "feedback.judge_function=rlhf_workflow.tasks.instructions:judge", f"output_dir={tmp_path / 'run'}"]
     rm = load_config(RunConfig, None, base)
     assert loop_judge(rm, tmp_path / "run").type == "reward_model"
     assert loop_judge(rm, tmp_path / "run").path == str(tmp_path / "run" / "feedback" / "rm" / "model")
-    assert "feedback/pm" not in [name for name, _ in Feedback(rm, tmp_path / "run", None).stages()]
+    assert "feedback/pm" not in [stage.name for stage in plan(rm)]
     pm = load_config(RunConfig, None, base + ["feedback.judge=pm", "judge.ranking=copeland"])
     judge = loop_judge(pm, tmp_path / "run")
     assert (judge.type, judge.ranking) == ("preference_model", "copeland")
     assert judge.path == str(tmp_path / "run" / "feedback" / "pm" / "model")
-    assert "feedback/pm" in [name for name, _ in Feedback(pm, tmp_path / "run", None).stages()]
+    assert "feedback/pm" in [stage.name for stage in plan(pm)]
     with pytest.raises(UserError, match="set feedback.judge=pm"):
         load_config(RunConfig, None, base + ["judge.type=preference_model"])
     with pytest.raises(UserError, match="not judge.type=function"):

@@ -35,6 +35,13 @@ EXAMPLES = {
 }
 
 
+# --force means one thing everywhere: start afresh what the given settings change, moving the earlier
+# outputs aside (never deleting them)
+FORCE_RUN = ("with a changed recipe, redo the stages a changed key feeds and every later one (those before are "
+             "kept); their earlier outputs are moved aside into output_dir/replaced-<k>/ (nothing is deleted). Also "
+             "starts afresh in an output_dir of another command the same way")
+
+
 def epilog(command: str) -> str:
     """The lines under a command's --help: how overrides are given, with keys of that command."""
     return (f"overrides: any config key as dotted key=value after the options, e.g.\n  {EXAMPLES[command]}\n"
@@ -56,11 +63,12 @@ def _stage_parser(
     if resumable:
         parser.add_argument("--resume", action="store_true", help="continue this stage's run in output_dir (from its "
                             "latest checkpoint)")
-        parser.add_argument("--force", action="store_true", help="write into an output_dir that holds another run: its "
-                            "files are moved aside into output_dir/replaced-<k>/ (nothing is deleted)")
+        parser.add_argument("--force", action="store_true", help="start afresh in an output_dir that holds a run (of "
+                            "this command or another): its files are moved aside into output_dir/replaced-<k>/ "
+                            "(nothing is deleted)")
     elif appends:
         parser.add_argument("--force", action="store_true", help="start afresh an output whose rows were made with other "
-                            "settings (the old file is kept as a backup)")
+                            "settings: the old file is moved aside as OUTPUT.bak-<k> (nothing is deleted)")
     parser.set_defaults(run=_stage_runner(name, *runner))
     return parser
 
@@ -173,7 +181,8 @@ def _parsers() -> tuple[argparse.ArgumentParser, argparse._SubParsersAction]:
         "judge scores them, best-vs-worst pairs train π_t by DPO (reference log-probs computed once), and π_t is "
         "evaluated on held-out prompts (proxy reward, gold metric, win rate and KL vs π0, length). Everything goes "
         "into output_dir (state.json, iter_<t>/, metrics.jsonl, report/). Running the same command again continues "
-        "an interrupted run where it stopped; a changed recipe is refused unless --force. mode=offline trains once on "
+        "an interrupted run where it stopped; a changed recipe is refused unless --force, which redoes the stages the change "
+        "reaches. mode=offline trains once on "
         "pairs sampled from π0 (offline.match_run=RUN for the same number of pairs as an online run).\n\n"
         "  rlhf-workflow run configs/demo.yaml\n  rlhf-workflow run configs/demo.yaml mode=offline "
         "output_dir=runs/demo-offline offline.match_run=runs/demo",
@@ -184,8 +193,7 @@ def _parsers() -> tuple[argparse.ArgumentParser, argparse._SubParsersAction]:
     run.add_argument("--config", "-c", metavar="FILE", help="the recipe (same as giving it first)")
     run.add_argument("--print-config", action="store_true", help="print the resolved config as YAML (every key, with what it means) and exit")
     run.add_argument("--resume", action="store_true", help="continue the run in output_dir (the default anyway)")
-    run.add_argument("--force", action="store_true", help="continue an existing run even though its config changed; "
-                     "or write into an output_dir of another stage (its files are moved aside into replaced-<k>/)")
+    run.add_argument("--force", action="store_true", help=FORCE_RUN)
     run.set_defaults(run=_run_workflow)
 
     demo = sub.add_parser(
@@ -201,7 +209,7 @@ def _parsers() -> tuple[argparse.ArgumentParser, argparse._SubParsersAction]:
     demo.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides of the demo recipe")
     demo.add_argument("--full", action="store_true", help="the full recipe, configs/demo-full.yaml: twice the "
                       "training prompts and 200 eval prompts, the size the experiments of docs/results/ run (about twice as long)")
-    demo.add_argument("--force", action="store_true", help="continue an existing run even though its config changed")
+    demo.add_argument("--force", action="store_true", help=FORCE_RUN)
     demo.set_defaults(run=_demo)
 
     report = sub.add_parser("report", help="write the Markdown/HTML report with plots of a run directory",

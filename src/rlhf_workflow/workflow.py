@@ -20,7 +20,6 @@ DEMO_FULL_RECIPE = Path(__file__).parent / "recipes" / "demo-full.yaml"  # `demo
 def run_workflow(config: RunConfig, *, force: bool = False) -> Path:
     """Run or continue ``config``'s run directory, then write its report; returns the report path."""
     from rlhf_workflow.eval.report import write_report
-    from rlhf_workflow.online.feedback import Feedback
     from rlhf_workflow.online.loop import Runner
 
     from rlhf_workflow.online.preflight import check_run
@@ -32,10 +31,6 @@ def run_workflow(config: RunConfig, *, force: bool = False) -> Path:
         import_vllm()
     check_run(config, process_state().num_processes)  # every path, model, function and batch size, in seconds
     with Runner(config, force=force) as runner:
-        if config.feedback.enabled:
-            runner.stage("prompts", runner.write_prompts)
-            for name, work in Feedback(config, runner.run_dir, runner.state).stages():
-                runner.stage(name, work)
         run_dir = runner.run()
         report = RunLayout(run_dir).report_markdown
         if runner.state.is_main_process:
@@ -80,7 +75,8 @@ def refuse_the_other_demo(config: RunConfig, full: bool, overrides: list[str]) -
     """A run directory holding a run of the other demo recipe (`demo` where ``--full`` was asked, or
     the reverse; runs/demo held the full recipe's runs before it became `--full`) is refused with the
     command that continues it (the user's own settings kept), where the generic refusal of a changed
-    config would offer --force, which continues the run with the other recipe's sizes."""
+    config would offer --force, which would set the whole run aside and start it again (the sizes
+    feed its first stage)."""
     import shlex
 
     from rlhf_workflow.config import load_config

@@ -341,14 +341,17 @@ def directory_owner(directory: Path) -> str | None:
 
 
 def move_aside(directory: Path, entries: list[Path]) -> Path:
-    """Move ``entries`` of ``directory`` into a new ``replaced-<k>/`` inside it; returns that folder."""
+    """Move ``entries`` (files and folders under ``directory``) into a new ``replaced-<k>/`` inside
+    it, each at the same place relative to ``directory``; returns that folder."""
     k = 1
     while (directory / f"replaced-{k}").exists():
         k += 1
     target = directory / f"replaced-{k}"
     target.mkdir()
     for entry in entries:
-        os.replace(entry, target / entry.name)
+        destination = target / entry.relative_to(directory)
+        destination.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(entry, destination)
     if (directory / OWNER_FILE).exists():  # whose files they were
         shutil.copyfile(directory / OWNER_FILE, target / OWNER_FILE)
     print(f"--force: the {len(entries)} earlier files and folders of {directory} were moved to {target}")

@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import html
 import json
+import logging
 import math
 import os
 import re
@@ -51,6 +52,8 @@ from rlhf_workflow.data.run_layout import PolicyFiles, RunLayout
 from rlhf_workflow.errors import UserError
 from rlhf_workflow.eval.render import html_image, html_page, html_table, markdown_table
 from rlhf_workflow.eval.stats import bootstrap_interval, mean, sign_flip_pvalue, t_interval
+
+logger = logging.getLogger(__name__)
 
 if TYPE_CHECKING:
     from rlhf_workflow.config import RunConfig
@@ -172,7 +175,8 @@ def read_policy(path: Path, *, judge: str | None = None, seed: int | None = None
     return found
 
 
-def _run_config(run_dir: Path) -> "RunConfig":
+def recipe_of_run(run_dir: Path) -> "RunConfig":
+    """The recipe a run directory holds (its config.yaml, keys of earlier versions upgraded)."""
     from rlhf_workflow.config import RunConfig, load_config
 
     path = RunLayout(run_dir).config
@@ -231,15 +235,34 @@ def _recipe_key(config: "RunConfig") -> str:
     return json.dumps(config.model_dump(mode="json", exclude={"seed", "output_dir"}), sort_keys=True)
 
 
-def policy_dirs(run_dir: Path) -> list[Path]:
-    """The evaluated policies of a run directory, π0 and the iterations in order, then the others."""
-    found = [files.dir for files in RunLayout(run_dir).evaluated()]
+def policy_dirs(run_dir: Path, config: "RunConfig | None" = None) -> list[Path]:
+    """The evaluated policies of a run directory in the order its stages evaluate them
+    (`stages.plan`: π0, the iterations, then the offline baseline). Without a recipe that loads
+    (``config`` None and config.yaml absent or unreadable): those there, by name."""
+    from rlhf_workflow.stages import plan
 
-    def order(p: Path) -> tuple[int, int, str]:
-        match = re.fullmatch(r"iter_(\d+)", p.name)
-        return (0, int(match.group(1)), "") if match else (1, 0, p.name)
+    layout = RunLayout(run_dir)
+    if config is None:
+        try:
+            config = recipe_of_run(run_dir)
+        except (UserError, ValueError):
+            return [files.dir for files in layout.evaluated()]
+    names = [stage.evaluates for stage in plan(config, run_dir) if stage.evaluates]
+    return [layout.policy_dir(name).dir for name in names if layout.policy_dir(name).eval.scored.exists()]
 
-    return sorted(found, key=order)
+
+def unfinished(run_dir: Path, config: "RunConfig") -> str | None:
+    """What a run still has to do, in a few words (None when every stage is done)."""
+    from rlhf_workflow.stages import plan
+
+    state = RunLayout(run_dir).state
+    done = set(json.loads(state.read_text()).get("completed", [])) if state.exists() else set()
+    todo = [stage for stage in plan(config, run_dir) if stage.name not in done]
+    if not todo:
+        return None
+    missing = [stage.evaluates for stage in todo if stage.evaluates]
+    return (f"{run_dir} has not finished: its next stage is {todo[0].name}"
+            + (f", and {', '.join(missing)} {'is' if len(missing) == 1 else 'are'} not evaluated yet" if missing else ""))
 
 
 def _recipe_label(names: list[str]) -> str:
@@ -261,9 +284,13 @@ def load(inputs: Sequence[str]) -> list[PolicyEval]:
         if not path.is_dir():
             raise UserError(f"{where}: no such run or policy directory")
         if RunLayout(path).config.exists():
-            run_dir, policies = path, policy_dirs(path)
+            config = recipe_of_run(path)
+            run_dir, policies = path, policy_dirs(path, config)
             if not policies:
                 raise UserError(f"{path}: no policy has been evaluated yet (no <policy>/eval/scored.jsonl)")
+            note = unfinished(path, config)
+            if note:
+                logger.warning("%s: compared as it is", note)
         else:
             run_dir, policies = path.parent, [path]
         entries.append((name or None, run_dir, policies))
@@ -274,7 +301,7 @@ def load(inputs: Sequence[str]) -> list[PolicyEval]:
             known = runs[key]
             runs[key] = (known[0] or name, known[1], known[2] + [p for p in policies if p not in known[2]])
         else:
-            runs[key] = (name, _run_config(run_dir), policies)
+            runs[key] = (name, recipe_of_run(run_dir), policies)
     groups: dict[str, list[Path]] = {}  # recipe label or key -> runs
     for key, (name, config, _) in runs.items():
         groups.setdefault(name if name is not None else "\x00" + _recipe_key(config), []).append(key)

@@ -346,6 +346,19 @@ def warnings(run_dir: Path, rows: list[dict[str, Any]]) -> list[str]:
     return lines
 
 
+def stage_times(run_dir: Path, seconds: dict[str, float]) -> list[tuple[str, float | None]]:
+    """Every stage of the run in the order it runs (`stages.plan`) with its seconds (state.json),
+    None for those still to do; without a recipe that loads, the stages state.json records."""
+    from rlhf_workflow.eval.compare import recipe_of_run
+    from rlhf_workflow.stages import plan
+
+    try:
+        names = [stage.name for stage in plan(recipe_of_run(run_dir), run_dir)]
+    except (UserError, ValueError):
+        names = []
+    return [(name, seconds.get(name)) for name in names] + [(name, t) for name, t in seconds.items() if name not in names]
+
+
 def write_report(run_dir: str | Path) -> Path:
     """Write RUN/report/{report.md, report.html, *.png}; returns the Markdown file."""
     from rlhf_workflow.data.io import atomic_write_text
@@ -362,6 +375,8 @@ def write_report(run_dir: str | Path) -> Path:
     state_file = layout.state
     state = json.loads(state_file.read_text()) if state_file.exists() else {}
     seconds = state.get("seconds", {})
+    times = stage_times(run_dir, seconds)
+    todo = sum(t is None for _, t in times)
     made_lines = made_by_lines(state)
     title = f"rlhf-workflow report: {run_dir.name}"
     feedback_lines = [f"{row['id']}, length-controlled win rate vs π0: {row['lc_win_rate_vs_initial_note']}."
@@ -393,10 +408,10 @@ def write_report(run_dir: str | Path) -> Path:
         md += compare_markdown(comparisons, image)
     for name, label in plots:
         md += [f"## {label}", "", f"![{label}]({name})", ""]
-    if seconds:
+    if times:
         md += ["## Time per stage", "", "| stage | seconds |", "| --- | --- |"]
-        md += [f"| {stage} | {value:.1f} |" for stage, value in seconds.items()]
-        md += ["", f"total: {sum(seconds.values()):.1f} s", ""]
+        md += [f"| {stage} | {'to do' if value is None else f'{value:.1f}'} |" for stage, value in times]
+        md += ["", f"total: {sum(seconds.values()):.1f} s" + (f"; {todo} stages to do" if todo else ""), ""]
     if made_lines:
         md += ["## Made by", ""] + [f"- {line}" for line in made_lines] + [""]
     atomic_write_text(layout.report_markdown, "\n".join(md))
@@ -413,10 +428,11 @@ def write_report(run_dir: str | Path) -> Path:
         body += compare_html(comparisons, out / image if image else None)
     for name, label in plots:  # embedded: report.html is one file that shows its plots wherever it goes
         body += [f"<h2>{html.escape(label)}</h2>", html_image(out / name, label)]
-    if seconds:
+    if times:
         body.append("<h2>Time per stage</h2><table border='1' cellpadding='4' style='border-collapse:collapse'>")
-        body += [f"<tr><td>{html.escape(s)}</td><td>{v:.1f} s</td></tr>" for s, v in seconds.items()]
-        body.append("</table>")
+        body += [f"<tr><td>{html.escape(s)}</td><td>{'to do' if v is None else f'{v:.1f} s'}</td></tr>"
+                 for s, v in times]
+        body.append("</table>" + (f"<p>{todo} stages to do</p>" if todo else ""))
     if made_lines:
         body += ["<h2>Made by</h2><ul>"] + [f"<li>{html.escape(line)}</li>" for line in made_lines] + ["</ul>"]
     atomic_write_text(layout.report_html, html_page(title, body))

@@ -23,7 +23,7 @@ from __future__ import annotations
 import json
 import random
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING
 
 from rlhf_workflow.config import (AnnotateConfig, DataConfig, EvalRMConfig, GenerateConfig, JudgeConfig, PairsConfig,
                                   PreferenceModelConfig, RewardModelConfig, RunConfig, stage_config)
@@ -74,16 +74,6 @@ class Feedback:
         self.config = config
         self.files = RunLayout(run_dir).feedback
         self.state = state  # the processes of this run
-
-    def stages(self) -> list[tuple[str, Callable[[], None]]]:
-        """(stage name, work) in order, for `online.loop.Runner.stage`."""
-        stages: list[tuple[str, Callable[[], None]]] = [
-            ("feedback/generate", self.generate), ("feedback/annotate", self.annotate), ("feedback/pairs", self.pairs),
-            ("feedback/rm", lambda: self.train("rm")), ("feedback/eval-rm", lambda: self.evaluate("rm")),
-        ]
-        if self.config.feedback.train_pm or self.config.feedback.judge == "pm":
-            stages += [("feedback/pm", lambda: self.train("pm")), ("feedback/eval-pm", lambda: self.evaluate("pm"))]
-        return stages
 
     @property
     def heldout(self) -> Path | None:

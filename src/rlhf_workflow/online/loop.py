@@ -81,28 +81,71 @@ class RunState:
 
 
 def check_config(run_dir: Path, config: RunConfig, *, force: bool) -> None:
-    """Refuse to continue a run with a different recipe (unless ``force``); write the recipe. A run that
-    has not finished its first stage holds nothing the recipe made: a new recipe simply replaces it."""
+    """Refuse to continue a run with a different recipe, unless ``force``: then the stages the change
+    reaches are redone (`redo_changed`); write the recipe. A run that has not finished its first
+    stage holds nothing the recipe made: a new recipe simply replaces it."""
     from rlhf_workflow.data.io import atomic_write_text
 
     path = RunLayout(run_dir).config
     text = config_to_yaml(config)
     started = bool(RunState(run_dir).completed)
-    if started and path.exists() and path.read_text() != text and not force:
+    if started and path.exists() and path.read_text() != text:
         import difflib
 
         from rlhf_workflow.config import load_config
 
         # a config.yaml of an earlier version names some keys otherwise (`upgrade_keys`): the same recipe
-        held = config_to_yaml(load_config(RunConfig, path))
+        old = load_config(RunConfig, path)
+        held = config_to_yaml(old)
         diff = [line for line in difflib.unified_diff(held.splitlines(), text.splitlines(), lineterm="", n=0)
                 if line[:1] in "+-" and line[:3] not in ("+++", "---")]
-    else:
-        diff = []
-    if diff:
-        raise UserError(f"{run_dir} holds a run with a different config ({'; '.join(diff[:6])}); use another "
-                        "output_dir, or --force to continue it with the new one")
+        if diff and not force:
+            raise UserError(f"{run_dir} holds a run with a different config ({'; '.join(diff[:6])}); use another "
+                            "output_dir, or --force to redo the stages the change reaches (their outputs are moved "
+                            "aside into replaced-<k>/)")
+        if diff:
+            redo_changed(run_dir, old, config)
     atomic_write_text(path, text)
+
+
+def redo_changed(run_dir: Path, old: RunConfig, new: RunConfig) -> None:
+    """Make the run in ``run_dir``, begun with the recipe ``old``, one of ``new``: keep its completed
+    stages that no changed key feeds (`stages.still_valid`), and move the outputs of every stage from
+    the first one to redo on (and of those ``new`` no longer has) into ``run_dir/replaced-<k>/``,
+    with their rows of metrics.jsonl and their entries of state.json."""
+    from rlhf_workflow.data.io import atomic_write_text, jsonl_lines
+    from rlhf_workflow.data.outputs import move_aside
+    from rlhf_workflow.stages import changed_keys, plan, still_valid
+
+    state = RunState(run_dir)
+    kept, why = still_valid(state.completed, old, new)
+    changed = changed_keys(old, new)
+    redo, started = [], False
+    for stage in plan(new, run_dir):
+        if stage.name in kept:
+            continue
+        started = started or stage.name in state.completed or any(stage.fed_by(key) for key in changed)
+        if started:
+            redo.append(stage)
+    gone = [stage for stage in plan(old, run_dir) if stage.name in state.completed
+            and stage.name not in {s.name for s in plan(new, run_dir)}]
+    outputs = [path for stage in redo + gone for path in stage.outputs()]
+    layout = RunLayout(run_dir)
+    kept_policies = {stage.evaluates for stage in plan(new, run_dir) if stage.name in kept and stage.evaluates}
+    rows = jsonl_lines(layout.metrics) if layout.metrics.exists() else []
+    stale = [line for line in rows if json.loads(line).get("id") not in kept_policies]
+    target = move_aside(run_dir, outputs) if outputs or stale else None
+    if target is not None and stale:  # the rows of the policies to evaluate again, beside their files
+        atomic_write_text(target / layout.metrics.name, "".join(line + "\n" for line in stale))
+        atomic_write_text(layout.metrics, "".join(line + "\n" for line in rows if line not in stale))
+    names = [stage.name for stage in redo]
+    print(f"--force: the recipe changed ({', '.join(changed[:4])}{', ...' if len(changed) > 4 else ''}); kept "
+          f"{len(kept)} completed stages ({why}); {len(names)} to (re)do"
+          + (f" from {names[0]}" if names else "") + (f"; their earlier outputs are in {target}" if target else ""))
+    atomic_write_text(state.path, json.dumps({"completed": kept, "last": kept[-1] if kept else None,
+                                              "seconds": {s: state.seconds[s] for s in kept if s in state.seconds},
+                                              "made_by": {s: state.made_by[s] for s in kept if s in state.made_by}},
+                                             indent=1) + "\n")
 
 
 def split_prompts(config: RunConfig) -> list[list[Any]]:
@@ -186,6 +229,7 @@ class Runner:
         self.layout = RunLayout(self.run_dir)
         self.judge: JudgeConfig = feedback.loop_judge(config, self.run_dir)
         self.state: PartialState = process_state()
+        self.feedback = feedback.Feedback(config, self.run_dir, self.state)
         # one run at a time in a run directory (released by `close`, or by the OS when the process ends)
         self.lock = OutputLock(self.run_dir, directory=True).acquire(self.state)
 
@@ -234,8 +278,6 @@ class Runner:
         write_jsonl(self.layout.eval_prompts, eval_rows)
         for t, chunk in enumerate(chunks, start=1):
             write_jsonl(self.layout.iteration(t).prompts, chunk)
-        if c.mode == "offline" or c.offline.after_online:
-            write_jsonl(self.layout.offline.prompts, [row for chunk in chunks for row in chunk])
         if feedback_rows:
             write_jsonl(self.layout.feedback.prompts, feedback_rows)
 
@@ -323,6 +365,33 @@ class Runner:
             print(f"offline: reusing iteration 1's {name} (π0's samples of its prompts, same seeds)")
         self.state.wait_for_everyone()
 
+    def generate_offline(self, directory: PolicyFiles) -> None:
+        """The baseline's prompts (every iteration's, in order) and π0's samples of them."""
+        from rlhf_workflow.data.io import iter_jsonl, write_jsonl
+
+        if self.state.is_main_process:
+            write_jsonl(directory.prompts, [row for t in range(1, self.config.iterations + 1)
+                                            for _, row in iter_jsonl(self.layout.iteration(t).prompts)])
+        self.state.wait_for_everyone()
+        self.reuse_first_iteration(directory, "generations.jsonl")
+        self.generate(directory, [(self.policy(0), None)], 100)  # iteration 1's seed offset (100 * t)
+
+    def annotate_offline(self, directory: PolicyFiles) -> None:
+        self.reuse_first_iteration(directory, "scored.jsonl")
+        self.annotate(directory)
+
+    def offline_budget(self) -> int:
+        """How many pairs the offline baseline trains on (0: all it has)."""
+        c = self.config
+        if c.offline.after_online:
+            return online_pair_count(self.run_dir)
+        if c.offline.match_run:
+            return online_pair_count(Path(c.offline.match_run))
+        return c.offline.max_pairs
+
+    def trained_policy(self, directory: PolicyFiles) -> ModelConfig:
+        return policy_config(self.config, directory.policy)
+
     def dpo(self, directory: PolicyFiles, start: ModelConfig, reference: str | None, seed_offset: int) -> None:
         from rlhf_workflow.train.checkpoint import remove_checkpoints
         from rlhf_workflow.train.dpo import run_dpo
@@ -398,40 +467,18 @@ class Runner:
     # ------------------------------------------------------------------ the run
 
     def run(self) -> Path:
-        c = self.config
-        self.stage("prompts", self.write_prompts)
-        self.stage("iter_0/eval", lambda: self.evaluate(INITIAL, 0, self.policy(0)))
-        if c.mode == "online":
-            for t in range(1, c.iterations + 1):
-                directory = self.layout.iteration(t)
-                reference = None if (t == 1 or c.reference == "previous") else c.policy.name_or_path
-                self.stage(f"iter_{t}/generate", lambda: self.generate(directory, self.sources(t), 100 * t))
-                self.stage(f"iter_{t}/annotate", lambda: self.annotate(directory))
-                self.stage(f"iter_{t}/pairs", lambda: self.pairs(directory))
-                self.stage(f"iter_{t}/dpo", lambda: self.dpo(directory, self.policy(t - 1), reference, t))
-                self.stage(f"iter_{t}/eval", lambda: self.evaluate(f"iter_{t}", t, self.policy(t)))
-        if c.mode == "offline" or c.offline.after_online:
-            directory = self.layout.offline
-            if c.offline.after_online:
-                budget = online_pair_count(self.run_dir)
-            elif c.offline.match_run:
-                budget = online_pair_count(Path(c.offline.match_run))
-            else:
-                budget = c.offline.max_pairs
+        """Run the stages of the recipe (`stages.plan`) in order, those not done yet."""
+        from rlhf_workflow.stages import plan
 
-            def generate() -> None:
-                self.reuse_first_iteration(directory, "generations.jsonl")
-                self.generate(directory, [(self.policy(0), None)], 100)  # iteration 1's seed offset (100 * t)
-
-            def annotate() -> None:
-                self.reuse_first_iteration(directory, "scored.jsonl")
-                self.annotate(directory)
-
-            self.stage("offline/generate", generate)
-            self.stage("offline/annotate", annotate)
-            self.stage("offline/pairs", lambda: self.pairs(directory, budget))
-            self.stage("offline/dpo", lambda: self.dpo(directory, self.policy(0), None, 1))
-            self.stage("offline/eval", lambda: self.evaluate(OFFLINE, None, policy_config(c, directory.policy)))
+        for stage in plan(self.config, self.run_dir):
+            if self.progress.done(stage.name):
+                continue
+            absent = [path for path in stage.reads if not path.exists()]
+            if absent:
+                raise UserError(f"{self.run_dir}: the stage {stage.name} reads {', '.join(map(str, absent))}, which "
+                                "an earlier stage wrote but is not there (moved or deleted by hand?): put it back, "
+                                "or start the run afresh in another output_dir")
+            self.stage(stage.name, lambda: stage.work(self))
         return self.run_dir
 
 
