@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from conftest import write_jsonl as write_lines
-from rlhf_workflow.data.io import JsonlAppender, atomic_write_text, iter_jsonl, read_rows, write_jsonl
+from rlhf_workflow.data.io import JsonlAppender, atomic_write_text, iter_jsonl, read_rows, row_to_dict, write_jsonl
 from rlhf_workflow.data.schemas import GenerationRow, Message, PairRow, PromptRow, SFTRow, derive_id, to_messages
 from rlhf_workflow.errors import UserError
 
@@ -138,6 +138,34 @@ def test_rewards_length_mismatch(tmp_path):
     assert error_of(path, GenerationRow) == (
         f"{path}:1: field 'rewards': expected 2 rewards (one per response), got 1"
     )
+
+
+@pytest.mark.parametrize("field, value", [("response_tokens", [3]), ("finish_reasons", ["stop", "stop", "length"]),
+                                          ("response_logps", [-1.5]), ("response_token_ids", [[1, 2]]),
+                                          ("raw_rewards", [0.1, 0.2, 0.3])])
+def test_every_per_response_field_has_one_value_per_response(tmp_path, field, value):
+    """Every field generate and annotate add is declared: a list of the wrong length is the row's error."""
+    path = write_lines(tmp_path / "generations.jsonl", [{"id": "g1", "prompt": "x", "responses": ["a", "b"], field: value}])
+    assert error_of(path, GenerationRow) == (
+        f"{path}:1: field '{field}': expected 2 {field} (one per response), got {len(value)}")
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("finish_reasons", ["stop", "eos"], "field 'finish_reasons.1': expected one of 'stop' or 'length', got str 'eos'"),
+    ("response_tokens", [3, "4"], "field 'response_tokens.1'"),
+    ("reward_errors", {"2": "timeout"}, "field 'reward_errors': keys are response indices 0..1, got '2'"),
+])
+def test_per_response_values_are_typed(tmp_path, field, value, message):
+    path = write_lines(tmp_path / "generations.jsonl", [{"id": "g1", "prompt": "x", "responses": ["a", "b"], field: value}])
+    assert error_of(path, GenerationRow).startswith(f"{path}:1: {message}")
+
+
+def test_a_generated_row_keeps_its_fields_and_metadata(tmp_path):
+    row = {"id": "g1", "prompt": "x", "answer": 3, "responses": ["a", "b"], "response_tokens": [1, 2],
+           "finish_reasons": ["stop", "length"], "response_logps": [-1.0, -2.5], "rewards": [None, 0.5],
+           "reward_errors": {"0": "timeout"}}
+    path = write_lines(tmp_path / "generations.jsonl", [row])
+    assert row_to_dict(read_rows(path, GenerationRow)[0]) == row
 
 
 def test_no_responses(tmp_path):

@@ -245,21 +245,41 @@ GENERATED_FIELDS = ("responses", "response_tokens", "finish_reasons", "response_
                     "raw_rewards", "reward_errors")
 
 
+FinishReason = Literal["stop", "length"]  # the response ended (end of turn or a stop string), or ran out of tokens
+PER_RESPONSE = ("rewards", "response_tokens", "finish_reasons", "response_logps", "response_token_ids", "raw_rewards")
+
+
 class GenerationRow(_HasPrompt, Row):
-    """n sampled responses for one prompt, with one reward each after annotation."""
+    """n sampled responses for one prompt (`generate`), with one reward each after annotation
+    (`annotate`). Every list but ``responses`` is optional and, when given, has one value per response."""
 
     id: str
     prompt: Conversation
     responses: Annotated[list[str], MinLen(1)]
+    response_tokens: list[int] | None = None  # each response's length in tokens
+    finish_reasons: list[FinishReason] | None = None
+    response_logps: list[float] | None = None  # log π(response | prompt) under the sampling model (hf backend)
+    response_token_ids: list[list[int]] | None = None  # the sampled token ids (generate's token_ids=true)
     rewards: list[float | None] | None = None  # None: the judge could not score that response
+    raw_rewards: list[float | None] | None = None  # the judge's scores before the length penalty
+    reward_errors: dict[str, str] | None = None  # response index -> why the judge gave it no reward
 
-    @field_validator("rewards")
+    @field_validator(*PER_RESPONSE)
     @classmethod
-    def _check_rewards(cls, rewards: list[float] | None, info: ValidationInfo) -> list[float] | None:
+    def _one_per_response(cls, values: list | None, info: ValidationInfo) -> list | None:
         responses = info.data.get("responses")
-        if rewards is not None and responses is not None and len(rewards) != len(responses):
-            raise ValueError(f"expected {len(responses)} rewards (one per response), got {len(rewards)}")
-        return rewards
+        if values is not None and responses is not None and len(values) != len(responses):
+            raise ValueError(f"expected {len(responses)} {info.field_name} (one per response), got {len(values)}")
+        return values
+
+    @field_validator("reward_errors")
+    @classmethod
+    def _response_indices(cls, errors: dict[str, str] | None, info: ValidationInfo) -> dict[str, str] | None:
+        count = len(info.data.get("responses") or [])
+        wrong = [key for key in errors or {} if not (key.isdigit() and int(key) < count)]
+        if wrong:
+            raise ValueError(f"keys are response indices 0..{count - 1}, got {wrong[0]!r}")
+        return errors
 
 
 class ScoredRow(GenerationRow):

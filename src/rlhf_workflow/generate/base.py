@@ -16,9 +16,9 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass, field
-from typing import Any, Iterator, Literal, Protocol, Sequence
+from typing import Any, Iterator, Protocol, Sequence
 
-FinishReason = Literal["stop", "length"]
+from rlhf_workflow.data.schemas import FinishReason  # (declared with the rows that carry it)
 
 
 @dataclass
