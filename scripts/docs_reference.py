@@ -38,7 +38,7 @@ def _default(key) -> str:
 
 
 def config_markdown() -> str:
-    from rlhf_workflow.config import STAGE_CONFIGS, config_reference
+    from rlhf_workflow.config import COMMAND_CONFIGS, config_reference
 
     lines = [
         "# Config reference",
@@ -49,7 +49,7 @@ def config_markdown() -> str:
         "A **section** groups the keys below it.",
         "",
     ]
-    for command, model in STAGE_CONFIGS.items():
+    for command, model in COMMAND_CONFIGS.items():
         doc = (model.__doc__ or "").strip().split("\n\n")[0].replace("\n", " ")
         lines += [f"## `{command}`", "", doc, "", "| key | type | default | what it means |", "| --- | --- | --- | --- |"]
         for key in config_reference(model):

@@ -46,12 +46,12 @@ def test_print_config_shows_every_default(capsys):
 def test_print_config_prints_for_every_command_with_no_arguments(command, capsys):
     """--print-config needs nothing given: every key is printed, and the inputs the command still needs
     are marked in the YAML and listed, all at once, on stderr."""
-    from rlhf_workflow.config import STAGE_CONFIGS, load_config
+    from rlhf_workflow.config import COMMAND_CONFIGS, load_config
 
     assert main([command, "--print-config"]) == 0
     printed = capsys.readouterr()
     assert yaml.safe_load(printed.out)  # loadable YAML
-    missing = load_config(STAGE_CONFIGS[command], unfinished=True).missing()
+    missing = load_config(COMMAND_CONFIGS[command], unfinished=True).missing()
     assert missing  # every one of these commands needs an input file or two
     for key, why in missing:
         assert f"# REQUIRED: {why}"[:60] in printed.out

@@ -140,11 +140,11 @@ def _dotted(data: dict, model, prefix: str = "") -> list[str]:
 
 @pytest.mark.parametrize("stage", sorted(REQUIRED))
 def test_print_config_loads_back_to_the_same_config_with_every_key_once_and_explained(stage, tmp_path):
-    from rlhf_workflow.config import STAGE_CONFIGS, annotated_yaml, config_to_yaml
+    from rlhf_workflow.config import COMMAND_CONFIGS, annotated_yaml, config_to_yaml
 
-    config = load_config(STAGE_CONFIGS[stage], None, REQUIRED[stage])
+    config = load_config(COMMAND_CONFIGS[stage], None, REQUIRED[stage])
     text = annotated_yaml(config)
-    again = load_config(STAGE_CONFIGS[stage], _yaml(tmp_path, text))
+    again = load_config(COMMAND_CONFIGS[stage], _yaml(tmp_path, text))
     assert again == config
     assert yaml.safe_load(text) == yaml.safe_load(config_to_yaml(config))  # the same keys and values
     assert sorted(_key_paths(text)) == sorted(_dotted(yaml.safe_load(config_to_yaml(config)), config))  # each once
@@ -165,23 +165,23 @@ def test_print_config_puts_each_description_above_its_key():
 
 def test_a_run_section_becomes_its_stage_config_with_the_paths_filled_in():
     """One definition per setting: a run's generation, pairs and DPO sections are the stage configs'
-    options, and `stage_config` makes the stage's config from them without copying by hand."""
-    from rlhf_workflow.config import DPOConfig, GenerateConfig, PairsConfig, RunConfig, stage_config
+    options, and `command_config` makes the stage's config from them without copying by hand."""
+    from rlhf_workflow.config import DPOConfig, GenerateConfig, PairsConfig, RunConfig, command_config
 
     run = load_config(RunConfig, None, REQUIRED["run"] + [
         "generation.sampling.n=7", "generation.hf.batch_size=3", "generation.backend=openai",
         "generation.openai.concurrency=5", "pairs.min_margin=0.5", "dpo.loss.beta=0.3", "dpo.logprob_chunk=64"])
-    generate = stage_config(GenerateConfig, run.generation, prompts="p.jsonl", output="o.jsonl", model=run.policy)
+    generate = command_config(GenerateConfig, run.generation, prompts="p.jsonl", output="o.jsonl", model=run.policy)
     assert (generate.sampling.n, generate.hf.batch_size, generate.backend, generate.openai.concurrency) == (7, 3, "openai", 5)
-    pairs = stage_config(PairsConfig, run.pairs, input="s.jsonl", output="p.jsonl")
+    pairs = command_config(PairsConfig, run.pairs, input="s.jsonl", output="p.jsonl")
     assert (pairs.strategy, pairs.min_margin) == ("max_random", 0.5)
-    dpo = stage_config(DPOConfig, run.dpo, data={"train": "p.jsonl", "max_length": run.dpo.data.max_length},
+    dpo = command_config(DPOConfig, run.dpo, data={"train": "p.jsonl", "max_length": run.dpo.data.max_length},
                        train=run.dpo.train)
     assert (dpo.loss.beta, dpo.logprob_chunk, dpo.train.lr) == (0.3, 64, run.dpo.train.lr)
     with pytest.raises(TypeError, match="not built on"):  # only what the two are built on is copied
-        stage_config(DPOConfig, run.generation, data={"train": "p.jsonl"})
+        command_config(DPOConfig, run.generation, data={"train": "p.jsonl"})
     # a setting given for the call wins over the section's
-    assert stage_config(GenerateConfig, run.generation, prompts="p", output="o", sampling={"n": 2}).sampling.n == 2
+    assert command_config(GenerateConfig, run.generation, prompts="p", output="o", sampling={"n": 2}).sampling.n == 2
 
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -193,12 +193,12 @@ CONFIG_REQUIRES = {"own-data-tiny.yaml": ["judge.path=runs/my-rm/model"]}
 
 
 def test_every_shipped_config_loads():
-    from rlhf_workflow.config import STAGE_CONFIGS
+    from rlhf_workflow.config import COMMAND_CONFIGS
 
     shipped = sorted(p.name for p in (ROOT / "configs").glob("*.yaml"))
     assert shipped == sorted(CONFIG_STAGES), "a new config in configs/: name its stage here"
     for name, stage in CONFIG_STAGES.items():
-        load_config(STAGE_CONFIGS[stage], ROOT / "configs" / name, CONFIG_REQUIRES.get(name, []))
+        load_config(COMMAND_CONFIGS[stage], ROOT / "configs" / name, CONFIG_REQUIRES.get(name, []))
 
 
 def readme_commands() -> list[list[str]]:
@@ -207,7 +207,7 @@ def readme_commands() -> list[list[str]]:
     import re
     import shlex
 
-    from rlhf_workflow.config import STAGE_CONFIGS
+    from rlhf_workflow.config import COMMAND_CONFIGS
 
     pages = [ROOT / "README.md", *(p for p in sorted((ROOT / "docs").rglob("*.md")) if p.parent.name != "reference")]
     text = "\n".join(page.read_text(encoding="utf-8") for page in pages)
@@ -218,7 +218,7 @@ def readme_commands() -> list[list[str]]:
         if not line.startswith("rlhf-workflow "):
             continue
         words = shlex.split(line.split("  #")[0])[1:]
-        if len(words) < 2 or words[0] not in STAGE_CONFIGS or "--print-config" in words:  # a bare name is no recipe
+        if len(words) < 2 or words[0] not in COMMAND_CONFIGS or "--print-config" in words:  # a bare name is no recipe
             continue
         files = [w for w in words[1:] if w.endswith((".yaml", ".yml"))]
         if all((ROOT / f).is_file() for f in files):

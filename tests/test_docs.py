@@ -32,9 +32,9 @@ def test_generated_references_match_the_code():
 
 
 def test_every_config_key_says_what_it_means():
-    from rlhf_workflow.config import STAGE_CONFIGS, config_reference
+    from rlhf_workflow.config import COMMAND_CONFIGS, config_reference
 
-    silent = [f"{command}: {key.key}" for command, model in STAGE_CONFIGS.items()
+    silent = [f"{command}: {key.key}" for command, model in COMMAND_CONFIGS.items()
               for key in config_reference(model) if not key.description.strip()]
     assert not silent, silent
 

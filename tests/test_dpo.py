@@ -183,7 +183,7 @@ def test_disable_dropout_reaches_modules_attributes_and_configs():
     from conftest import build_model, build_tokenizer
     from rlhf_workflow.config import LoraConfig
     from rlhf_workflow.models.lora import apply_lora
-    from rlhf_workflow.train.stage import disable_dropout
+    from rlhf_workflow.train.job import disable_dropout
 
     model = apply_lora(build_model(build_tokenizer("chatml"), attention_dropout=0.3), LoraConfig(r=2, dropout=0.2),
                        task_type="CAUSAL_LM")

@@ -51,7 +51,7 @@ from rlhf_workflow.data.schemas import PromptRow
 from rlhf_workflow.data.shards import run_sharded
 from rlhf_workflow.generate.base import GenerationRequest
 from rlhf_workflow.generate.hf import HFGenerator
-from rlhf_workflow.generate.stage import generation_row
+from rlhf_workflow.generate.command import generation_row
 from rlhf_workflow.processes import process_state
 
 model_dir, prompts, output, size, shares = sys.argv[1:]

@@ -11,7 +11,7 @@ import shlex
 import pytest
 
 from rlhf_workflow.cli import EXAMPLES, command_parsers, main
-from rlhf_workflow.config import (STAGE_CONFIGS, RunConfig, config_reference, config_to_yaml, load_config,
+from rlhf_workflow.config import (COMMAND_CONFIGS, RunConfig, config_reference, config_to_yaml, load_config,
                                   upgrade_keys)
 from rlhf_workflow.errors import config_key, keys_named
 
@@ -32,7 +32,7 @@ RUN_STAGES = {
 def _settings(command: str, run_sets: set[str]) -> dict[str, str]:
     """The settings of a stage's config a recipe may give: {key: its type}, sections left out."""
     keys = {}
-    for key in config_reference(STAGE_CONFIGS[command]):
+    for key in config_reference(COMMAND_CONFIGS[command]):
         if key.type.startswith("section") or any(key.key == k or key.key.startswith(k + ".") for k in run_sets):
             continue
         keys[key.key] = key.type
@@ -62,7 +62,7 @@ def test_a_run_names_every_setting_of_a_stage_it_runs_as_that_stage_does(stage):
 def test_every_run_section_that_is_a_stages_names_its_keys_as_the_stage():
     """The other way round: every key under a run's dpo / feedback.rm / feedback.pm section is the stage's
     own key with the section's prefix (no setting of a stage's under a name of the run's own)."""
-    stage_keys = {prefix: {key.key for key in config_reference(STAGE_CONFIGS[command])}
+    stage_keys = {prefix: {key.key for key in config_reference(COMMAND_CONFIGS[command])}
                   for prefix, command in (("dpo.", "dpo"), ("feedback.rm.", "train-rm"), ("feedback.pm.", "train-pm"))}
     for key in config_reference(RunConfig):
         for prefix, keys in stage_keys.items():
@@ -107,13 +107,13 @@ def test_did_you_mean_searches_nested_keys(command, typed, meant, capsys):
 @pytest.mark.parametrize("command", sorted(EXAMPLES))
 def test_every_help_example_is_made_of_the_commands_own_keys(command, capsys):
     words = shlex.split(EXAMPLES[command])
-    model = RunConfig if command in ("run", "demo") else STAGE_CONFIGS[command]
+    model = RunConfig if command in ("run", "demo") else COMMAND_CONFIGS[command]
     load_config(model, None, words, unfinished=True)  # raises on a key the command does not take
     assert EXAMPLES[command] in command_parsers()[command].format_help()
 
 
 def test_every_command_that_takes_overrides_has_its_own_example():
-    assert set(EXAMPLES) == set(STAGE_CONFIGS) | {"demo"}
+    assert set(EXAMPLES) == set(COMMAND_CONFIGS) | {"demo"}
 
 
 OLD_RECIPE = """

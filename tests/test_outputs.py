@@ -265,14 +265,14 @@ def test_a_stage_never_writes_over_another_stages_directory(tiny_model_dir, sft_
     mine.mkdir()
     (mine / "notes.txt").write_text("keep me")
     assert main(sft_args(tiny_model_dir, sft_data, mine, "--force")) == 2
-    assert "already holds files that no rlhf-workflow stage claimed (notes.txt)" in capsys.readouterr().err
+    assert "already holds files that no rlhf-workflow command claimed (notes.txt)" in capsys.readouterr().err
     assert (mine / "notes.txt").read_text() == "keep me"
     # `run` always continues what is there, but only a run: not someone's folder (output_dir=.), and
     # it claims nothing there, so a second try is refused alike
     (mine / "config.yaml").write_text("my own config\n")
     for _ in range(2):
         assert main(["run", *recipe, f"output_dir={mine}"]) == 2
-        assert "already holds files that no rlhf-workflow stage claimed (config.yaml, notes.txt)" in capsys.readouterr().err
+        assert "already holds files that no rlhf-workflow command claimed (config.yaml, notes.txt)" in capsys.readouterr().err
     assert sorted(p.name for p in mine.iterdir()) == [".lock", "config.yaml", "notes.txt"]
     assert (mine / "config.yaml").read_text() == "my own config\n"
     # --force moves the other stage's files aside, deleting nothing

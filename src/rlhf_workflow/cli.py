@@ -1,9 +1,9 @@
-"""`rlhf-workflow`: one entry point, one subcommand per stage of the workflow.
+"""`rlhf-workflow`: one entry point, one subcommand per step of the workflow.
 
     rlhf-workflow sft --config configs/quickstart-sft.yaml train.lr=2e-5
 
-Every stage takes ``--config FILE`` (YAML) and any number of dotted ``key=value`` overrides; the
-resolved config is saved into the stage's output directory. Problems with the user's input are
+Every command takes ``--config FILE`` (YAML) and any number of dotted ``key=value`` overrides; the
+resolved config is saved into the command's output directory. Problems with the user's input are
 printed as one sentence (no traceback) and the exit status is 2.
 """
 
@@ -49,7 +49,7 @@ def epilog(command: str) -> str:
             "--print-config shows every key with what it means, its type and default.")
 
 
-def _stage_parser(
+def _command_parser(
     sub: argparse._SubParsersAction, name: str, help_text: str, description: str, runner: tuple[str, str], *,
     resumable: bool = True, appends: bool = False,
 ) -> argparse.ArgumentParser:
@@ -57,11 +57,11 @@ def _stage_parser(
         name, help=help_text, description=description, epilog=epilog(name),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--config", "-c", metavar="FILE", help="YAML config of this stage")
+    parser.add_argument("--config", "-c", metavar="FILE", help="YAML config of this command")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="dotted config overrides")
     parser.add_argument("--print-config", action="store_true", help="print the resolved config as YAML (every key, with what it means) and exit")
     if resumable:
-        parser.add_argument("--resume", action="store_true", help="continue this stage's run in output_dir (from its "
+        parser.add_argument("--resume", action="store_true", help="continue this command's run in output_dir (from its "
                             "latest checkpoint)")
         parser.add_argument("--force", action="store_true", help="start afresh in an output_dir that holds a run (of "
                             "this command or another): its files are moved aside into output_dir/replaced-<k>/ "
@@ -69,7 +69,7 @@ def _stage_parser(
     elif appends:
         parser.add_argument("--force", action="store_true", help="start afresh an output whose rows were made with other "
                             "settings: the old file is moved aside as OUTPUT.bak-<k> (nothing is deleted)")
-    parser.set_defaults(run=_stage_runner(name, *runner))
+    parser.set_defaults(run=_command_runner(name, *runner))
     return parser
 
 
@@ -87,14 +87,14 @@ def _parsers() -> tuple[argparse.ArgumentParser, argparse._SubParsersAction]:
         prog="rlhf-workflow",
         description=(
             "The RLHF Workflow (Dong, Xiong et al., 2024): reward modeling as a proxy for human feedback, "
-            "then online iterative DPO. Each subcommand is one stage; each reads and writes plain files."
+            "then online iterative DPO. Each subcommand is one step; each reads and writes plain files."
         ),
     )
     parser.add_argument("--version", action="version", version=f"rlhf-workflow {__version__}")
     parser.add_argument("--verbose", "-v", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
-    _stage_parser(
+    _command_parser(
         sub, "sft", "supervised fine-tuning of a chat model (loss on assistant tokens only)",
         "Supervised fine-tuning: trains on conversations ({'messages': [...]}) or prompt/completion rows "
         "(strings or message lists), with the loss on assistant tokens only. Writes OUTPUT_DIR/model "
@@ -103,7 +103,7 @@ def _parsers() -> tuple[argparse.ArgumentParser, argparse._SubParsersAction]:
         ("rlhf_workflow.train.sft", "run_sft"),
     )
 
-    _stage_parser(
+    _command_parser(
         sub, "train-rm", "train a Bradley-Terry reward model on preference pairs",
         "Bradley-Terry reward model: an LM backbone with a scalar head read at the last real token, "
         "loss -log sigmoid(r_chosen - r_rejected) (optional margin and reward centering). Input: pairs "
@@ -112,7 +112,7 @@ def _parsers() -> tuple[argparse.ArgumentParser, argparse._SubParsersAction]:
         ("rlhf_workflow.train.reward", "run_train_rm"),
     )
 
-    _stage_parser(
+    _command_parser(
         sub, "train-pm", "train a pairwise preference model that answers 'A' or 'B'",
         "Pairwise preference model: a causal LM reads '[CONTEXT] ... [RESPONSE A] ... [RESPONSE B] ...' and is "
         "trained to answer with the label token of the chosen response (its position randomised per example; "
@@ -122,7 +122,7 @@ def _parsers() -> tuple[argparse.ArgumentParser, argparse._SubParsersAction]:
         ("rlhf_workflow.train.preference", "run_train_pm"),
     )
 
-    _stage_parser(
+    _command_parser(
         sub, "dpo", "align a policy with DPO (or IPO, hinge, robust/conservative DPO, RPO) on preference pairs",
         "Direct preference optimisation: pairs {prompt, chosen, rejected} (strings or messages) in, a policy "
         "out (OUTPUT_DIR/model, safetensors, loadable with AutoModelForCausalLM). Reference log-probs are "
@@ -132,7 +132,7 @@ def _parsers() -> tuple[argparse.ArgumentParser, argparse._SubParsersAction]:
         ("rlhf_workflow.train.dpo", "run_dpo"),
     )
 
-    _stage_parser(
+    _command_parser(
         sub, "generate", "sample n responses per prompt (hf on CPU/GPU, vLLM, or an OpenAI-compatible server)",
         "Generation: a prompts file {id, prompt, ...} in, a generations file out: each prompt row plus "
         "`responses` (n samples), `response_tokens` and `finish_reasons`. Backends: hf (transformers; CPU or GPU), "
@@ -140,10 +140,10 @@ def _parsers() -> tuple[argparse.ArgumentParser, argparse._SubParsersAction]:
         "and a rerun skips prompts already in the output. Under `accelerate launch` the prompts are split over "
         "the processes and merged. Prompts that cannot be answered are listed in OUTPUT.errors.jsonl.\n\n"
         "  rlhf-workflow generate prompts=prompts.jsonl output=gen.jsonl sampling.n=4 sampling.max_new_tokens=64",
-        ("rlhf_workflow.generate.stage", "run_generate"), resumable=False, appends=True,
+        ("rlhf_workflow.generate.command", "run_generate"), resumable=False, appends=True,
     )
 
-    _stage_parser(
+    _command_parser(
         sub, "annotate", "score every response of a generations file (reward model, preference model or a function)",
         "Annotation: adds `rewards` (one per response) to each generations row, from judge.type=reward_model "
         "(judge.path: a train-rm model), preference_model (judge.path: a train-pm model; the responses of a prompt "
@@ -155,7 +155,7 @@ def _parsers() -> tuple[argparse.ArgumentParser, argparse._SubParsersAction]:
         ("rlhf_workflow.online.annotate", "run_annotate"), resumable=False, appends=True,
     )
 
-    _stage_parser(
+    _command_parser(
         sub, "pairs", "build preference pairs from annotated generations (best vs worst of n, and others)",
         "Pair selection: for each annotated generations row, a pair {prompt, chosen, rejected, chosen_reward, "
         "rejected_reward} by strategy max_min (best vs worst, the default), max_random, random or max_max (best vs "
@@ -164,7 +164,7 @@ def _parsers() -> tuple[argparse.ArgumentParser, argparse._SubParsersAction]:
         ("rlhf_workflow.online.pairs", "run_pairs"), resumable=False,
     )
 
-    _stage_parser(
+    _command_parser(
         sub, "prompts", "write a built-in task's prompts (ifeval, instructions, arithmetic) to a file",
         "Prompts of a built-in task with a verifiable judge: `ifeval` (IFEval's schema: instruction_id_list and "
         "kwargs, any of IFEval's 25 instruction types; judge rlhf_workflow.tasks.ifeval:judge, IFEval's own "
@@ -239,7 +239,7 @@ def _parsers() -> tuple[argparse.ArgumentParser, argparse._SubParsersAction]:
     comparison.add_argument("--bootstrap", type=int, default=1000, metavar="N", help="bootstrap resamples (default 1000)")
     comparison.set_defaults(run=_compare)
 
-    _stage_parser(
+    _command_parser(
         sub, "eval-rm", "accuracy of a reward or preference model on held-out pairs (RewardBench format too)",
         "Accuracy on held-out pairs (ties count half) for a model saved by train-rm or train-pm (detected from "
         "the directory). Rows with a `subset` field get per-subset accuracy; RewardBench subsets also give the "
@@ -251,18 +251,18 @@ def _parsers() -> tuple[argparse.ArgumentParser, argparse._SubParsersAction]:
     return parser, sub
 
 
-def _stage_runner(stage: str, module: str, function: str) -> Callable[[argparse.Namespace], None]:
-    """Load the stage's config (file + overrides), then import and run the stage."""
+def _command_runner(command: str, module: str, function: str) -> Callable[[argparse.Namespace], None]:
+    """Load the command's config (file + overrides), then import and run it."""
 
     def run(args: argparse.Namespace) -> None:
         import importlib
 
-        from rlhf_workflow.config import STAGE_CONFIGS, load_config
+        from rlhf_workflow.config import COMMAND_CONFIGS, load_config
 
         if args.print_config:
-            _print_config(load_config(STAGE_CONFIGS[stage], args.config, args.overrides, unfinished=True), stage)
+            _print_config(load_config(COMMAND_CONFIGS[command], args.config, args.overrides, unfinished=True), command)
             return
-        config = load_config(STAGE_CONFIGS[stage], args.config, args.overrides)
+        config = load_config(COMMAND_CONFIGS[command], args.config, args.overrides)
         runner = getattr(importlib.import_module(module), function)
         options = {name: getattr(args, name) for name in ("resume", "force") if hasattr(args, name)}
         runner(config, **options)

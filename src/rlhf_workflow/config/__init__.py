@@ -4,18 +4,18 @@
 
 validated once (`loading.load_config`). Unknown keys and values of the wrong type are `UserError`s
 that name the key (with the key the user most likely meant) and the file they came from; the
-resolved config is written next to a stage's outputs as ``config.yaml``.
+resolved config is written next to a command's outputs as ``config.yaml``.
 
     base.py        `Strict`, the base of every section; settings declared once; `config_reference`
     loading.py     YAML (hardened), overrides, error messages, old names upgraded, --print-config
-    model.py       the model a stage loads (a run's `policy`)
+    model.py       the model a command loads (a run's `policy`)
     training.py    sft, train-rm, train-pm, dpo, and the options each shares with a run's sections
     generation.py  generate: sampling and the hf / vllm / openai backends
     judging.py     annotate's judge, pairs' strategy, eval-rm
     prompts.py     prompts: a built-in task's prompts
-    run.py         run: the loop's recipe, whose sections are the stages' own settings
+    run.py         run: the loop's recipe, whose sections are the commands' own settings
 
-This module names every command's config (`STAGE_CONFIGS`) and re-exports what the rest of the
+This module names every command's config (`COMMAND_CONFIGS`) and re-exports what the rest of the
 package imports.
 """
 
@@ -41,9 +41,9 @@ from rlhf_workflow.config.run import (FeedbackConfig, FeedbackPreferenceModel, F
 from rlhf_workflow.config.training import (DataConfig, DataOptions, DPOConfig, DPOLossConfig, DPOOptions,
                                            PreferenceFormatConfig, PreferenceModelConfig, PreferenceModelOptions,
                                            ReferenceConfig, ReferenceOptions, RewardLossConfig, RewardModelConfig,
-                                           RewardModelOptions, SFTConfig, TrainConfig, TrainingStageConfig)
+                                           RewardModelOptions, SFTConfig, TrainConfig, TrainingCommandConfig)
 
-STAGE_CONFIGS: dict[str, type[Strict]] = {
+COMMAND_CONFIGS: dict[str, type[Strict]] = {
     "sft": SFTConfig,
     "train-rm": RewardModelConfig,
     "train-pm": PreferenceModelConfig,
@@ -57,34 +57,34 @@ STAGE_CONFIGS: dict[str, type[Strict]] = {
 }
 
 
-def stage_name(config: Strict) -> str:
-    """The command of a stage config: `SFTConfig` -> "sft" (a subclass counts as its stage)."""
-    for name, model in STAGE_CONFIGS.items():
+def command_name(config: Strict) -> str:
+    """The command of a config: `SFTConfig` -> "sft" (a subclass counts as its command)."""
+    for name, model in COMMAND_CONFIGS.items():
         if type(config) is model:
             return name
-    for name, model in STAGE_CONFIGS.items():
+    for name, model in COMMAND_CONFIGS.items():
         if isinstance(config, model):
             return name
-    raise ValueError(f"{type(config).__name__} is not a stage's config")
+    raise ValueError(f"{type(config).__name__} is not a command's config")
 
 
-StageT = TypeVar("StageT", bound=Strict)
+CommandT = TypeVar("CommandT", bound=Strict)
 
 
-def stage_config(stage: type[StageT], options: Strict, **fields: Any) -> StageT:
-    """The config of ``stage`` (e.g. `GenerateConfig`) that a run recipe's section ``options`` (e.g.
+def command_config(command: type[CommandT], options: Strict, **fields: Any) -> CommandT:
+    """The config of ``command`` (e.g. `GenerateConfig`) that a run recipe's section ``options`` (e.g.
     `RunGenerationConfig`) describes. Both are built on one options class (`GenerationOptions`): its
     settings come from ``options``, and ``fields`` fill in the rest (paths, the model) or override one
     of them for this call."""
-    common = next(base for base in type(options).__mro__ if issubclass(stage, base))
+    common = next(base for base in type(options).__mro__ if issubclass(command, base))
     if common is Strict:
-        raise TypeError(f"{stage.__name__} is not built on the options of {type(options).__name__}")
+        raise TypeError(f"{command.__name__} is not built on the options of {type(options).__name__}")
     shared = {name: getattr(options, name) for name in common.model_fields}
-    return stage(**(shared | fields))
+    return command(**(shared | fields))
 
 
 __all__ = [
-    "MAX_CONFIG_BYTES", "MAX_YAML_DEPTH", "MAX_YAML_VALUES", "STAGE_CONFIGS", "AnnotateConfig", "annotated_yaml",
+    "MAX_CONFIG_BYTES", "MAX_YAML_DEPTH", "MAX_YAML_VALUES", "COMMAND_CONFIGS", "AnnotateConfig", "annotated_yaml",
     "ApplyChatTemplate", "Backend", "check_yaml_size", "config_reference", "config_to_yaml", "ConfigKey",
     "ConfigLoader", "DataConfig", "DataOptions", "deep_merge", "DPOConfig", "DPOLossConfig", "DPOOptions", "Dtype",
     "EvalRMConfig", "FeedbackConfig", "FeedbackPreferenceModel", "FeedbackRewardModel", "format_validation_error",
@@ -94,6 +94,6 @@ __all__ = [
     "PreferenceFormatConfig", "PreferenceModelConfig", "PreferenceModelOptions", "read_yaml", "ReferenceConfig",
     "ReferenceOptions", "RewardLossConfig", "RewardModelConfig", "RewardModelOptions", "RunConfig", "RunDPOConfig",
     "RunEvalConfig", "RunGenerationConfig", "RunPromptsConfig", "SamplingConfig", "save_config", "SequenceLength",
-    "SFTConfig", "source_identity", "stage_config", "stage_name", "Strict", "TaskName", "TrainConfig",
-    "TrainingStageConfig", "upgrade_keys", "VLLMBackendConfig",
+    "SFTConfig", "source_identity", "command_config", "command_name", "Strict", "TaskName", "TrainConfig",
+    "TrainingCommandConfig", "upgrade_keys", "VLLMBackendConfig",
 ]

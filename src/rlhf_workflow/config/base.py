@@ -1,4 +1,4 @@
-"""The base of every config section (`Strict`), the settings declared once for all stages, and the walk
+"""The base of every config section (`Strict`), the settings declared once for all commands, and the walk
 of a config's keys (`config_reference`) that the documentation's reference and --print-config share."""
 
 from __future__ import annotations
@@ -17,9 +17,9 @@ def _unfinished(info: ValidationInfo) -> bool:
 
 class Strict(BaseModel):
     """Base for every config section: unknown keys are errors, defaults are validated, and the
-    fields named in ``required`` (a stage's files) must be given; their descriptions say what they are.
+    fields named in ``required`` (a command's files) must be given; their descriptions say what they are.
 
-    A stage's config names the keys of its inputs (``input_keys``: files, model directories,
+    A command's config names the keys of its inputs (``input_keys``: files, model directories,
     'file.py:name' functions) and of its outputs (``output_keys``: a file, or a directory when the
     key ends in ``output_dir``); an output that would overwrite an input is refused
     (`data.outputs.path_conflicts`)."""
@@ -65,7 +65,7 @@ class Strict(BaseModel):
         return value
 
     def output_at(self, key: str) -> Any:
-        """The path an output key writes (a stage may fill in a default)."""
+        """The path an output key writes (a command may fill in a default)."""
         return self.value_at(key)
 
     def paths_at(self, key: str) -> list[str]:
@@ -90,7 +90,7 @@ ApplyChatTemplate = Annotated[bool, Field(
     description="render prompts with the tokenizer's chat template (off: plain text + eos)")]
 SequenceLength = Annotated[int, Field(gt=0, description="tokens per sequence: a longer prompt is cut from the left, "
                                       "a longer response is dropped")]
-OutputDir = Annotated[str, Field(description="the stage's directory: model/, metrics.jsonl, config.yaml, checkpoints/")]
+OutputDir = Annotated[str, Field(description="the command's output directory: model/, metrics.jsonl, config.yaml, checkpoints/")]
 GroupByPrompt = Annotated[bool, Field(
     description="train on all pairs of a prompt as one example (InstructGPT's K-wise comparisons): the prompt and "
     "each distinct response are computed once, however many pairs they are in; per_device_batch_size then counts "

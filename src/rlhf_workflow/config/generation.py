@@ -1,4 +1,4 @@
-"""The `generate` stage's config: sampling and the three backends (hf, vllm, openai), the options a run's
+"""The `generate` command's config: sampling and the three backends (hf, vllm, openai), the options a run's
 generation section shares with it."""
 
 from __future__ import annotations

@@ -84,7 +84,7 @@ class LengthPenaltyConfig(Strict):
 
     coef: float = Field(0.0, description="λ; 0 = off; below 0 a bonus for length")
     unit: Literal["tokens", "characters"] = Field(
-        "tokens", description="tokens: the response_tokens the generate stage wrote; characters: len(text)")
+        "tokens", description="tokens: the response_tokens generate wrote; characters: len(text)")
 
 
 class AnnotateConfig(Strict):

@@ -164,7 +164,7 @@ def _dotted_keys(value: Any, prefix: str = "") -> list[str]:
 
 def _close_keys(model: type[BaseModel], typed: str) -> list[str]:
     """The keys of ``model`` a user who typed the unknown ``typed`` most likely meant: the same key where
-    this config names a stage's section otherwise (`aliases`: a run's `policy` is a stage's `model`),
+    this config names a command's section otherwise (`aliases`: a run's `policy` is a command's `model`),
     a close name among its siblings, the keys that end in the same name anywhere (`max_new_tokens`),
     or a close dotted key."""
     keys = [key.key for key in config_reference(model)]

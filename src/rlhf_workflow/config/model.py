@@ -1,4 +1,4 @@
-"""Which model a stage loads, and how: a stage's `model`, a run's `policy`."""
+"""Which model a command loads, and how: a command's `model`, a run's `policy`."""
 
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
-"""`rlhf-workflow run`'s recipe: the loop's own settings, and sections that are the stages' own settings
-under the stages' own names (`dpo.train.lr` is the `dpo` stage's `train.lr`)."""
+"""`rlhf-workflow run`'s recipe: the loop's own settings, and sections that are the commands' own settings
+under the commands' own names (`dpo.train.lr` is the `dpo` command's `train.lr`)."""
 
 from __future__ import annotations
 
@@ -49,7 +49,7 @@ class RunGenerationConfig(GenerationOptions):
 
 
 class RunDPOConfig(DPOOptions):
-    """The DPO step of every iteration: the `dpo` stage's settings (warm-started from the previous policy;
+    """The DPO step of every iteration: the `dpo` command's settings (warm-started from the previous policy;
     π_ref is the run's `reference`, its log-probs computed once)."""
 
     train: TrainConfig = TrainConfig(epochs=2, lr=5e-7, warmup_ratio=0.03)
@@ -80,7 +80,7 @@ class OfflineConfig(Strict):
 
 
 class FeedbackRewardModel(RewardModelOptions):
-    """The reward model trained on the feedback: the `train-rm` stage's settings."""
+    """The reward model trained on the feedback: the `train-rm` command's settings."""
 
     model: ModelConfig | None = Field(None, description="its backbone; default: the policy's model")
     data: DataOptions = DataOptions(max_length=512)
@@ -88,7 +88,7 @@ class FeedbackRewardModel(RewardModelOptions):
 
 
 class FeedbackPreferenceModel(PreferenceModelOptions):
-    """The preference model trained on the feedback (train_pm, or judge pm): the `train-pm` stage's settings."""
+    """The preference model trained on the feedback (train_pm, or judge pm): the `train-pm` command's settings."""
 
     model: ModelConfig | None = Field(None, description="its backbone; default: the policy's model")
     data: DataOptions = DataOptions(max_length=512)
@@ -122,7 +122,7 @@ class FeedbackConfig(Strict):
 class RunConfig(Strict):
     """`rlhf-workflow run`: online iterative DPO (or its offline baseline) from one recipe."""
 
-    # a stage's sections as a run recipe names them: a stage's `model` is the run's `policy`, its
+    # a command's sections as a run recipe names them: a command's `model` is the run's `policy`, its
     # `train` the dpo step's (or a feedback model's) `dpo.train` (for did-you-mean hints)
     aliases: ClassVar[dict[str, tuple[str, ...]]] = {
         "model": ("policy",), "train": ("dpo.train",), "data": ("dpo.data",), "loss": ("dpo.loss",),
@@ -131,7 +131,7 @@ class RunConfig(Strict):
         "min_margin": ("pairs.min_margin",), "logprob_chunk": ("dpo.logprob_chunk",),
     }
     # How the run names the keys of each stage it runs, for the messages from inside the stage
-    # (`errors.keys_named`): {stage's key or section: the run's; "": the prefix of every other key}
+    # (`errors.keys_named`): {the command's key or section: the run's; "": the prefix of every other key}
     stage_keys: ClassVar[dict[str, dict[str, str]]] = {
         "generate": {"model": "policy", "apply_chat_template": "apply_chat_template", "": "generation"},
         "eval/generate": {"model": "policy", "apply_chat_template": "apply_chat_template",

@@ -1,4 +1,4 @@
-"""The training stages' configs (sft, train-rm, train-pm, dpo) and the options each shares with a run
+"""The training commands' configs (sft, train-rm, train-pm, dpo) and the options each shares with a run
 recipe's sections (`DataOptions`, `RewardModelOptions`, `PreferenceModelOptions`, `ReferenceOptions`,
 `DPOOptions`)."""
 
@@ -13,7 +13,7 @@ from rlhf_workflow.config.model import ModelConfig
 
 
 class DataOptions(Strict):
-    """How rows become token sequences: what a training stage's `data` and a run's sections share."""
+    """How rows become token sequences: what a training command's `data` and a run's sections share."""
 
     max_length: SequenceLength = 1024
 
@@ -73,8 +73,8 @@ class TrainConfig(Strict):
         "objectives, as TRL does; sft always keeps it)")
 
 
-class TrainingStageConfig(Strict):
-    """What every training stage has: an output directory, a model, data and the loop's settings."""
+class TrainingCommandConfig(Strict):
+    """What every training command has: an output directory, a model, data and the loop's settings."""
 
     data_kind: ClassVar[str] = "training rows"
     input_keys = ("data.train", "data.eval", "model.name_or_path", "model.tokenizer")
@@ -88,7 +88,7 @@ class TrainingStageConfig(Strict):
         return super().missing() + ([] if self.data.train else [("data.train", f"data.train is required: the file of {self.data_kind}")])
 
 
-class SFTConfig(TrainingStageConfig):
+class SFTConfig(TrainingCommandConfig):
     """`rlhf-workflow sft`: supervised fine-tuning, loss on assistant tokens only."""
 
     data_kind: ClassVar[str] = "SFT conversations"
@@ -110,7 +110,7 @@ class RewardModelOptions(Strict):
     group_by_prompt: GroupByPrompt = False
 
 
-class RewardModelConfig(RewardModelOptions, TrainingStageConfig):
+class RewardModelConfig(RewardModelOptions, TrainingCommandConfig):
     """`rlhf-workflow train-rm`: a Bradley–Terry reward model on preference pairs."""
 
     data_kind: ClassVar[str] = "preference pairs"
@@ -139,7 +139,7 @@ class PreferenceModelOptions(Strict):
     format: PreferenceFormatConfig = PreferenceFormatConfig()
 
 
-class PreferenceModelConfig(PreferenceModelOptions, TrainingStageConfig):
+class PreferenceModelConfig(PreferenceModelOptions, TrainingCommandConfig):
     """`rlhf-workflow train-pm`: a pairwise preference model that answers "A" or "B"."""
 
     data_kind: ClassVar[str] = "preference pairs"
@@ -159,7 +159,7 @@ class DPOLossConfig(Strict):
 
 
 class ReferenceOptions(Strict):
-    """How DPO's reference pass runs: what the `dpo` stage's reference and a run's dpo.reference share."""
+    """How DPO's reference pass runs: what the `dpo` command's reference and a run's dpo.reference share."""
 
     batch_size: int = Field(16, ge=1, description="pairs per forward pass of the reference pass")
 
@@ -178,7 +178,7 @@ class ReferenceConfig(ReferenceOptions):
 
 
 class DPOOptions(Strict):
-    """The DPO settings that the `dpo` stage and every iteration of a run share."""
+    """The DPO settings that the `dpo` command and every iteration of a run share."""
 
     loss: DPOLossConfig = DPOLossConfig()
     logprob_chunk: int = Field(
@@ -186,10 +186,10 @@ class DPOOptions(Strict):
     )
 
 
-class DPOConfig(DPOOptions, TrainingStageConfig):
+class DPOConfig(DPOOptions, TrainingCommandConfig):
     """`rlhf-workflow dpo`: direct preference optimisation of a policy on preference pairs."""
 
     data_kind: ClassVar[str] = "preference pairs"
-    input_keys = TrainingStageConfig.input_keys + ("reference.name_or_path",)
+    input_keys = TrainingCommandConfig.input_keys + ("reference.name_or_path",)
     output_dir: OutputDir = "runs/dpo"
     reference: ReferenceConfig = ReferenceConfig()

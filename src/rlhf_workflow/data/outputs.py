@@ -1,4 +1,4 @@
-"""What a stage writes, and the rules that keep it from losing data.
+"""What a command writes, and the rules that keep it from losing data.
 
 Every stage names its inputs and its outputs (a file, or a directory it owns), and five rules hold
 for all of them, here and nowhere else:
@@ -6,7 +6,7 @@ for all of them, here and nowhere else:
 * **An output is never an input** (`path_conflicts`): an output file, or one of the files written
   beside it (`sidecars`), or anything inside an output directory, must not resolve (through
   symlinks) to an input.
-* **One writer at a time** (`OutputLock`): a stage holds an exclusive lock on each output while it
+* **One writer at a time** (`OutputLock`): a command holds an exclusive lock on each output while it
   runs. The lock is `fcntl.flock` on a lock file, so the operating system releases it when the
   process ends, however it ends (``kill -9`` too): there is never a stale lock to remove by hand.
   The lock file holds the holder's pid, which the refusal names.
@@ -17,10 +17,10 @@ for all of them, here and nowhere else:
   and starts afresh.
 * **Nothing half-written stays** (`remove_debris`): files and directories are written under a
   temporary name (`data.io.temp_path`) and renamed into place; what a process killed before its
-  rename left, the next holder of the output's lock removes (in a directory a stage claimed, or
+  rename left, the next holder of the output's lock removes (in a directory a command claimed, or
   beside an output file, its own), so kills cost no disk.
-* **A directory belongs to one stage** (`claim_directory`): ``<dir>/.rlhf-workflow.json`` names the
-  stage that writes there. Another stage's outputs, or files that no stage claimed, are refused;
+* **A directory belongs to one command** (`claim_directory`): ``<dir>/.rlhf-workflow.json`` names the
+  command that writes there (under the key ``stage``). Another command's outputs, or files that no command claimed, are refused;
   ``--force`` moves earlier outputs aside into ``replaced-<k>/``; nothing is ever deleted.
 """
 
@@ -87,7 +87,7 @@ def shard_paths(output: Path) -> list[Path]:
 
 
 def sidecars(output: Path) -> list[Path]:
-    """The files a stage may write beside the file ``output`` (shards: those that exist now)."""
+    """The files a command may write beside the file ``output`` (shards: those that exist now)."""
     return [errors_path(output), stats_path(output), settings_path(output), lock_path(output),
             output.with_name(f"{output.name}.tmp"), *shard_paths(output)]
 
@@ -130,7 +130,7 @@ def path_conflicts(inputs: Mapping[str, Iterable[str]], outputs: Mapping[str, st
 
     ``inputs``: config key -> the paths it names (only existing paths are compared: a name that is not
     a path, like a built-in model or a Hub id, cannot be overwritten). ``outputs``: config key -> path;
-    a key ending in ``output_dir`` is a directory the stage owns, any other a file.
+    a key ending in ``output_dir`` is a directory the command owns, any other a file.
     """
     found = []
     for out_key, out_value in outputs.items():
@@ -200,7 +200,7 @@ class OutputLock:
                   .encode(), 0)
         self._fd = fd
         # what an earlier writer killed mid-write left there (no writer but this one is at work now);
-        # in a directory only once a stage of ours claimed it: a mistyped output_dir is left alone
+        # in a directory only once a command of ours claimed it: a mistyped output_dir is left alone
         if not self.directory or directory_owner(self.output) is not None:
             remove_debris(self.output, directory=self.directory)
         return None
@@ -223,7 +223,7 @@ class OutputLock:
             os.close(self._fd)
             self._fd = None
 
-    def __del__(self) -> None:  # a stage that ended in an exception: the lock goes with the object
+    def __del__(self) -> None:  # a command that ended in an exception: the lock goes with the object
         self.release()
 
     def __enter__(self) -> "OutputLock":
@@ -260,7 +260,7 @@ def remove_debris(output: Path, *, directory: bool) -> list[Path]:
     if directory:
         for top, dirs, files in os.walk(output):
             found += [Path(top) / name for name in dirs + files]
-            # not into a temporary (it goes whole), nor where another stage is at work under its own lock
+            # not into a temporary (it goes whole), nor where another command is at work under its own lock
             dirs[:] = [d for d in dirs if abandoned(d, locked=True) is None and not _held(Path(top) / d / LOCK_FILE)]
     elif output.parent.is_dir():
         found = [p for p in output.parent.iterdir() if p.name.startswith(f".{output.stem}")]
@@ -358,17 +358,17 @@ def move_aside(directory: Path, entries: list[Path]) -> Path:
     return target
 
 
-def claim_directory(directory: Path, stage: str, *, force: bool, resume: bool, earlier: str | None = None) -> None:
-    """Make ``directory`` the output directory of ``stage`` (main process, holding its lock).
+def claim_directory(directory: Path, command: str, *, force: bool, resume: bool, earlier: str | None = None) -> None:
+    """Make ``directory`` the output directory of ``command`` (main process, holding its lock).
 
-    * no directory, an empty one, or one that holds only a stage's config (a command that failed before
+    * no directory, an empty one, or one that holds only a command's config (a command that failed before
       writing anything): taken;
-    * this stage's earlier outputs: continued with ``resume``; with ``force`` moved aside
+    * this command's earlier outputs: continued with ``resume``; with ``force`` moved aside
       (`move_aside`) and started afresh; else refused;
-    * another stage's outputs: refused, unless ``force`` (moved aside);
-    * files that no stage claimed: refused, unless ``resume`` (an earlier version of this tool
+    * another command's outputs: refused, unless ``force`` (moved aside);
+    * files that no command claimed: refused, unless ``resume`` (an earlier version of this tool
       wrote them without an owner file) and, where ``earlier`` names the file every such run
-      wrote (a stage that always resumes: `run`'s ``state.json``), that file is among them.
+      wrote (a command that always resumes: `run`'s ``state.json``), that file is among them.
     Nothing is deleted."""
     from rlhf_workflow.data.io import atomic_write_text
 
@@ -382,18 +382,19 @@ def claim_directory(directory: Path, stage: str, *, force: bool, resume: bool, e
     if owner is None and entries and not (resume and (earlier is None or (directory / earlier).is_file())):
         hint = ("" if resume else
                 " (or --resume, if an earlier version of rlhf-workflow wrote them)")
-        raise UserError(f"output_dir {directory} already holds files that no rlhf-workflow stage claimed ({shown}): "
+        raise UserError(f"output_dir {directory} already holds files that no rlhf-workflow command claimed ({shown}): "
                         f"choose a new or empty directory{hint}")
-    if owner is not None and owner != stage and results:
+    if owner is not None and owner != command and results:
         if not force:
-            raise UserError(f"output_dir {directory} holds the outputs of `{owner}` ({shown}), not of `{stage}`: choose "
+            raise UserError(f"output_dir {directory} holds the outputs of `{owner}` ({shown}), not of `{command}`: choose "
                             "another output_dir, or --force to move them aside (into replaced-<k>/) and write there")
         move_aside(directory, entries)
-    elif owner == stage and results and not resume:
+    elif owner == command and results and not resume:
         if not force:
-            raise UserError(f"output_dir {directory} already holds a `{stage}` run ({shown}): --resume to continue it, "
+            raise UserError(f"output_dir {directory} already holds a `{command}` run ({shown}): --resume to continue it, "
                             "--force to start afresh (its files are moved aside into replaced-<k>/), or choose another "
                             "output_dir")
         move_aside(directory, entries)
     directory.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(directory / OWNER_FILE, json.dumps({"stage": stage}) + "\n")
+    # the owner file's key is "stage", as every version wrote it
+    atomic_write_text(directory / OWNER_FILE, json.dumps({"stage": command}) + "\n")

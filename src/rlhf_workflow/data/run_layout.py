@@ -2,10 +2,10 @@
 
     RUN/config.yaml  state.json  metrics.jsonl  eval_prompts.jsonl  report/
     RUN/feedback/    prompts, generations, scored, all_pairs, pairs, heldout_pairs (.jsonl),
-                     rm/ pm/ (each a training stage's directory, model/ inside), rm_eval.json, pm_eval.json
+                     rm/ pm/ (each a training command's directory, model/ inside), rm_eval.json, pm_eval.json
     RUN/iter_0/eval/                 π0's held-out samples and scores
     RUN/iter_<t>/    prompts.jsonl  generations.jsonl  scored.jsonl  pairs.jsonl  pairs.stats.json
-                     dpo/ (the DPO stage while it runs)  policy/ (π_t)  eval/ (generations, scored, gold)
+                     dpo/ (the DPO step's training while it runs)  policy/ (π_t)  eval/ (generations, scored, gold)
     RUN/offline/     the same, for the offline baseline
 
 `RunLayout(run_dir).iteration(t).scored`, `.policy_dir("offline").eval.gold`, `.feedback.trained("rm")`:
@@ -44,7 +44,7 @@ class EvalFiles:
 @dataclass(frozen=True)
 class PolicyFiles:
     """An iteration's directory (iter_<t>/) or the offline baseline's (offline/): its prompts, samples,
-    scores and pairs, the DPO stage's directory, the policy it trained, and that policy's evaluation."""
+    scores and pairs, the DPO step's training directory, the policy it trained, and that policy's evaluation."""
 
     dir: Path
 
@@ -121,7 +121,7 @@ class FeedbackFiles:
         return self.dir / "heldout_pairs.jsonl"
 
     def stage_dir(self, kind: str) -> Path:
-        """The training stage's directory of the reward (rm) or preference (pm) model."""
+        """The training command's directory of the reward (rm) or preference (pm) model."""
         return self.dir / kind
 
     def trained(self, kind: str) -> Path:

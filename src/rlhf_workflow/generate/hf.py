@@ -30,7 +30,7 @@ from typing import Any, Iterator, Sequence
 
 import torch
 
-from rlhf_workflow.data.templating import end_of_turn_ids  # the one definition; imported here by generate/stage.py
+from rlhf_workflow.data.templating import end_of_turn_ids  # the one definition; imported here by generate/command.py
 from rlhf_workflow.errors import UserError
 from rlhf_workflow.generate.base import (
     GenerationRequest,

@@ -1,4 +1,4 @@
-"""The model card (``README.md``) that every model a training stage saves carries, in the Hub's convention.
+"""The model card (``README.md``) that every model a training command saves carries, in the Hub's convention.
 
 YAML front matter written by huggingface_hub's `ModelCardData`:
 
@@ -6,11 +6,11 @@ YAML front matter written by huggingface_hub's `ModelCardData`:
   Hub id a built-in model was converted from, or the ``base_model`` of a local source's own card (so
   π_2's card names the model π0 came from, through π1's); left out when no Hub id is known;
 * ``license``: the base's, when its card (or the built-in table) says;
-* ``library_name: transformers``, ``pipeline_tag``, ``tags`` (``rlhf-workflow`` and the stage);
+* ``library_name: transformers``, ``pipeline_tag``, ``tags`` (``rlhf-workflow`` and the command);
 * ``datasets``: the inputs that are Hub dataset names.
 
-Then, in prose and tables: which stage produced it from which source, the data (files and row
-counts), every hyperparameter of the stage's config, the last training and held-out metrics of
+Then, in prose and tables: which command produced it from which source, the data (files and row
+counts), every hyperparameter of the command's config, the last training and held-out metrics of
 ``metrics.jsonl``, the reference model (DPO), and how to load it with plain transformers.
 """
 
@@ -28,7 +28,7 @@ from rlhf_workflow.data.io import jsonl_lines
 # Built-in models: the Hub id they were converted from and its license.
 BUILTIN_ORIGINS = {"smollm2-135m-instruct": ("HuggingFaceTB/SmolLM2-135M-Instruct", "apache-2.0")}
 
-STAGES = {  # stage -> (what it is, tags, pipeline tag, transformers class)
+COMMANDS = {  # command -> (what it is, tags, pipeline tag, transformers class)
     "sft": ("a policy fine-tuned on conversations (supervised fine-tuning)", ["sft"], "text-generation",
             "AutoModelForCausalLM"),
     "train-rm": ("a Bradley–Terry reward model (a scalar head on the last token)", ["reward-model"],
@@ -99,12 +99,12 @@ def _metrics_table(row: dict[str, Any]) -> list[str]:
     return lines
 
 
-def model_card(config: Any, stage: str, rows: dict[str, int], metrics_file: Path) -> str:
-    """The card's text for a model saved by ``stage`` with ``config`` (a training stage config);
+def model_card(config: Any, command: str, rows: dict[str, int], metrics_file: Path) -> str:
+    """The card's text for a model saved by ``command`` with ``config`` (a training command config);
     ``rows`` counts the rows read per data file role ("train", "eval")."""
     from huggingface_hub import ModelCardData
 
-    what, tags, pipeline, auto_class = STAGES[stage]
+    what, tags, pipeline, auto_class = COMMANDS[command]
     source = config.model.name_or_path
     base, license_ = origin(source)
     inputs = {"train": config.data.train, "eval": config.data.eval}
@@ -113,12 +113,12 @@ def model_card(config: Any, stage: str, rows: dict[str, int], metrics_file: Path
                              tags=["rlhf-workflow", *tags], datasets=[d.split(":")[0] for d in datasets] or None)
     lines = ["---", metadata.to_yaml(), "---", "", f"# {Path(config.output_dir).name}", "",
              f"This is {what}, trained by rlhf-workflow "
-             f"(stage `{stage}`) from `{source}`" + (f" (which descends from `{base}`)." if base and base != source else "."),
+             f"(command `{command}`) from `{source}`" + (f" (which descends from `{base}`)." if base and base != source else "."),
              "", "## Data", "", "| role | file | rows |", "| --- | --- | --- |"]
     for role, path in inputs.items():
         if path:
             lines.append(f"| {role} | `{path}` | {rows.get(role, '–')} |")
-    if stage == "dpo":
+    if command == "dpo":
         reference = config.reference.name_or_path or source
         how = ("precomputed once over the pairs" if config.reference.precompute else "computed at every step")
         lines += ["", "## Reference model", "",
@@ -132,17 +132,17 @@ def model_card(config: Any, stage: str, rows: dict[str, int], metrics_file: Path
         if eval_row:
             lines += [f"Held-out data (step {eval_row.get('step')}):", ""] + _metrics_table(eval_row) + [""]
     settings = config.model_dump(mode="json", exclude={"output_dir"})
-    lines += ["", "## Hyperparameters", "", "The stage's whole resolved config (also in `../config.yaml`):", "",
+    lines += ["", "## Hyperparameters", "", "The command's whole resolved config (also in `../config.yaml`):", "",
               "```yaml", yaml.safe_dump(settings, sort_keys=False).rstrip(), "```", "",
               "## How to load it", "", "```python",
               f"from transformers import AutoTokenizer, {auto_class}", "",
               f'model = {auto_class}.from_pretrained("PATH/TO/THIS/DIRECTORY")',
               'tokenizer = AutoTokenizer.from_pretrained("PATH/TO/THIS/DIRECTORY")', "```", ""]
-    if stage == "train-rm":
+    if command == "train-rm":
         lines += ["The reward of a conversation is the single logit, read at its last token: "
                   "`model(**tokenizer.apply_chat_template(messages, return_dict=True, return_tensors=\"pt\")).logits[0, 0]`.",
                   ""]
-    if stage == "train-pm":
+    if command == "train-pm":
         lines += ["It reads a comparison in the format saved in `preference_model.json` and answers with "
                   "the token \"A\" or \"B\"; rlhf-workflow's `eval-rm` and `judge.type: preference_model` use it "
                   "that way, in both orders.", ""]

@@ -1,6 +1,6 @@
 """Load models and tokenizers from one place: a built-in name, a .gguf file, a local directory or a Hub id.
 
-Every stage gets its model through `load_model` / `load_tokenizer`, so the rules live here:
+Every command gets its model through `load_model` / `load_tokenizer`, so the rules live here:
 - weights come from safetensors only (`use_safetensors=True`); a pickle `.bin` is refused unless
   `model.allow_pickle_weights` is set, and then unpickled with `weights_only=True` (tensors only);
 - `trust_remote_code` is off unless the config turns it on;

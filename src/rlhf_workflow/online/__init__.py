@@ -1,4 +1,4 @@
-"""The online iterative loop and the stages it runs after generation.
+"""The online iterative loop and the commands it runs after generation.
 
 * `judges`   — reward model, preference model (ranking) and Python-function judges
 * `annotate` — the `annotate` command: a reward for every response (length penalty optional)

@@ -1,4 +1,4 @@
-"""The `annotate` stage: a reward for every response of a generations file.
+"""The `annotate` command: a reward for every response of a generations file.
 
     rlhf-workflow annotate input=gen.jsonl output=scored.jsonl judge.type=reward_model judge.path=runs/rm/model
 
@@ -8,7 +8,7 @@ penalty the raw judge scores are kept in ``raw_rewards`` and ``rewards`` holds r
 Rows are appended as they are scored and a rerun skips rows already in the output (when the
 judge, length penalty and template are those recorded in ``<output>.settings.json``); under
 several processes each scores every W-th row and the shards are merged (`data.shards`).
-A judge that fails on every one of the first responses stops the stage with its first error
+A judge that fails on every one of the first responses stops annotate with its first error
 instead of writing a file of nulls.
 """
 
@@ -37,14 +37,14 @@ def length_penalised(rewards: list[float | None], lengths: list[float], coef: fl
 
 
 def response_lengths(row: dict[str, Any], unit: str, where: str) -> list[float]:
-    """Lengths of a row's responses in tokens (the generate stage's ``response_tokens``) or characters."""
+    """Lengths of a row's responses in tokens (generate's ``response_tokens``) or characters."""
     if unit == "characters":
         return [float(len(r)) for r in row["responses"]]
     tokens = row.get("response_tokens")
     if not isinstance(tokens, list) or len(tokens) != len(row["responses"]) or \
             not all(isinstance(t, int) and not isinstance(t, bool) for t in tokens):
         raise UserError(f"{where}: row {row['id']!r}: field 'response_tokens': a length penalty in tokens needs one "
-                        f"token count per response (written by the generate stage); use {config_key('length_penalty.unit')}=characters")
+                        f"token count per response (written by generate); use {config_key('length_penalty.unit')}=characters")
     return [float(t) for t in tokens]
 
 
@@ -60,7 +60,7 @@ class AnnotateStats:
 
 
 def run_annotate(config: AnnotateConfig, *, force: bool = False, progress: bool = True) -> Path:
-    """The `annotate` stage (see the module docstring); returns the output path. ``force``: start an
+    """The `annotate` command (see the module docstring); returns the output path. ``force``: start an
     output whose rows were made with other settings afresh (the old file kept as a backup)."""
     from rlhf_workflow.data.io import read_rows, row_to_dict
     from rlhf_workflow.data.schemas import GenerationRow

@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from rlhf_workflow.config import (AnnotateConfig, DataConfig, EvalRMConfig, GenerateConfig, JudgeConfig, PairsConfig,
-                                  PreferenceModelConfig, RewardModelConfig, RunConfig, stage_config)
+                                  PreferenceModelConfig, RewardModelConfig, RunConfig, command_config)
 from rlhf_workflow.data.run_layout import RunLayout
 from rlhf_workflow.errors import keys_named
 
@@ -82,11 +82,11 @@ class Feedback:
         return path if path.exists() and path.stat().st_size > 0 else None
 
     def generate(self) -> None:
-        from rlhf_workflow.generate.stage import run_generate
+        from rlhf_workflow.generate.command import run_generate
 
         c = self.config
         with keys_named(RunConfig.stage_keys["feedback/generate"]):
-            run_generate(stage_config(GenerateConfig, c.generation, prompts=str(self.files.prompts),
+            run_generate(command_config(GenerateConfig, c.generation, prompts=str(self.files.prompts),
                                       output=str(self.files.generations), model=c.sampling_model(c.policy),
                                       sampling=c.feedback.sampling.model_copy(update={"seed": c.seeded(c.feedback.sampling.seed)}),
                                       apply_chat_template=c.apply_chat_template))
@@ -140,12 +140,12 @@ class Feedback:
             if kind == "rm":
                 from rlhf_workflow.train.reward import run_train_rm
 
-                run_train_rm(stage_config(RewardModelConfig, f.rm, output_dir=str(out), model=model, data=data,
+                run_train_rm(command_config(RewardModelConfig, f.rm, output_dir=str(out), model=model, data=data,
                                           train=train), resume=resume)
             else:
                 from rlhf_workflow.train.preference import run_train_pm
 
-                run_train_pm(stage_config(PreferenceModelConfig, f.pm, output_dir=str(out), model=model, data=data,
+                run_train_pm(command_config(PreferenceModelConfig, f.pm, output_dir=str(out), model=model, data=data,
                                           train=train), resume=resume)
 
     def evaluate(self, kind: str) -> None:

@@ -7,7 +7,7 @@
 * `FunctionJudge`: a Python function ``name(row, response) -> float`` for verifiable tasks.
 
 A response the judge cannot score (too long for the model, a function that raises or returns
-NaN) gets the reward None and a reason in ``errors``; the row is kept, and the pairs stage uses
+NaN) gets the reward None and a reason in ``errors``; the row is kept, and `pairs` uses
 only scored responses.
 """
 
@@ -137,7 +137,7 @@ class FunctionJudge:
 
     A function that raises is recorded as no reward for that response, with the reason; one that
     runs past ``timeout`` seconds (0 = no limit) too. One that ends the program (``sys.exit``, any
-    `BaseException` but KeyboardInterrupt) stops the stage with an error naming it.
+    `BaseException` but KeyboardInterrupt) stops the command with an error naming it.
     """
 
     comparisons = 0

@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
 from rlhf_workflow.config import (AnnotateConfig, DataConfig, DPOConfig, GenerateConfig, JudgeConfig, ModelConfig,
-                                  PairsConfig, ReferenceConfig, RunConfig, config_to_yaml, stage_config)
+                                  PairsConfig, ReferenceConfig, RunConfig, config_to_yaml, command_config)
 from rlhf_workflow.data.io import count_jsonl_rows
 from rlhf_workflow.data.run_layout import INITIAL, OFFLINE, PolicyFiles, RunLayout
 from rlhf_workflow.errors import UserError, keys_named
@@ -284,7 +284,7 @@ class Runner:
     def generate(self, directory: PolicyFiles, sources: list[Source], seed_offset: int) -> None:
         """n responses per prompt from each (policy, temperature) source, pooled into generations.jsonl."""
         from rlhf_workflow.data.io import iter_jsonl, write_jsonl
-        from rlhf_workflow.generate.stage import run_generate
+        from rlhf_workflow.generate.command import run_generate
 
         g = self.config.generation
         parts = []
@@ -293,7 +293,7 @@ class Runner:
                                                      **({"temperature": temperature} if temperature is not None else {})})
             part = directory.generations if len(sources) == 1 else directory.generations_of_source(index)
             with keys_named(RunConfig.stage_keys["generate"]):
-                run_generate(stage_config(GenerateConfig, g, prompts=str(directory.prompts), output=str(part),
+                run_generate(command_config(GenerateConfig, g, prompts=str(directory.prompts), output=str(part),
                                           model=self.config.sampling_model(policy), sampling=sampling,
                                           apply_chat_template=self.config.apply_chat_template))
             parts.append(part)
@@ -338,7 +338,7 @@ class Runner:
             return
         output = directory.pairs
         with keys_named(RunConfig.stage_keys["pairs"]):
-            run_pairs(stage_config(PairsConfig, self.config.pairs, input=str(directory.scored),
+            run_pairs(command_config(PairsConfig, self.config.pairs, input=str(directory.scored),
                                    output=str(output), seed=self.config.seeded(self.config.prompts.seed), max_pairs=budget))
         if budget:
             made = count_jsonl_rows(output)
@@ -398,7 +398,7 @@ class Runner:
 
         d = self.config.dpo
         out = directory.dpo
-        config = stage_config(
+        config = command_config(
             DPOConfig, d, output_dir=str(out), model=start,
             data=DataConfig(train=str(directory.pairs), max_length=d.data.max_length,
                             apply_chat_template=self.config.apply_chat_template),
@@ -425,7 +425,7 @@ class Runner:
         its metrics (`eval.policy`) to metrics.jsonl."""
         from rlhf_workflow.data.io import JsonlAppender
         from rlhf_workflow.eval.policy import evaluate_policy
-        from rlhf_workflow.generate.stage import run_generate
+        from rlhf_workflow.generate.command import run_generate
         from rlhf_workflow.online.annotate import run_annotate
         from rlhf_workflow.online.judges import FunctionJudge, load_function, make_judge
 
@@ -435,7 +435,7 @@ class Runner:
         # as many rows per batch as in training generation, whatever the number of samples per prompt
         hf = g.hf.model_copy(update={"batch_size": max(1, g.hf.batch_size * g.sampling.n // c.eval.sampling.n)})
         with keys_named(RunConfig.stage_keys["eval/generate"]):
-            run_generate(stage_config(GenerateConfig, g, prompts=str(self.layout.eval_prompts),
+            run_generate(command_config(GenerateConfig, g, prompts=str(self.layout.eval_prompts),
                                       output=str(generations), model=self.config.sampling_model(policy), hf=hf,
                                       token_ids=c.eval.kl, apply_chat_template=c.apply_chat_template,
                                       sampling=c.eval.sampling.model_copy(update={"seed": c.seeded(c.eval.sampling.seed)})))

@@ -1,4 +1,4 @@
-"""The `pairs` stage: preference pairs from annotated generations (the paper's "enhancer").
+"""The `pairs` command: preference pairs from annotated generations (the paper's "enhancer").
 
     rlhf-workflow pairs input=scored.jsonl output=pairs.jsonl strategy=max_min
 
@@ -86,7 +86,7 @@ def make_pairs(rows: Sequence[dict[str, Any]], strategy: str, *, seed: int = 0, 
     for row in rows:
         rewards = row.get("rewards")
         if rewards is None:
-            raise UserError(f"row {row['id']!r} has no rewards: run the annotate stage on the generations first")
+            raise UserError(f"row {row['id']!r} has no rewards: run annotate on the generations first")
         # an empty answer (the model ended its turn at once) is left out: a pair needs text on both sides
         empty = [i for i, text in enumerate(row["responses"]) if not str(text).strip()]
         if empty:
@@ -145,7 +145,7 @@ def make_pairs(rows: Sequence[dict[str, Any]], strategy: str, *, seed: int = 0, 
 
 
 def run_pairs(config: PairsConfig) -> Path:
-    """The `pairs` stage (see the module docstring); returns the output path."""
+    """The `pairs` command (see the module docstring); returns the output path."""
     from rlhf_workflow.data.io import atomic_write_text, read_rows, row_to_dict, write_jsonl
     from rlhf_workflow.data.outputs import OutputLock, stats_path
     from rlhf_workflow.data.schemas import ScoredRow

@@ -1,4 +1,4 @@
-"""Direct preference optimisation: the `dpo` objective, the reference pass, and the `dpo` stage.
+"""Direct preference optimisation: the `dpo` objective, the reference pass, and the `dpo` command.
 
 Training holds one model, the policy. The reference log-probs log π_ref(y|x) of every pair are
 computed before training in one inference pass (`precompute_reference`) and stored with the pairs
@@ -188,7 +188,7 @@ def precompute_reference(reference: SequenceLogprobs, examples: list[dict], rows
     accelerator.wait_for_everyone()
 
 
-# --------------------------------------------------------------------------- the stage
+# --------------------------------------------------------------------------- the command
 
 
 def reference_model_config(config: DPOConfig) -> ModelConfig:
@@ -196,7 +196,7 @@ def reference_model_config(config: DPOConfig) -> ModelConfig:
     trust_remote_code, allow_pickle_weights, ...) with the reference's source, and nothing that only
     training needs (LoRA, train_layers, gradient checkpointing): the reference never trains.
 
-    Its vocabulary is checked against the tokenizer the stage tokenized the pairs with (the
+    Its vocabulary is checked against the tokenizer the command tokenized the pairs with (the
     policy's), since those are the ids the reference reads."""
     model = config.model
     return model.model_copy(update={
@@ -209,21 +209,21 @@ def reference_model_config(config: DPOConfig) -> ModelConfig:
 
 
 def run_dpo(config: DPOConfig, *, resume: bool = False, force: bool = False) -> Path:
-    """The `dpo` stage: preference pairs in, a policy out (HF causal LM, safetensors)."""
+    """The `dpo` command: preference pairs in, a policy out (HF causal LM, safetensors)."""
     from rlhf_workflow.models.loading import load_model
     from rlhf_workflow.models.lora import is_peft_model
     from rlhf_workflow.models.saving import save_model
     from rlhf_workflow.train.loop import train
-    from rlhf_workflow.train.stage import finish_stage, preference_training_model, read_splits, start_stage
+    from rlhf_workflow.train.job import finish_job, preference_training_model, read_splits, start_job
 
-    stage = start_stage(config, resume=resume, force=force)
-    accelerator, output_dir, tokenizer = stage.accelerator, stage.output_dir, stage.tokenizer
+    job = start_job(config, resume=resume, force=force)
+    accelerator, output_dir, tokenizer = job.accelerator, job.output_dir, job.tokenizer
     options = LayoutOptions.from_config(config.train)
 
     def tokenize(rows: list[PairRow], source: str, dropped: list) -> list[dict]:
-        return tokenize_pairs(rows, tokenizer, max_length=stage.max_length, chat_template=config.data.apply_chat_template,
+        return tokenize_pairs(rows, tokenizer, max_length=job.max_length, chat_template=config.data.apply_chat_template,
                               source=source, extra=lambda row: {f: getattr(row, f) for f in REF_FIELDS}, dropped=dropped,
-                              limit=stage.limit)
+                              limit=job.limit)
 
     train_split, eval_split = read_splits(config, PairRow, tokenize, "pair")
 
@@ -264,6 +264,6 @@ def run_dpo(config: DPOConfig, *, resume: bool = False, force: bool = False) -> 
     trained = train(objective, policy, train_split.examples, config.train, output_dir, accelerator,
                     eval_examples=eval_split.examples if eval_split else None, resume=resume,
                     run_config=config.model_dump(mode="json"))
-    return finish_stage(stage, lambda target, files: save_model(trained.model, tokenizer, target, extra_files=files), "policy", config,
+    return finish_job(job, lambda target, files: save_model(trained.model, tokenizer, target, extra_files=files), "policy", config,
                         (train_split, eval_split))
 

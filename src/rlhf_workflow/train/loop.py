@@ -62,9 +62,9 @@ def make_accelerator(config: TrainConfig, output_dir: str | Path) -> Any:
         warn_if_bf16_is_emulated("train.precision: bfloat16")
     state = AcceleratorState._shared_state
     if state and state.get("_mixed_precision") not in (None, precision):
-        # An earlier stage of this process (a run trains the reward model, then DPO) left accelerate's
+        # An earlier training job of this process (a run trains the reward model, then DPO) left accelerate's
         # per-process state with its own precision, which accelerate refuses to change. Forget that
-        # state but keep the processes (PartialState: ranks, process group): the stage is done.
+        # state but keep the processes (PartialState: ranks, process group): the job is done.
         AcceleratorState._reset_state(reset_partial_state=False)
     return Accelerator(
         cpu=no_accelerator(),
@@ -402,7 +402,7 @@ def load_newest_good_checkpoint(accelerator: Any, output_dir: Path) -> Any:
             log.warning("checkpoint %s could not be loaded (%s): trying the one before it", checkpoint.path, reason)
             failures.append(f"{checkpoint.path.name}: {reason}")
     raise UserError(f"no checkpoint in {output_dir / 'checkpoints'} can be loaded ({'; '.join(failures)}); delete "
-                    "that directory to start this stage over")
+                    "that directory to start this training over")
 
 
 def stop_for_nonfinite(accelerator: Any, output_dir: Path, step: int, nonfinite: list[Any], grad_norm: float) -> None:

@@ -1,4 +1,4 @@
-"""Pairwise preference-model training: the `preference` objective and the `train-pm` stage.
+"""Pairwise preference-model training: the `preference` objective and the `train-pm` command.
 
 Each pair becomes one comparison prompt with the chosen response at a random position (A or B,
 seeded per example) and its label token as the answer. The loss is on that token only.
@@ -79,14 +79,14 @@ def tokenize_comparisons(rows: list[PairRow], tokenizer: Any, fmt: PreferenceFor
 
 
 def run_train_pm(config: PreferenceModelConfig, *, resume: bool = False, force: bool = False) -> Path:
-    """The `train-pm` stage: preference pairs in, a causal LM that answers "A" or "B" out."""
+    """The `train-pm` command: preference pairs in, a causal LM that answers "A" or "B" out."""
     from rlhf_workflow.models import save_model
     from rlhf_workflow.models.preference import load_preference_model
     from rlhf_workflow.train.loop import train
-    from rlhf_workflow.train.stage import finish_stage, preference_training_model, read_splits, start_stage
+    from rlhf_workflow.train.job import finish_job, preference_training_model, read_splits, start_job
 
-    stage = start_stage(config, resume=resume, force=force)
-    tokenizer = stage.tokenizer
+    job = start_job(config, resume=resume, force=force)
+    tokenizer = job.tokenizer
     fmt = PreferenceFormat(
         template=config.format.template, label_a=config.format.label_a, label_b=config.format.label_b,
         chat_template=config.data.apply_chat_template,
@@ -94,7 +94,7 @@ def run_train_pm(config: PreferenceModelConfig, *, resume: bool = False, force: 
     label_ids = label_token_ids(tokenizer, fmt)
 
     def tokenize(rows: list[PairRow], source: str, dropped: list) -> list[dict]:
-        return tokenize_comparisons(rows, tokenizer, fmt, max_length=stage.max_length, seed=config.train.seed,
+        return tokenize_comparisons(rows, tokenizer, fmt, max_length=job.max_length, seed=config.train.seed,
                                     source=source)
 
     train_split, eval_split = read_splits(config, PairRow, tokenize, "pair")
@@ -102,11 +102,11 @@ def run_train_pm(config: PreferenceModelConfig, *, resume: bool = False, force: 
         model = preference_training_model(load_preference_model(config.model), config)
     model = train(
         PreferenceObjective(tokenizer.pad_token_id, label_ids), model, train_split.examples, config.train,
-        stage.output_dir, stage.accelerator, eval_examples=eval_split.examples if eval_split else None, resume=resume,
+        job.output_dir, job.accelerator, eval_examples=eval_split.examples if eval_split else None, resume=resume,
         run_config=config.model_dump(mode="json"),
     )
 
     def save(target: Path, files: dict[str, str]) -> None:
         save_model(model.model, tokenizer, target, extra_files={**files, FORMAT_FILE: fmt.to_json()})
 
-    return finish_stage(stage, save, "preference model", config, (train_split, eval_split))
+    return finish_job(job, save, "preference model", config, (train_split, eval_split))

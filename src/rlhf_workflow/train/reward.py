@@ -1,4 +1,4 @@
-"""Bradley–Terry reward-model training: the `reward` objective and the `train-rm` stage.
+"""Bradley–Terry reward-model training: the `reward` objective and the `train-rm` command.
 
 A batch of B pairs is one forward pass. By default each pair is one row
 ``[prompt | chosen | rejected]`` whose mask keeps the two responses apart, so the prompt is
@@ -91,19 +91,19 @@ def pair_margin(row: PairRow, field: str | None, source: str) -> float:
 
 
 def run_train_rm(config: RewardModelConfig, *, resume: bool = False, force: bool = False) -> Path:
-    """The `train-rm` stage: preference pairs in, a sequence-classification reward model out."""
+    """The `train-rm` command: preference pairs in, a sequence-classification reward model out."""
     from rlhf_workflow.models.reward import load_reward_model, prepare_reward_tokenizer, save_reward_model
     from rlhf_workflow.train.loop import train
-    from rlhf_workflow.train.stage import finish_stage, preference_training_model, read_splits, start_stage
+    from rlhf_workflow.train.job import finish_job, preference_training_model, read_splits, start_job
 
-    stage = start_stage(config, resume=resume, force=force, prepare_tokenizer=prepare_reward_tokenizer)
-    tokenizer = stage.tokenizer
+    job = start_job(config, resume=resume, force=force, prepare_tokenizer=prepare_reward_tokenizer)
+    tokenizer = job.tokenizer
 
     def tokenize(rows: list[PairRow], source: str, dropped: list) -> list[dict]:
         return tokenize_pairs(
-            rows, tokenizer, max_length=stage.max_length, chat_template=config.data.apply_chat_template, source=source,
+            rows, tokenizer, max_length=job.max_length, chat_template=config.data.apply_chat_template, source=source,
             extra=lambda row: {"margin": config.loss.margin + pair_margin(row, config.loss.margin_field, source)},
-            dropped=dropped, limit=stage.limit,
+            dropped=dropped, limit=job.limit,
         )
 
     train_split, eval_split = read_splits(config, PairRow, tokenize, "pair")
@@ -122,8 +122,8 @@ def run_train_rm(config: RewardModelConfig, *, resume: bool = False, force: bool
         RewardObjective(tokenizer.pad_token_id, center_coef=config.loss.center_coef,
                         options=LayoutOptions.from_config(config.train), max_responses=max_responses),
         model, train_examples,
-        config.train, stage.output_dir, stage.accelerator, eval_examples=eval_examples, resume=resume,
+        config.train, job.output_dir, job.accelerator, eval_examples=eval_examples, resume=resume,
         run_config=config.model_dump(mode="json"),
     )
-    return finish_stage(stage, lambda target, files: save_reward_model(model, tokenizer, target, extra_files=files),
+    return finish_job(job, lambda target, files: save_reward_model(model, tokenizer, target, extra_files=files),
                         "reward model", config, (train_split, eval_split))

@@ -1,4 +1,4 @@
-"""Supervised fine-tuning: the first objective, and the `rlhf-workflow sft` stage.
+"""Supervised fine-tuning: the first objective, and the `rlhf-workflow sft` command.
 
 The loss is on assistant tokens only (`losses.sft_loss`); prompts, system prompts and template
 markup are context.
@@ -83,25 +83,25 @@ def tokenize_sft(rows: list[SFTRow], tokenizer: Any, *, max_length: int, chat_te
 
 
 def run_sft(config: SFTConfig, *, resume: bool = False, force: bool = False) -> Path:
-    """The `sft` stage: load model and data, train, save ``output_dir/model``. Returns that path."""
+    """The `sft` command: load model and data, train, save ``output_dir/model``. Returns that path."""
     from rlhf_workflow.models import load_model, save_model
     from rlhf_workflow.train.loop import train
-    from rlhf_workflow.train.stage import finish_stage, read_splits, start_stage
+    from rlhf_workflow.train.job import finish_job, read_splits, start_job
 
-    stage = start_stage(config, resume=resume, force=force)
-    tokenizer = stage.tokenizer
+    job = start_job(config, resume=resume, force=force)
+    tokenizer = job.tokenizer
 
     def tokenize(rows: list[SFTRow], source: str, dropped: list) -> list[dict]:
-        return tokenize_sft(rows, tokenizer, max_length=stage.max_length, chat_template=config.data.apply_chat_template,
-                            source=source, dropped=dropped, limit=stage.limit)
+        return tokenize_sft(rows, tokenizer, max_length=job.max_length, chat_template=config.data.apply_chat_template,
+                            source=source, dropped=dropped, limit=job.limit)
 
     train_split, eval_split = read_splits(config, SFTRow, tokenize)
     with model_source("model.name_or_path"):
         model = load_model(config.model)
     model = train(
-        SFTObjective(tokenizer.pad_token_id), model, train_split.examples, config.train, stage.output_dir,
-        stage.accelerator, eval_examples=eval_split.examples if eval_split else None, resume=resume,
+        SFTObjective(tokenizer.pad_token_id), model, train_split.examples, config.train, job.output_dir,
+        job.accelerator, eval_examples=eval_split.examples if eval_split else None, resume=resume,
         run_config=config.model_dump(mode="json"),
     )
-    return finish_stage(stage, lambda target, files: save_model(model, tokenizer, target, extra_files=files),
+    return finish_job(job, lambda target, files: save_model(model, tokenizer, target, extra_files=files),
                         "fine-tuned model", config, (train_split, eval_split))

@@ -1,14 +1,14 @@
-"""What every training stage (sft, train-rm, train-pm, dpo) does around the loop.
+"""What every training command (sft, train-rm, train-pm, dpo) does around the loop.
 
-    stage = start_stage(config, resume=..., force=...)  # output dir locked and claimed, config.yaml, seed,
-                                                        # tokenizer, length limit
+    job = start_job(config, resume=..., force=...)  # output dir locked and claimed, config.yaml, seed,
+                                                    # tokenizer, length limit
     train_split, eval_split = read_splits(config, PairRow, tokenize)
     ... load the model, build the objective ...
     model = train(objective, model, train_split.examples, ...)  # the one loop
-    finish_stage(stage, save, what, config, (train_split, eval_split))  # main process saves the model and
-                                                        # its card, checkpoints removed, unlocked
+    finish_job(job, save, what, config, (train_split, eval_split))  # main process saves the model and
+                                                                    # its card, checkpoints removed, unlocked
 
-The saved ``output_dir/model`` is the stage's one commit point: it appears complete (card
+The saved ``output_dir/model`` is the job's one commit point: it appears complete (card
 included) by a rename, and what comes after it only tidies up. A caller that finds it does not
 train again, and removes the checkpoints in case a kill came between.
 """
@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from rlhf_workflow.config import TrainingStageConfig, save_config
+from rlhf_workflow.config import TrainingCommandConfig, save_config
 from rlhf_workflow.data.outputs import OutputLock, claim_directory, directory_owner
 from rlhf_workflow.errors import UserError, config_key, model_source
 
@@ -28,18 +28,18 @@ log = logging.getLogger(__name__)
 
 
 @dataclass
-class Stage:
-    """A training stage once started."""
+class TrainingJob:
+    """A training command once started."""
 
     accelerator: Any
     output_dir: Path
     tokenizer: Any
     max_length: int  # tokens a training sequence may have (`length_limit`)
     limit: str  # how to name that limit in messages
-    lock: OutputLock  # on output_dir, released by `finish_stage`
+    lock: OutputLock  # on output_dir, released by `finish_job`
 
 
-def check_inputs(config: TrainingStageConfig) -> None:
+def check_inputs(config: TrainingCommandConfig) -> None:
     """A `UserError` naming every input of ``config`` (its ``input_keys``) that is not there: a data file
     that does not exist (a Hub dataset name is not a file), a model or tokenizer source that names
     nothing loadable. Found before anything is written or loaded."""
@@ -61,14 +61,14 @@ def check_inputs(config: TrainingStageConfig) -> None:
         raise UserError("; ".join(problems))
 
 
-def start_stage(config: TrainingStageConfig, *, resume: bool, force: bool,
-                prepare_tokenizer: Callable[[Any], Any] | None = None) -> Stage:
-    """Lock and claim the output directory (`data.outputs`: ``resume`` continues this stage's run
+def start_job(config: TrainingCommandConfig, *, resume: bool, force: bool,
+                prepare_tokenizer: Callable[[Any], Any] | None = None) -> TrainingJob:
+    """Lock and claim the output directory (`data.outputs`: ``resume`` continues this command's run
     there, ``force`` moves what is there aside), write the resolved config, seed, load the tokenizer
     (passed through ``prepare_tokenizer`` when given) and find the length limit."""
     from transformers import set_seed
 
-    from rlhf_workflow.config import stage_name
+    from rlhf_workflow.config import command_name
     from rlhf_workflow.models.loading import load_tokenizer
     from rlhf_workflow.processes import on_main
     from rlhf_workflow.train.checkpoint import remove_checkpoints
@@ -80,8 +80,8 @@ def start_stage(config: TrainingStageConfig, *, resume: bool, force: bool,
     lock = OutputLock(output_dir, directory=True).acquire(accelerator)
 
     def claim() -> None:
-        ours = directory_owner(output_dir) == stage_name(config)  # (before a claim makes it so)
-        claim_directory(output_dir, stage_name(config), force=force, resume=resume)
+        ours = directory_owner(output_dir) == command_name(config)  # (before a claim makes it so)
+        claim_directory(output_dir, command_name(config), force=force, resume=resume)
         if resume and (output_dir / "model").is_dir():
             if ours:
                 remove_checkpoints(output_dir)  # those a kill right after the model's save left
@@ -98,7 +98,7 @@ def start_stage(config: TrainingStageConfig, *, resume: bool, force: bool,
         if prepare_tokenizer is not None:
             tokenizer = prepare_tokenizer(tokenizer)
         max_length, limit = length_limit(config)
-    return Stage(accelerator, output_dir, tokenizer, max_length, limit, lock)
+    return TrainingJob(accelerator, output_dir, tokenizer, max_length, limit, lock)
 
 
 def _is_dropout(name: str, value: Any) -> bool:
@@ -143,7 +143,7 @@ def disable_dropout(model: Any) -> int:
     return changed
 
 
-def preference_training_model(model: Any, config: TrainingStageConfig) -> Any:
+def preference_training_model(model: Any, config: TrainingCommandConfig) -> Any:
     """The model a preference objective (dpo, train-rm, train-pm) trains: with its dropout off unless
     ``train.keep_dropout``. DPO's reference log-probs come from the model in eval mode (no dropout),
     so with dropout on, the policy would disagree with its own reference at step 0; a reward or
@@ -197,14 +197,14 @@ def read_split(path: str, schema: Any, tokenize: Callable[[list, str, Dropped], 
     return Split(rows, examples)
 
 
-def read_splits(config: TrainingStageConfig, schema: Any, tokenize: Callable[[list, str, Dropped], list[dict]],
+def read_splits(config: TrainingCommandConfig, schema: Any, tokenize: Callable[[list, str, Dropped], list[dict]],
                 what: str = "row") -> tuple[Split, Split | None]:
     """The training split (``data.train``) and the held-out one (``data.eval``, None when not given)."""
     train = read_split(config.data.train, schema, tokenize, what)  # type: ignore[arg-type]
     return train, read_split(config.data.eval, schema, tokenize, what) if config.data.eval else None
 
 
-def length_limit(config: TrainingStageConfig) -> tuple[int, str]:
+def length_limit(config: TrainingCommandConfig) -> tuple[int, str]:
     """The tokens a training sequence may have: ``data.max_length``, or the model's context when
     that is shorter (longer sequences would index positions the model never learned). Returns the
     limit and how to name it in messages."""
@@ -219,21 +219,21 @@ def length_limit(config: TrainingStageConfig) -> tuple[int, str]:
     return config.data.max_length, f"{config_key('data.max_length')} {config.data.max_length}"
 
 
-def finish_stage(stage: Stage, save: Callable[[Path, dict[str, str]], None], what: str, config: TrainingStageConfig,
+def finish_job(job: TrainingJob, save: Callable[[Path, dict[str, str]], None], what: str, config: TrainingCommandConfig,
                  splits: tuple[Split, Split | None]) -> Path:
     """Save the trained model on the main process with its model card (`models.card`: data of
     ``splits``, hyperparameters of ``config``, metrics) in one atomic write (``save(target,
     extra_files)``), drop the checkpoints it no longer needs, and release the output directory."""
-    from rlhf_workflow.config import stage_name
+    from rlhf_workflow.config import command_name
     from rlhf_workflow.models.card import model_card
     from rlhf_workflow.train.checkpoint import remove_checkpoints
 
-    target = stage.output_dir / "model"
-    if stage.accelerator.is_main_process:
+    target = job.output_dir / "model"
+    if job.accelerator.is_main_process:
         rows = {role: len(split.rows) for role, split in zip(("train", "eval"), splits) if split is not None}
-        save(target, {"README.md": model_card(config, stage_name(config), rows, stage.output_dir / "metrics.jsonl")})
-        remove_checkpoints(stage.output_dir)
-        stage.accelerator.print(f"saved the {what} to {target}")
-    stage.accelerator.wait_for_everyone()
-    stage.lock.release()
+        save(target, {"README.md": model_card(config, command_name(config), rows, job.output_dir / "metrics.jsonl")})
+        remove_checkpoints(job.output_dir)
+        job.accelerator.print(f"saved the {what} to {target}")
+    job.accelerator.wait_for_everyone()
+    job.lock.release()
     return target

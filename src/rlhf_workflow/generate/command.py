@@ -1,4 +1,4 @@
-"""The `generate` stage: a prompts file in, a generations file out, resumable and shardable.
+"""The `generate` command: a prompts file in, a generations file out, resumable and shardable.
 
     rlhf-workflow generate prompts=prompts.jsonl output=gen.jsonl sampling.n=4 backend=hf
 
@@ -111,7 +111,7 @@ class GenerateStats:
 
 
 def run_generate(config: GenerateConfig, *, force: bool = False, progress: bool = True) -> Path:
-    """The `generate` stage (see the module docstring); returns the output path. ``force``: start an
+    """The `generate` command (see the module docstring); returns the output path. ``force``: start an
     output whose rows were made with other settings afresh (the old file kept as a backup)."""
     from rlhf_workflow.data.io import read_rows, write_jsonl
     from rlhf_workflow.data.outputs import errors_path
