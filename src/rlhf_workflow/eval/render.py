@@ -23,8 +23,9 @@ def html_table(header: list[str], cells: list[list[str]]) -> str:
 
 def html_page(title: str, body: list[str]) -> str:
     """A whole HTML page around ``body``."""
-    return ("<!doctype html>\n<html><head><meta charset='utf-8'><title>" + html.escape(title)
-            + "</title></head><body style='font-family:sans-serif'>\n" + "\n".join(body) + "\n</body></html>\n")
+    return ("<!doctype html>\n<html><head><meta charset='utf-8'><title>" + html.escape(title) + "</title>"
+            "<style>img{max-width:100%;height:auto}</style>"  # a wide plot shrinks to the window, never cut off
+            "</head><body style='font-family:sans-serif'>\n" + "\n".join(body) + "\n</body></html>\n")
 
 
 def html_image(path: Path, alt: str) -> str:
