@@ -137,7 +137,7 @@ def test_run_falls_back_to_fp32_on_a_cpu_where_bf16_is_slower(tmp_path, monkeypa
 
 def test_a_continued_run_is_checked_against_the_prompts_it_wrote(recipe, tmp_path):
     """Once a run has written its prompts, moving the recipe's prompts files away does not stop it."""
-    from rlhf_workflow.config import RunConfig, load_config
+    from rlhf_workflow.config import RunConfig, config_to_yaml, load_config
     from rlhf_workflow.data.io import write_jsonl
     from rlhf_workflow.data.run_layout import RunLayout
     from rlhf_workflow.online.preflight import check_run
@@ -151,4 +151,11 @@ def test_a_continued_run_is_checked_against_the_prompts_it_wrote(recipe, tmp_pat
     write_jsonl(layout.eval_prompts, [{"id": "e0", "prompt": "Tell me about the moon."}])
     write_jsonl(layout.iteration(1).prompts, [{"id": f"t{i}", "prompt": f"Write about {i}."} for i in range(8)])
     layout.state.write_text('{"completed": ["prompts"]}')
+    layout.config.write_text(config_to_yaml(config))
     check_run(config)  # its own copies are read
+    # a recipe whose prompts changed redoes the prompts (with --force): its files are checked again
+    other = config.model_copy(update={"prompts": config.prompts.model_copy(update={"train": f"{tmp_path}/other.jsonl"})})
+    with pytest.raises(Exception, match="prompts.train: .*other.jsonl does not exist"):
+        check_run(other)
+    other = config.model_copy(update={"dpo": config.dpo.model_copy(update={"logprob_chunk": 7})})
+    check_run(other)  # a change that feeds later stages only: the run keeps its prompts

@@ -36,7 +36,7 @@ def check_run(config: RunConfig, processes: int = 1) -> None:
             return None
 
     state = attempt(lambda: RunState(Path(config.output_dir)))  # its state.json must read as a run's
-    if state is not None and "prompts" in state.completed:  # a run continued: its own copies of the prompts
+    if state is not None and _keeps_its_prompts(config, state):  # a run continued: its own copies of them
         prompts = attempt(lambda: _written_prompts(config))
     else:
         absent = _absent_files(config)
@@ -61,6 +61,23 @@ def check_run(config: RunConfig, processes: int = 1) -> None:
         problems += _batches(config, chunks, feedback_rows, processes)
     if problems:
         raise UserError(f"{config.output_dir}: the recipe cannot run, nothing was started: " + "; ".join(problems))
+
+
+def _keeps_its_prompts(config: RunConfig, state: RunState) -> bool:
+    """Whether the run in output_dir has written its prompts and keeps them under ``config``: no key
+    that feeds its first stage (`stages.plan`) changed, so a continued run, or one --force redoes
+    from a later stage, reads its own copies rather than the recipe's files."""
+    from rlhf_workflow.config import load_config
+    from rlhf_workflow.stages import changed_keys, plan
+
+    first = plan(config)[0]
+    if first.name not in state.completed:
+        return False
+    try:
+        held = load_config(RunConfig, RunLayout(config.output_dir).config)
+    except (OSError, UserError, ValueError):
+        return False  # the run's recipe does not read: the run itself says so; check the new one's files
+    return not any(first.fed_by(key) for key in changed_keys(held, config))
 
 
 def _written_prompts(config: RunConfig) -> tuple[list[dict], list[list[dict]], list[dict]]:
