@@ -13,6 +13,7 @@ import pytest
 from conftest import write_jsonl
 from rlhf_workflow.cli import main
 from rlhf_workflow.config import RunConfig, config_to_yaml, load_config
+from rlhf_workflow.errors import UserError
 from rlhf_workflow.eval.compare import compare, load
 from rlhf_workflow.eval.stats import bootstrap_interval, length_controlled_win_rate, sign_flip_pvalue, t_interval
 
@@ -562,3 +563,23 @@ def test_describing_the_set_up_never_fails_a_run(monkeypatch):
         assert provenance.made_by() == "set-up unknown (RuntimeError)"
     finally:
         provenance.made_by.cache_clear()
+
+
+def test_an_unfinished_run_is_named_with_its_next_stage_and_the_policies_it_lacks(tmp_path):
+    from rlhf_workflow.eval.compare import recipe_of_run, unfinished
+
+    rng = random.Random(3)
+    run = make_run(tmp_path, "run", 0, {"iter_0": random_policy(rng, 0.0), "iter_1": random_policy(rng, 0.1),
+                                       "iter_2": random_policy(rng, 0.2)})
+    config = recipe_of_run(run)
+    assert unfinished(run, config) == (f"{run} has not finished: its next stage is prompts, and iter_0, iter_1, iter_2 "
+                                       "are not evaluated yet")
+    done = ["prompts", "iter_0/eval", "iter_1/generate", "iter_1/annotate", "iter_1/pairs", "iter_1/dpo", "iter_1/eval"]
+    (run / "state.json").write_text(json.dumps({"completed": done}))
+    assert unfinished(run, config) == f"{run} has not finished: its next stage is iter_2/generate, and iter_2 is not evaluated yet"
+    (run / "state.json").write_text(json.dumps({"completed": done + [f"iter_2/{s}" for s in
+                                                                      ("generate", "annotate", "pairs", "dpo", "eval")]}))
+    assert unfinished(run, config) is None
+    (run / "state.json").write_text('{"completed": [')
+    with pytest.raises(UserError, match="state.json"):
+        unfinished(run, config)

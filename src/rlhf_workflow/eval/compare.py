@@ -255,8 +255,13 @@ def unfinished(run_dir: Path, config: "RunConfig") -> str | None:
     """What a run still has to do, in a few words (None when every stage is done)."""
     from rlhf_workflow.stages import plan
 
-    state = RunLayout(run_dir).state
-    done = set(json.loads(state.read_text()).get("completed", [])) if state.exists() else set()
+    from rlhf_workflow.data.io import decode_json
+
+    path = RunLayout(run_dir).state
+    state = decode_json(path.read_text(encoding="utf-8", errors="replace"), str(path), whole_file=True) \
+        if path.exists() else {}
+    completed = state.get("completed") if isinstance(state, dict) else None
+    done = {name for name in completed if isinstance(name, str)} if isinstance(completed, list) else set()
     todo = [stage for stage in plan(config, run_dir) if stage.name not in done]
     if not todo:
         return None
