@@ -203,15 +203,21 @@ def _judge_identity(run_dir: Path, config: "RunConfig") -> str | None:
     return f"reward_model:{_weights_digest(Path(judge.path)) or Path(judge.path or '').resolve()}"
 
 
+def _run_state(run_dir: Path) -> Any:
+    """A run's state.json as read ({} where there is none); a file that is not JSON is a `UserError`."""
+    from rlhf_workflow.data.io import decode_json
+
+    path = RunLayout(run_dir).state
+    return decode_json(path.read_text(encoding="utf-8", errors="replace"), str(path), whole_file=True) \
+        if path.exists() else {}
+
+
 def _made_by(run_dir: Path) -> frozenset[str]:
     """The set-ups that made a run's stages (state.json's ``made_by``); empty (unknown) where a
     completed stage has none: a run made, or begun, before they were recorded."""
-    from rlhf_workflow.data.io import decode_json
     from rlhf_workflow.provenance import NOT_RECORDED, stages_by_setup
 
-    path = RunLayout(run_dir).state
-    data = decode_json(path.read_text(encoding="utf-8", errors="replace"), str(path), whole_file=True) if path.exists() else {}
-    setups = stages_by_setup(data)
+    setups = stages_by_setup(_run_state(run_dir))
     return frozenset() if NOT_RECORDED in setups else frozenset(setups)
 
 
@@ -255,11 +261,7 @@ def unfinished(run_dir: Path, config: "RunConfig") -> str | None:
     """What a run still has to do, in a few words (None when every stage is done)."""
     from rlhf_workflow.stages import plan
 
-    from rlhf_workflow.data.io import decode_json
-
-    path = RunLayout(run_dir).state
-    state = decode_json(path.read_text(encoding="utf-8", errors="replace"), str(path), whole_file=True) \
-        if path.exists() else {}
+    state = _run_state(run_dir)
     completed = state.get("completed") if isinstance(state, dict) else None
     done = {name for name in completed if isinstance(name, str)} if isinstance(completed, list) else set()
     todo = [stage for stage in plan(config, run_dir) if stage.name not in done]

@@ -120,18 +120,19 @@ def redo_changed(run_dir: Path, old: RunConfig, new: RunConfig) -> None:
     state = RunState(run_dir)
     kept, why = still_valid(state.completed, old, new)
     changed = changed_keys(old, new)
+    stages = plan(new, run_dir)
     redo, started = [], False
-    for stage in plan(new, run_dir):
+    for stage in stages:
         if stage.name in kept:
             continue
         started = started or stage.name in state.completed or any(stage.fed_by(key) for key in changed)
         if started:
             redo.append(stage)
     gone = [stage for stage in plan(old, run_dir) if stage.name in state.completed
-            and stage.name not in {s.name for s in plan(new, run_dir)}]
+            and stage.name not in {s.name for s in stages}]
     outputs = [path for stage in redo + gone for path in stage.outputs()]
     layout = RunLayout(run_dir)
-    kept_policies = {stage.evaluates for stage in plan(new, run_dir) if stage.name in kept and stage.evaluates}
+    kept_policies = {stage.evaluates for stage in stages if stage.name in kept and stage.evaluates}
     rows = jsonl_lines(layout.metrics) if layout.metrics.exists() else []
     stale = [line for line in rows if json.loads(line).get("id") not in kept_policies]
     target = move_aside(run_dir, outputs) if outputs or stale else None
